@@ -1,0 +1,92 @@
+"""Datasets for calibration and perplexity: load texts from a local file or the `datasets` hub, tokenize, window."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparseft.errors import SparseftError
+
+LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """Where text comes from: a local file or a `datasets` name, with its config, split and text column."""
+
+    dataset: str
+    config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+
+    def describe(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "config": self.config, "split": self.split, "text_field": self.text_field}
+
+
+def is_local(dataset: str) -> bool:
+    return Path(dataset).suffix in LOCAL_FORMATS or Path(dataset).exists() or dataset.startswith((".", "/"))
+
+
+def load_records(dataset: str, config: str | None = None, split: str = "train") -> Any:
+    """A `datasets.Dataset` from a local file (txt/jsonl/json/csv/parquet) or a hub name."""
+    import datasets
+
+    if is_local(dataset):
+        path = Path(dataset).expanduser()
+        if not path.is_file():
+            raise SparseftError(f"dataset file {dataset} does not exist")
+        if path.suffix not in LOCAL_FORMATS:
+            raise SparseftError(f"cannot read {dataset}: use one of {', '.join(sorted(LOCAL_FORMATS))}")
+        if path.suffix == ".txt":
+            # One record for the whole file: line-by-line records would lose paragraph structure.
+            return datasets.Dataset.from_dict({"text": [path.read_text(encoding="utf-8", errors="replace")]})
+        try:
+            return datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+        except Exception as e:  # datasets raises many types for malformed files
+            raise SparseftError(f"cannot parse {dataset} as {path.suffix[1:]}: {str(e).splitlines()[0]}") from e
+    try:
+        return datasets.load_dataset(dataset, config, split=split)
+    except Exception as e:  # network, unknown name, unknown config or split
+        raise SparseftError(f"cannot load dataset {dataset!r} (config {config}, split {split}): {e}") from e
+
+
+def load_texts(source: TextSource) -> list[str]:
+    records = load_records(source.dataset, source.config, source.split)
+    if source.text_field not in records.column_names:
+        raise SparseftError(
+            f"dataset {source.dataset} has no field {source.text_field!r}; its fields are "
+            f"{', '.join(records.column_names)} (choose one with --text-field)"
+        )
+    texts = [t for t in records[source.text_field] if isinstance(t, str)]
+    if not any(t.strip() for t in texts):
+        raise SparseftError(f"dataset {source.dataset} field {source.text_field!r} holds no text")
+    return texts
+
+
+def token_stream(tokenizer: Any, texts: list[str]) -> torch.Tensor:
+    """All texts joined by blank lines and tokenized once, as in the usual perplexity protocol."""
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def random_windows(stream: torch.Tensor, num_samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`num_samples` windows of `seqlen` tokens at random offsets (seeded), shape (num_samples, seqlen)."""
+    if num_samples < 1:
+        raise SparseftError(f"num_samples must be at least 1, got {num_samples}")
+    if stream.numel() < seqlen:
+        raise SparseftError(
+            f"the calibration text has {stream.numel()} tokens, fewer than one window of seqlen={seqlen}; "
+            "use more text or a smaller --seqlen"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, stream.numel() - seqlen + 1, (num_samples,), generator=gen)
+    return torch.stack([stream[s : s + seqlen] for s in starts.tolist()])
+
+
+def calibration_samples(
+    tokenizer: Any, source: TextSource, num_samples: int, seqlen: int, seed: int = 0
+) -> torch.Tensor:
+    return random_windows(token_stream(tokenizer, load_texts(source)), num_samples, seqlen, seed)

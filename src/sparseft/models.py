@@ -1,0 +1,172 @@
+"""Model plumbing shared by every verb: loading, finding the transformer blocks, and finding pruning targets.
+
+Blocks are found by shape, not by a table of names per architecture: a transformer stack is a `ModuleList` of
+same-class modules that contain linear layers. This finds `model.layers` (Llama, Mistral, Qwen2), `h` (GPT-2),
+`decoder.layers` (OPT), `blocks` (MPT), `layers` (GPT-NeoX), and the encoder and decoder stacks of T5 and Whisper.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparseft.errors import SparseftError
+
+try:  # GPT-2 style models store linear layers as Conv1D with a transposed weight.
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers always has it today
+    Conv1D = None  # type: ignore[assignment,misc]
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise SparseftError(f"unknown dtype {name!r}; use one of {', '.join(sorted(DTYPES))}")
+    return DTYPES[name]
+
+
+def _check_source(name_or_path: str) -> None:
+    path = Path(name_or_path)
+    looks_local = name_or_path.startswith((".", "/", "~")) or path.exists() or name_or_path.count("/") > 1
+    if looks_local:
+        if not path.expanduser().exists():
+            raise SparseftError(f"model path {name_or_path} does not exist; pass a local directory or a hub id")
+        if not (path.expanduser() / "config.json").exists():
+            raise SparseftError(f"{name_or_path} has no config.json; pass a Hugging Face model directory")
+
+
+def load_model(
+    name_or_path: str,
+    dtype: str | torch.dtype = "float32",
+    trust_remote_code: bool = False,
+    auto_class: Any = None,
+) -> nn.Module:
+    """Load a Hugging Face model from a local directory or hub id, weights from safetensors only."""
+    import transformers
+
+    _check_source(name_or_path)
+    auto_class = auto_class or transformers.AutoModelForCausalLM
+    try:
+        model = auto_class.from_pretrained(
+            name_or_path,
+            dtype=parse_dtype(dtype),
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+        )
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SparseftError(f"cannot load model {name_or_path}: {first}") from e
+    model.eval()
+    return model
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    import transformers
+
+    _check_source(name_or_path)
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:
+        raise SparseftError(
+            f"cannot load a tokenizer from {name_or_path}: save one beside the model (tokenizer.save_pretrained)"
+        ) from e
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest sequence the model's position scheme supports, or None when it has no fixed limit."""
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "max_target_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as (out_features, in_features), a view that shares storage with the module."""
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight.data.t() if Conv1D is not None and isinstance(module, Conv1D) else weight.data
+
+
+def find_block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Every top-level stack of transformer blocks, in registration order (encoder before decoder)."""
+    found: list[tuple[str, nn.ModuleList]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if any(name.startswith(outer + ".") for outer, _ in found):
+            continue
+        kinds = {type(child) for child in module}
+        if len(kinds) == 1 and any(is_linear(m) for m in module[0].modules()):
+            found.append((name, module))
+    if not found:
+        raise SparseftError(
+            f"cannot find transformer blocks in {type(model).__name__}: no ModuleList of identical blocks "
+            "containing linear layers"
+        )
+    return found
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder-only stack: the largest block list by parameter count."""
+    lists = find_block_lists(model)
+    return max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+
+
+def _matches(pattern: str, name: str, module: nn.Module) -> bool:
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], name) is not None
+    return name == pattern or name.endswith("." + pattern) or type(module).__name__ == pattern
+
+
+def find_targets(
+    model: nn.Module,
+    targets: list[str] | None = None,
+    ignore: list[str] | None = None,
+    within: list[str] | None = None,
+) -> dict[str, nn.Module]:
+    """Linear modules to prune, by full name.
+
+    `targets`/`ignore` hold module names (a name matches itself and any module whose name ends in `.name`),
+    class names, or `re:` regular expressions matched from the start of the full module name. With no
+    `targets`, every linear inside the transformer blocks (`within`, default: all block lists) is a target.
+    """
+    ignore = ignore or []
+    if within is None:
+        within = [name for name, _ in find_block_lists(model)]
+    chosen: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if not is_linear(module):
+            continue
+        if targets:
+            wanted = any(_matches(p, name, module) for p in targets)
+        else:
+            wanted = any(name.startswith(prefix + ".") for prefix in within)
+        if wanted and not any(_matches(p, name, module) for p in ignore):
+            chosen[name] = module
+    if not chosen:
+        raise SparseftError(
+            f"no linear layer matches targets={targets or 'default'} ignore={ignore}; "
+            "check the module names with `print(model)`"
+        )
+    return chosen
+
+
+def layer_sparsity(module: nn.Module) -> float:
+    weight = weight_matrix(module)
+    return float((weight == 0).sum().item()) / weight.numel()

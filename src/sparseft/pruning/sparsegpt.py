@@ -1,0 +1,96 @@
+"""SparseGPT (Frantar & Alistarh, 2023): prune with a second-order (OBS) update of the weights that remain.
+
+Pure tensor mathematics, free of model plumbing: `Hessian` collects H = 2 X Xᵀ / n from a layer's inputs and
+`sparsegpt_prune` prunes one weight matrix given H. Each remaining column absorbs the error of removed ones through
+the upper Cholesky factor U of H⁻¹, whose row i is the OBS update direction once columns < i are eliminated, and
+whose diagonal U_ii² is the matching [H_F⁻¹]_ii.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparseft.pruning.masks import NM, count_to_prune, lowest_k
+
+DEFAULT_BLOCK_SIZE = 128
+DEFAULT_DAMPENING = 0.01
+
+
+class Hessian:
+    """Running H = 2 X Xᵀ / n in float32, over every token the layer has seen."""
+
+    def __init__(self, columns: int, device: torch.device | str = "cpu") -> None:
+        self.matrix = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(self.matrix.device, torch.float32)
+        count = x.shape[0]
+        total = self.tokens + count
+        # Keep a mean rather than a sum so H stays well scaled however many tokens arrive.
+        self.matrix.mul_(self.tokens / total)
+        self.matrix.addmm_(x.t(), x, alpha=2.0 / total)
+        self.tokens = total
+
+
+def inverse_cholesky(hessian: torch.Tensor, weight: torch.Tensor, dampening: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹, after fixing dead inputs; zeroes the dead columns of `weight`."""
+    h = hessian.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    weight[:, dead] = 0.0
+    damp = dampening * torch.mean(torch.diag(h))
+    h.diagonal().add_(damp)
+    lower = torch.linalg.cholesky(h)
+    h_inv = torch.cholesky_inverse(lower)
+    return torch.linalg.cholesky(h_inv, upper=True)
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    structure: NM | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    dampening: float = DEFAULT_DAMPENING,
+) -> torch.Tensor:
+    """Return a pruned and updated copy of `weight` (out_features, in_features), in its dtype.
+
+    Unstructured: in each block of columns, remove the lowest w² / U_jj² over the whole rows x block slice,
+    with the count per block rounded cumulatively so the layer gets exactly round(sparsity * numel) zeros.
+    N:M: per row, the N lowest scores of each group of M columns.
+    """
+    rows, cols = weight.shape
+    if structure is not None:
+        structure.check_columns(cols)
+        block_size = max(block_size // structure.m, 1) * structure.m
+    w = weight.detach().to(torch.float32).clone()
+    if sparsity == 0 and structure is None:
+        return weight.detach().clone()
+    u = inverse_cholesky(hessian.to(w.device), w, dampening)
+
+    for start in range(0, cols, block_size):
+        end = min(start + block_size, cols)
+        w_block = w[:, start:end].clone()
+        u_block = u[start:end, start:end]
+        err_block = torch.zeros_like(w_block)
+        d = torch.diag(u_block)
+        if structure is None:
+            k = count_to_prune(sparsity, rows * end) - count_to_prune(sparsity, rows * start)
+            pruned = lowest_k(w_block**2 / d.unsqueeze(0) ** 2, k)
+        else:
+            pruned = torch.zeros_like(w_block, dtype=torch.bool)
+        for i in range(end - start):
+            if structure is not None and i % structure.m == 0:
+                scores = w_block[:, i : i + structure.m] ** 2 / d[i : i + structure.m].unsqueeze(0) ** 2
+                idx = torch.topk(scores, structure.n, dim=1, largest=False).indices
+                pruned[:, i : i + structure.m].scatter_(1, idx, True)
+            col = w_block[:, i]
+            kept = col.masked_fill(pruned[:, i], 0)
+            err = (col - kept) / d[i]
+            w_block[:, i:].sub_(err.unsqueeze(1) * u_block[i, i:].unsqueeze(0))
+            w_block[:, i] = kept
+            err_block[:, i] = err
+        w[:, start:end] = w_block
+        w[:, end:].sub_(err_block @ u[start:end, end:])
+    return w.to(weight.dtype)

@@ -1,0 +1,116 @@
+"""Configuration schemas: validated once where they enter (CLI flags, YAML recipes), typed everywhere inside."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from sparseft.errors import SparseftError
+from sparseft.pruning.masks import NM, parse_structure
+from sparseft.pruning.sequential import PruneSettings
+
+
+class PruneConfig(BaseModel):
+    """One-shot pruning: which method, how sparse, which layers, and the calibration data."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["magnitude", "wanda", "sparsegpt"] = "sparsegpt"
+    sparsity: float | None = None  # default 0.5, or N/M when `structure` is given
+    structure: str | None = None  # "N:M" = N zeros in every M consecutive inputs
+    targets: list[str] = []
+    ignore: list[str] = []
+    dataset: str | None = None
+    dataset_config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    num_samples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    block_size: int = 128
+    dampening: float = 0.01
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity_range(cls, value: float | None) -> float | None:
+        if value is not None and not 0.0 <= value < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {value} (0.7 means 70% zeros)")
+        return value
+
+    @field_validator("num_samples", "seqlen", "block_size")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be at least 1, got {value}")
+        return value
+
+    @field_validator("dampening")
+    @classmethod
+    def _dampening_positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError(f"must be positive, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _structure_matches_sparsity(self) -> PruneConfig:
+        nm = self.nm
+        if nm is not None and self.sparsity is not None and abs(self.sparsity - nm.sparsity) > 1e-9:
+            raise ValueError(
+                f"structure {nm} is {nm.sparsity:.0%} sparse but sparsity is {self.sparsity}; drop one of them"
+            )
+        return self
+
+    @property
+    def nm(self) -> NM | None:
+        try:
+            return parse_structure(self.structure)
+        except SparseftError as e:
+            raise ValueError(str(e)) from None
+
+    def settings(self) -> PruneSettings:
+        nm = self.nm
+        sparsity = nm.sparsity if nm is not None else (0.5 if self.sparsity is None else self.sparsity)
+        return PruneSettings(self.method, sparsity, nm, self.block_size, self.dampening)
+
+
+def _one_line(error: ValidationError, what: str) -> str:
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or what
+        message = item["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {message}")
+    return f"invalid {what}: " + "; ".join(parts)
+
+
+def build(schema: type[BaseModel], data: dict[str, Any], what: str) -> Any:
+    """Validate `data` against `schema`, turning pydantic's report into one clear line."""
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        raise SparseftError(_one_line(e, what)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise SparseftError(f"recipe {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SparseftError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise SparseftError(f"recipe {path} must be a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def prune_config(recipe: str | Path | None = None, **overrides: Any) -> PruneConfig:
+    """A PruneConfig from an optional YAML recipe (its top level or its `prune:` section) plus overrides."""
+    data: dict[str, Any] = {}
+    if recipe is not None:
+        loaded = read_yaml(recipe)
+        data.update(loaded.get("prune", loaded))
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return build(PruneConfig, data, "pruning settings")  # type: ignore[no-any-return]

@@ -1,0 +1,77 @@
+"""Small offline building blocks for the demo, the benchmarks and the tests: a text corpus that every Python
+install carries (its standard library's source), a byte-level BPE tokenizer trained on it, and model configs
+of several architectures at toy size. Nothing here touches the network."""
+
+from __future__ import annotations
+
+import random
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+import transformers
+
+
+def python_corpus(max_chars: int = 2_000_000, seed: int = 0) -> list[str]:
+    """Source files of Python's standard library, shuffled with `seed`, up to `max_chars` characters."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.glob("*.py"))
+    random.Random(seed).shuffle(files)
+    texts, total = [], 0
+    for path in files:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        texts.append(text)
+        total += len(text)
+        if total >= max_chars:
+            break
+    return texts
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 1024) -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2 style) trained on `texts`; every string is encodable."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<pad>"
+    )
+
+
+def tiny_config(arch: str, vocab_size: int = 256, hidden: int = 64, layers: int = 2, **extra: Any) -> Any:
+    """A toy config of a given architecture family, for tests and quick runs."""
+    heads = max(hidden // 16, 2)
+    common: dict[str, Any] = {"vocab_size": vocab_size}
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                       num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1),
+                                       max_position_embeddings=512, **common)
+    elif arch == "qwen2":
+        cfg = transformers.Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                       num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1),
+                                       max_position_embeddings=512, **common)
+    elif arch == "gpt2":
+        cfg = transformers.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=512, **common)
+    elif arch == "opt":
+        cfg = transformers.OPTConfig(hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=layers,
+                                     num_attention_heads=heads, word_embed_proj_dim=hidden,
+                                     max_position_embeddings=512, **common)
+    elif arch == "mpt":
+        cfg = transformers.MptConfig(d_model=hidden, n_layers=layers, n_heads=heads, max_seq_len=512,
+                                     expansion_ratio=2, **common)
+    elif arch == "gpt_neox":
+        cfg = transformers.GPTNeoXConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                         num_attention_heads=heads, max_position_embeddings=512, **common)
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}")
+    for key, value in extra.items():
+        setattr(cfg, key, value)
+    return cfg
