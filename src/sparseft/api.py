@@ -1,7 +1,8 @@
 """The Python API: one function per verb. The CLI calls these and only parses and prints.
 
-    sparseft.prune(model, output, method=..., sparsity=...)   one-shot pruning to a HF checkpoint
-    sparseft.api.eval_ppl(model, dataset=..., seqlen=...)     perplexity with its protocol recorded
+sparseft.prune(model, output, method=..., sparsity=...)   one-shot pruning to a HF checkpoint
+sparseft.api.eval_ppl(model, dataset=..., seqlen=...)     perplexity with its protocol recorded
+sparseft.finetune(model, output, teacher=..., dataset=...) sparse fine-tuning with distillation
 """
 
 from __future__ import annotations
@@ -13,10 +14,17 @@ from typing import Any
 import torch
 
 from sparseft.atomic import atomic_dir, write_json
-from sparseft.data import TextSource, calibration_samples, load_texts, token_stream
+from sparseft.data import TextSource, calibration_samples, check_local, load_texts, token_stream
 from sparseft.errors import SparseftError
 from sparseft.evaluate import perplexity
-from sparseft.models import find_targets, layer_sparsity, load_model, load_tokenizer, max_positions, weight_matrix
+from sparseft.models import (
+    find_targets,
+    layer_sparsity,
+    load_model,
+    load_tokenizer,
+    max_positions,
+    weight_matrix,
+)
 from sparseft.pruning.sequential import prune_model
 from sparseft.recipe import PruneConfig, prune_config
 
@@ -24,13 +32,17 @@ from sparseft.recipe import PruneConfig, prune_config
 def _check_seqlen(model: torch.nn.Module, seqlen: int) -> None:
     limit = max_positions(model.config)
     if limit is not None and seqlen > limit:
-        raise SparseftError(f"seqlen {seqlen} is longer than the model allows ({limit}); use --seqlen {limit}")
+        raise SparseftError(
+            f"seqlen {seqlen} is longer than the model allows ({limit}); use --seqlen {limit}"
+        )
 
 
 def _check_output(output: str | Path, overwrite: bool) -> None:
     path = Path(output)
     if path.exists() and (not path.is_dir() or not overwrite):
-        raise SparseftError(f"output {path} already exists; remove it, choose another --output, or pass --overwrite")
+        raise SparseftError(
+            f"output {path} already exists; remove it, choose another --output, or pass --overwrite"
+        )
 
 
 def prune(
@@ -56,7 +68,11 @@ def prune(
     cfg = PruneConfig.model_validate(cfg.model_dump())
     _check_output(output, overwrite)
     if cfg.method != "magnitude" and cfg.dataset is None:
-        raise SparseftError(f"{cfg.method} needs calibration data: pass --dataset (a local file or a datasets name)")
+        raise SparseftError(
+            f"{cfg.method} needs calibration data: pass --dataset (a local file or a datasets name)"
+        )
+    if cfg.dataset is not None and cfg.method != "magnitude":
+        check_local(cfg.dataset)
     started = time.perf_counter()
     tokenizer = load_tokenizer(model, trust_remote_code)
     net = load_model(model, dtype, trust_remote_code)
@@ -75,9 +91,12 @@ def prune(
 
     prune_model(net, targets, settings_, samples, device=device, progress=progress)
 
-    layers = {name: {"shape": list(weight_matrix(m).shape), "sparsity": layer_sparsity(m)} for name, m in targets.items()}
-    zeros = sum(v["sparsity"] * v["shape"][0] * v["shape"][1] for v in layers.values())
-    numel = sum(v["shape"][0] * v["shape"][1] for v in layers.values())
+    layers = {
+        name: {"shape": list(weight_matrix(m).shape), "sparsity": layer_sparsity(m)}
+        for name, m in targets.items()
+    }
+    zeros = sum(int((weight_matrix(m) == 0).sum()) for m in targets.values())
+    numel = sum(weight_matrix(m).numel() for m in targets.values())
     report = {
         "model": model,
         "method": cfg.method,
@@ -113,11 +132,271 @@ def eval_ppl(
     """Perplexity of `model` on a dataset split, with the protocol recorded beside the figure."""
     if seqlen < 2:
         raise SparseftError(f"seqlen must be at least 2, got {seqlen}")
+    check_local(dataset)
     tokenizer = load_tokenizer(model, trust_remote_code)
     net = load_model(model, dtype, trust_remote_code).to(device)
     _check_seqlen(net, seqlen)
     source = TextSource(dataset, dataset_config, split, text_field)
     stream = token_stream(tokenizer, load_texts(source))
     result = perplexity(net, stream, seqlen, batch_size, progress)
-    return {"task": "ppl", "model": model, **result, **source.describe(), "seqlen": seqlen,
-            "protocol": "joined with blank lines, non-overlapping windows, exp(mean NLL)"}
+    return {
+        "task": "ppl",
+        "model": model,
+        **result,
+        **source.describe(),
+        "seqlen": seqlen,
+        "protocol": "joined with blank lines, non-overlapping windows, exp(mean NLL)",
+    }
+
+
+EXPORT_FORMATS = ("hf", "bitmask")
+
+
+def _checkpoint_dtype(model: str) -> torch.dtype:
+    """The dtype a checkpoint was saved in (its config's dtype), float32 when it does not say."""
+    import transformers
+
+    try:
+        stored = getattr(transformers.AutoConfig.from_pretrained(model), "dtype", None)
+    except (OSError, ValueError):
+        return torch.float32
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if isinstance(stored, torch.dtype) and stored.is_floating_point else torch.float32
+
+
+def export(
+    model: str,
+    output: str | Path,
+    format: str = "bitmask",
+    quantize: str | None = None,
+    group_size: int = 128,
+    method: str = "rtn",
+    *,
+    dataset: str | None = None,
+    dataset_config: str | None = None,
+    split: str = "train",
+    text_field: str = "text",
+    num_samples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
+    targets: list[str] | None = None,
+    ignore: list[str] | None = None,
+    dtype: str | None = None,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Export a (pruned) HF checkpoint as `format` "hf" (zeros kept; with `quantize`, compressed-tensors
+    pack-quantized) or "bitmask" (the compact archive of DESIGN.md section 4), optionally quantizing the target
+    linears to "int8" (per channel) or "int4" (per group of `group_size`) by "rtn" or "gptq" (calibrated on
+    `dataset` like pruning). Returns the report also written to `output/export.json`."""
+    from sparseft import formats
+    from sparseft.quant import METHODS, parse_quantize, quantize_model
+
+    if format not in EXPORT_FORMATS:
+        raise SparseftError(f"unknown export format {format!r}; use one of {', '.join(EXPORT_FORMATS)}")
+    spec = parse_quantize(quantize, group_size)
+    if method not in METHODS:
+        raise SparseftError(f"unknown quantization method {method!r}; use one of {', '.join(METHODS)}")
+    if method == "gptq" and spec is None:
+        raise SparseftError("--method gptq quantizes: pass --quantize int8 or int4 as well")
+    if method == "gptq" and dataset is None:
+        raise SparseftError("GPTQ needs calibration data: pass --dataset (a local file or a datasets name)")
+    if method == "gptq" and dataset is not None:
+        check_local(dataset)
+    _check_output(output, overwrite)
+    started = time.perf_counter()
+    net = load_model(model, dtype or _checkpoint_dtype(model), trust_remote_code)
+    try:
+        tokenizer = load_tokenizer(model, trust_remote_code)
+    except SparseftError:
+        tokenizer = None  # a model without a tokenizer exports fine; GPTQ below needs one
+    chosen = find_targets(net, targets, ignore)
+    if spec is not None and format == "hf":
+        for name, module in chosen.items():
+            if not isinstance(module, torch.nn.Linear):
+                raise SparseftError(
+                    f"{name} is a {type(module).__name__}; compressed-tensors quantizes nn.Linear only: "
+                    "use --format bitmask for this model"
+                )
+            if spec.group_size is not None and module.in_features % spec.group_size:
+                raise SparseftError(
+                    f"{name} has {module.in_features} inputs, not a multiple of --group-size {spec.group_size}; "
+                    "vLLM needs whole groups: choose a group size that divides it, or use --format bitmask"
+                )
+
+    quantized = None
+    errors: dict[str, dict[str, float]] = {}
+    calibration = None
+    if spec is not None:
+        samples = None
+        if method == "gptq":
+            assert dataset is not None
+            if tokenizer is None:
+                raise SparseftError(
+                    f"GPTQ tokenizes calibration text, but {model} has no tokenizer: save one"
+                )
+            _check_seqlen(net, seqlen)
+            source = TextSource(dataset, dataset_config, split, text_field)
+            samples = calibration_samples(tokenizer, source, num_samples, seqlen, seed)
+            calibration = {**source.describe(), "num_samples": num_samples, "seqlen": seqlen, "seed": seed}
+        quantized, errors = quantize_model(net, chosen, spec, method, samples, device, progress)
+
+    layers: dict[str, dict[str, Any]] = {
+        name: {"shape": list(weight_matrix(m).shape), "sparsity": layer_sparsity(m), **errors.get(name, {})}
+        for name, m in chosen.items()
+    }
+    report: dict[str, Any] = {
+        "model": model,
+        "format": format,
+        "dtype": str(next(net.parameters()).dtype).removeprefix("torch."),
+        "quantization": None if spec is None else {**spec.describe(), "method": method},
+        "calibration": calibration,
+        "layers": layers,
+    }
+    for key in ("rtn_weight_error", "gptq_weight_error", "rtn_output_error", "gptq_output_error"):
+        values = [v[key] for v in layers.values() if key in v]
+        if values:
+            report[f"mean_{key}"] = sum(values) / len(values)
+    with atomic_dir(output) as tmp:
+        if format == "bitmask":
+            formats.write_bitmask(net, chosen, tmp, quantized, report["quantization"])
+        elif quantized is not None:
+            assert spec is not None
+            formats.write_hf_quantized(net, quantized, spec, tmp)
+        else:
+            net.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        report["size_on_disk"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
+        report["seconds"] = round(time.perf_counter() - started, 2)
+        write_json(tmp / "export.json", report)
+    return report
+
+
+def load(path: str | Path, dtype: str | None = None, trust_remote_code: bool = False) -> torch.nn.Module:
+    """Read any export (bitmask archive, HF checkpoint, HF + compressed-tensors int8/int4) back into a dense
+    transformers model, in its stored dtype unless `dtype` is given; one weight is decoded at a time."""
+    from sparseft import formats
+    from sparseft.models import parse_dtype
+
+    return formats.load_dir(path, parse_dtype(dtype) if dtype else None, trust_remote_code)
+
+
+def info(path: str | Path) -> dict[str, Any]:
+    """Format, per-layer sparsity and bits, size on disk and bytes per weight of an exported directory."""
+    from sparseft import formats
+
+    return formats.describe(path)
+
+
+def finetune(
+    model: str | None,
+    output: str | Path,
+    teacher: str | None = None,
+    dataset: str | None = None,
+    *,
+    recipe: str | Path | None = None,
+    loss: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Sparse fine-tuning, stage by stage (optional prune, then train with the mask fixed, distilling from the
+    dense `teacher`), into `output/model`; `model` may be None when the recipe names it. Returns the summary
+    that is also written to `output/metrics.json`.
+
+    Settings come from a YAML recipe (`FinetuneConfig`), overridden by keywords: `loss` (ce, kd, squarehead),
+    and dotted section keys such as `data__seqlen=256`, `train__lr=1e-4`, `loss__kd=0.5` (`__` for the dot).
+    Run it under `accelerate launch` for several processes (DDP) or FSDP.
+    """
+    from sparseft.recipe import finetune_config
+    from sparseft.train import run_finetune
+
+    overrides = {key.replace("__", "."): value for key, value in settings.items()}
+    named = {"model": model, "teacher": teacher, "data.dataset": dataset, "loss.name": loss}
+    cfg = finetune_config(recipe, **named, **overrides)
+    return run_finetune(cfg, output, resume=resume, overwrite=overwrite, progress=progress)
+
+
+def load_sparse(
+    path: str | Path, values: str | None = None, dtype: str = "bfloat16", trust_remote_code: bool = False
+) -> torch.nn.Module:
+    """A model whose pruned linears run on sparseft's CPU kernels (`SparseLinear`, bf16 or int8 values): a
+    bitmask archive loads straight into them, never dense; an HF checkpoint with zeros kept is converted."""
+    from sparseft import formats, runtime
+    from sparseft.models import parse_dtype
+
+    if values not in (None, "bf16", "int8"):
+        raise SparseftError(f"values must be bf16 or int8, got {values!r}")
+    torch_dtype = parse_dtype(dtype)
+    if formats.detect(path) == "bitmask":
+        return runtime.load(path, values, torch_dtype, trust_remote_code)  # type: ignore[arg-type]
+    model = formats.load_dir(path, torch_dtype, trust_remote_code)
+    runtime.sparsify_(model, values or "bf16")  # type: ignore[arg-type]
+    return model
+
+
+def generate(
+    model: str | Path,
+    prompt: str,
+    max_new_tokens: int = 64,
+    values: str | None = None,
+    sample: bool = False,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Generate a continuation of `prompt` with the sparse CPU runtime (greedy unless `sample`)."""
+    if max_new_tokens < 1:
+        raise SparseftError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    tokenizer = load_tokenizer(str(model), trust_remote_code)
+    net = load_sparse(model, values, trust_remote_code=trust_remote_code)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = net.generate(
+            ids, max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=tokenizer.pad_token_id
+        )  # type: ignore[operator]
+    seconds = time.perf_counter() - started
+    new = out[0, ids.shape[1] :]
+    return {
+        "text": tokenizer.decode(new, skip_special_tokens=True),
+        "prompt_tokens": ids.shape[1],
+        "new_tokens": len(new),
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(len(new) / seconds, 2),
+    }
+
+
+def bench(
+    model: str | Path,
+    prompt_tokens: int = 128,
+    new_tokens: int = 64,
+    runs: int = 3,
+    values: str | None = None,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Prefill and decode tokens/s and model memory, sparse (sparseft kernels) vs dense bf16 (transformers),
+    measured side by side in one process, alternating run by run."""
+    from sparseft import formats
+    from sparseft.runtime import current_isa
+    from sparseft.runtime.bench import measure_generation
+
+    if prompt_tokens < 1 or new_tokens < 2 or runs < 1:
+        raise SparseftError("bench needs prompt_tokens >= 1, new_tokens >= 2 and runs >= 1")
+    sparse = load_sparse(model, values, trust_remote_code=trust_remote_code)
+    kind = next((m.kind for m in sparse.modules() if hasattr(m, "kind")), "bf16")
+    dense = formats.load_dir(model, torch.bfloat16, trust_remote_code)
+    result = measure_generation(
+        {f"sparse {kind}": sparse, "dense bf16": dense}, prompt_tokens, new_tokens, runs
+    )
+    result["_machine"]["kernels"] = current_isa()
+    return {
+        "model": str(model),
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "runs": runs,
+        "results": result,
+    }

@@ -27,9 +27,14 @@ def add_prune(sub: Any) -> None:
     p.add_argument("--method", choices=["magnitude", "wanda", "sparsegpt"])
     p.add_argument("--sparsity", type=float, help="fraction of zeros, e.g. 0.7 (default 0.5)")
     p.add_argument("--structure", help="N:M = N zeros in every M consecutive inputs, e.g. 2:4")
-    p.add_argument("--targets", help="comma-separated module names, class names or re:regex (default: all linears in blocks)")
+    p.add_argument(
+        "--targets",
+        help="comma-separated module names, class names or re:regex (default: all linears in blocks)",
+    )
     p.add_argument("--ignore", help="comma-separated module names, class names or re:regex to leave dense")
-    p.add_argument("--dataset", help="calibration text: a .txt/.jsonl/.json/.csv/.parquet file or a datasets name")
+    p.add_argument(
+        "--dataset", help="calibration text: a .txt/.jsonl/.json/.csv/.parquet file or a datasets name"
+    )
     p.add_argument("--dataset-config")
     p.add_argument("--split")
     p.add_argument("--text-field")
@@ -124,8 +129,223 @@ def run_demo(args: argparse.Namespace) -> None:
     demo(args.output, quick=args.quick)
 
 
+def add_finetune(sub: Any) -> None:
+    p = sub.add_parser("finetune", help="sparse fine-tune with the mask fixed, distilling from a teacher")
+    p.add_argument("--model", help="student: hub id or local directory (usually a pruned checkpoint)")
+    p.add_argument("--teacher", help="dense teacher (fine-tuned on the task); needed by --loss kd/squarehead")
+    p.add_argument("--output", "-o", required=True, help="run directory; the final model is OUTPUT/model")
+    p.add_argument("--recipe", help="YAML recipe (data, loss, train, stages); flags override it")
+    p.add_argument("--loss", help="ce, kd (1 CE + 1 KD) or squarehead (1 CE + 1 SquareHead, the default)")
+    p.add_argument("--ce-weight", type=float, dest="loss.ce")
+    p.add_argument("--kd-weight", type=float, dest="loss.kd")
+    p.add_argument("--squarehead-weight", type=float, dest="loss.squarehead")
+    p.add_argument("--temperature", type=float, dest="loss.temperature", help="KD temperature (default 1)")
+    p.add_argument("--dataset", help="task data: .jsonl/.json/.csv/.parquet file or a datasets name")
+    p.add_argument("--dataset-config", dest="data.dataset_config")
+    p.add_argument("--split", dest="data.split")
+    p.add_argument("--format", dest="data.format", choices=["qa", "chat", "text"], help="default qa (GSM8K)")
+    p.add_argument("--question-field", dest="data.question_field")
+    p.add_argument("--answer-field", dest="data.answer_field")
+    p.add_argument("--prompt-field", dest="data.prompt_field")
+    p.add_argument("--response-field", dest="data.response_field")
+    p.add_argument("--text-field", dest="data.text_field")
+    p.add_argument("--seqlen", type=int, dest="data.seqlen", help="longest row in tokens (default 512)")
+    p.add_argument("--packing", action="store_const", const=True, dest="data.packing")
+    p.add_argument("--max-examples", type=int, dest="data.max_examples")
+    p.add_argument("--lr", type=float, dest="train.lr")
+    p.add_argument("--epochs", type=float, dest="train.epochs")
+    p.add_argument("--max-steps", type=int, dest="train.max_steps")
+    p.add_argument("--micro-batch-size", type=int, dest="train.micro_batch_size")
+    p.add_argument("--grad-accum", type=int, dest="train.grad_accum")
+    p.add_argument("--warmup-steps", type=int, dest="train.warmup_steps")
+    p.add_argument("--weight-decay", type=float, dest="train.weight_decay")
+    p.add_argument("--max-grad-norm", type=float, dest="train.max_grad_norm")
+    p.add_argument("--bf16", action="store_const", const="bf16", dest="train.mixed_precision")
+    p.add_argument("--seed", type=int, dest="train.seed")
+    p.add_argument("--save-every", type=int, dest="train.save_every", help="checkpoint every N steps")
+    p.add_argument("--keep-last", type=int, dest="train.keep_last", help="checkpoints to keep (default 2)")
+    p.add_argument("--tensorboard", action="store_const", const=True, dest="train.tensorboard")
+    p.add_argument("--dtype", help="weights' dtype: float32 (default) or bfloat16")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUTPUT from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete OUTPUT and start again")
+    p.add_argument("--trust-remote-code", action="store_const", const=True)
+    p.set_defaults(run=run_finetune)
+
+
+def run_finetune(args: argparse.Namespace) -> None:
+    from sparseft import api
+
+    sections = {k.replace(".", "__"): v for k, v in vars(args).items() if "." in k}
+    summary = api.finetune(
+        args.model,
+        args.output,
+        teacher=args.teacher,
+        dataset=args.dataset,
+        recipe=args.recipe,
+        loss=args.loss,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        **sections,
+    )
+    for stage in summary["stages"]:
+        print(f"stage {stage['stage']}: {stage['steps']} steps, sparsity {stage['sparsity']:.2%}")
+    print(f"model -> {summary['model']}; metrics.json and loss.png in {args.output}")
+
+
+def add_export(sub: Any) -> None:
+    p = sub.add_parser("export", help="write a compact checkpoint: HF or bitmask archive, int8/int4")
+    p.add_argument("model", help="hub id or local directory of a (pruned) Hugging Face checkpoint")
+    p.add_argument("--output", "-o", required=True, help="directory for the export")
+    p.add_argument("--format", default="bitmask", choices=["hf", "bitmask"])
+    p.add_argument("--quantize", choices=["int8", "int4"], help="int8: per output channel; int4: per group")
+    p.add_argument("--group-size", type=int, default=128, help="input columns per int4 scale (default 128)")
+    p.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="round to nearest, or GPTQ")
+    p.add_argument("--dataset", help="GPTQ calibration text: a local file or a datasets name")
+    p.add_argument("--dataset-config")
+    p.add_argument("--split", default="train")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--num-samples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--targets", help="comma-separated layers to compress (default: all linears in blocks)")
+    p.add_argument("--ignore", help="comma-separated layers to leave dense")
+    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's own)")
+    p.add_argument("--device", default="cpu", help="compute device for GPTQ, one block at a time")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(run=run_export)
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from sparseft import api
+
+    report = api.export(
+        args.model,
+        args.output,
+        args.format,
+        args.quantize,
+        args.group_size,
+        args.method,
+        dataset=args.dataset,
+        dataset_config=args.dataset_config,
+        split=args.split,
+        text_field=args.text_field,
+        num_samples=args.num_samples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        targets=_list(args.targets),
+        ignore=_list(args.ignore),
+        dtype=args.dtype,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+        overwrite=args.overwrite,
+    )
+    quant = report["quantization"]
+    what = "" if quant is None else f" + int{quant['bits']} ({quant['method']})"
+    errors = {k: v for k, v in report.items() if k.startswith("mean_")}
+    detail = "".join(f", {k.removeprefix('mean_')} {v:.3g}" for k, v in errors.items())
+    print(
+        f"exported {len(report['layers'])} layers as {report['format']}{what}: "
+        f"{report['size_on_disk'] / 1e6:.1f} MB{detail}, {report['seconds']} s -> {args.output}"
+    )
+
+
+def add_info(sub: Any) -> None:
+    p = sub.add_parser("info", help="describe an export: format, sparsity, bits, size, bytes per weight")
+    p.add_argument("path", help="directory written by `sparseft export` (or any HF checkpoint)")
+    p.add_argument("--json", action="store_true", help="print the full description as JSON")
+    p.set_defaults(run=run_info)
+
+
+def run_info(args: argparse.Namespace) -> None:
+    from sparseft import api
+
+    info = api.info(args.path)
+    if args.json:
+        _print_json(info)
+        return
+    print(f"{info['path']}: format {info['format']}, {info['size_on_disk'] / 1e6:.2f} MB on disk")
+    print(f"{'layer':<48} {'shape':>12} {'sparsity':>9} {'bits':>5} {'bytes/weight':>13}")
+    for name, layer in info["layers"].items():
+        shape = f"{layer['rows']}x{layer['columns']}"
+        sparsity, bits, per_weight = layer["sparsity"], layer["bits"], layer["bytes_per_weight"]
+        print(f"{name:<48} {shape:>12} {sparsity:>9.2%} {bits!s:>5} {per_weight:>13.4f}")
+    print(
+        f"compressed layers: {info['layers_sparsity']:.2%} zeros, {info['layers_bytes_per_weight']:.4f} bytes per "
+        f"weight ({info['layers_bytes'] / 1e6:.2f} MB); other tensors {info['other_bytes'] / 1e6:.2f} MB"
+    )
+
+
 # Each verb registers itself here; later verbs add a function to this list.
 COMMANDS: list[Callable[[Any], None]] = [add_prune, add_eval, add_demo]
+COMMANDS += [add_export, add_info]
+COMMANDS += [add_finetune]
+
+
+def add_generate(sub: Any) -> None:
+    p = sub.add_parser("generate", help="generate text with the sparse CPU runtime")
+    p.add_argument("model", help="a bitmask archive (sparseft export) or a pruned HF checkpoint")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument(
+        "--values", choices=["bf16", "int8"], help="weight values in memory (default: as exported)"
+    )
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(run=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    from sparseft import api
+
+    result = api.generate(
+        args.model, args.prompt, args.max_new_tokens, args.values, args.sample, args.trust_remote_code
+    )
+    print(result["text"])
+    print(
+        f"[{result['new_tokens']} tokens in {result['seconds']} s, {result['tokens_per_s']} tok/s]",
+        file=sys.stderr,
+    )
+
+
+def add_bench(sub: Any) -> None:
+    p = sub.add_parser("bench", help="tokens/s and memory: sparse CPU runtime vs dense bf16, side by side")
+    p.add_argument("model", help="a bitmask archive (sparseft export) or a pruned HF checkpoint")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--runs", type=int, default=3, help="alternating runs per model; medians are reported")
+    p.add_argument(
+        "--values", choices=["bf16", "int8"], help="weight values in memory (default: as exported)"
+    )
+    p.add_argument("--output", help="also write the result as JSON here")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(run=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    from sparseft import api
+    from sparseft.atomic import write_json
+
+    report = api.bench(
+        args.model, args.prompt_tokens, args.new_tokens, args.runs, args.values, args.trust_remote_code
+    )
+    if args.output:
+        write_json(args.output, report)
+    results = dict(report["results"])
+    machine = results.pop("_machine")
+    print(f"{'model':<14} {'prefill tok/s':>14} {'decode tok/s':>13} {'memory MB':>10}")
+    for name, row in results.items():
+        print(
+            f"{name:<14} {row['prefill_tok_s']:>14.1f} {row['decode_tok_s']:>13.1f} {row['model_bytes'] / 1e6:>10.1f}"
+        )
+    print(
+        f"{machine['threads']} threads, kernels {machine['kernels']}, copy bandwidth {machine['copy_gb_s']} GB/s"
+    )
+
+
+COMMANDS += [add_generate, add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,30 +23,44 @@ class TextSource:
     text_field: str = "text"
 
     def describe(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "config": self.config, "split": self.split, "text_field": self.text_field}
+        return {
+            "dataset": self.dataset,
+            "config": self.config,
+            "split": self.split,
+            "text_field": self.text_field,
+        }
 
 
 def is_local(dataset: str) -> bool:
     return Path(dataset).suffix in LOCAL_FORMATS or Path(dataset).exists() or dataset.startswith((".", "/"))
 
 
-def load_records(dataset: str, config: str | None = None, split: str = "train") -> Any:
-    """A `datasets.Dataset` from a local file (txt/jsonl/json/csv/parquet) or a hub name."""
-    import datasets
-
+def check_local(dataset: str) -> None:
+    """Fail fast, before any model is loaded, on a local dataset path that cannot be read."""
     if is_local(dataset):
         path = Path(dataset).expanduser()
         if not path.is_file():
             raise SparseftError(f"dataset file {dataset} does not exist")
         if path.suffix not in LOCAL_FORMATS:
             raise SparseftError(f"cannot read {dataset}: use one of {', '.join(sorted(LOCAL_FORMATS))}")
+
+
+def load_records(dataset: str, config: str | None = None, split: str = "train") -> Any:
+    """A `datasets.Dataset` from a local file (txt/jsonl/json/csv/parquet) or a hub name."""
+    import datasets
+
+    check_local(dataset)
+    if is_local(dataset):
+        path = Path(dataset).expanduser()
         if path.suffix == ".txt":
             # One record for the whole file: line-by-line records would lose paragraph structure.
             return datasets.Dataset.from_dict({"text": [path.read_text(encoding="utf-8", errors="replace")]})
         try:
             return datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
         except Exception as e:  # datasets raises many types for malformed files
-            raise SparseftError(f"cannot parse {dataset} as {path.suffix[1:]}: {str(e).splitlines()[0]}") from e
+            raise SparseftError(
+                f"cannot parse {dataset} as {path.suffix[1:]}: {str(e).splitlines()[0]}"
+            ) from e
     try:
         return datasets.load_dataset(dataset, config, split=split)
     except Exception as e:  # network, unknown name, unknown config or split

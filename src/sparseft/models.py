@@ -21,8 +21,14 @@ try:  # GPT-2 style models store linear layers as Conv1D with a transposed weigh
 except ImportError:  # pragma: no cover - transformers always has it today
     Conv1D = None  # type: ignore[assignment,misc]
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -38,7 +44,9 @@ def _check_source(name_or_path: str) -> None:
     looks_local = name_or_path.startswith((".", "/", "~")) or path.exists() or name_or_path.count("/") > 1
     if looks_local:
         if not path.expanduser().exists():
-            raise SparseftError(f"model path {name_or_path} does not exist; pass a local directory or a hub id")
+            raise SparseftError(
+                f"model path {name_or_path} does not exist; pass a local directory or a hub id"
+            )
         if not (path.expanduser() / "config.json").exists():
             raise SparseftError(f"{name_or_path} has no config.json; pass a Hugging Face model directory")
 
@@ -48,7 +56,7 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     trust_remote_code: bool = False,
     auto_class: Any = None,
-) -> nn.Module:
+) -> Any:
     """Load a Hugging Face model from a local directory or hub id, weights from safetensors only."""
     import transformers
 
@@ -159,6 +167,11 @@ def find_targets(
             wanted = any(name.startswith(prefix + ".") for prefix in within)
         if wanted and not any(_matches(p, name, module) for p in ignore):
             chosen[name] = module
+    for pattern in targets or []:
+        if not any(_matches(pattern, n, m) for n, m in model.named_modules() if is_linear(m)):
+            raise SparseftError(
+                f"target {pattern!r} matches no linear layer; check the names with `print(model)`"
+            )
     if not chosen:
         raise SparseftError(
             f"no linear layer matches targets={targets or 'default'} ignore={ignore}; "

@@ -79,9 +79,9 @@ class PruneConfig(BaseModel):
 def _one_line(error: ValidationError, what: str) -> str:
     parts = []
     for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"]) or what
+        where = ".".join(str(p) for p in item["loc"])
         message = item["msg"].removeprefix("Value error, ")
-        parts.append(f"{where}: {message}")
+        parts.append(f"{where}: {message}" if where else message)
     return f"invalid {what}: " + "; ".join(parts)
 
 
@@ -113,4 +113,228 @@ def prune_config(recipe: str | Path | None = None, **overrides: Any) -> PruneCon
         loaded = read_yaml(recipe)
         data.update(loaded.get("prune", loaded))
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return build(PruneConfig, data, "pruning settings")  # type: ignore[no-any-return]
+    return build(PruneConfig, data, "pruning settings")
+
+
+# --- sparse fine-tuning (`sparseft finetune`) -------------------------------------------------------------------
+
+
+class DataConfig(BaseModel):
+    """Task data for fine-tuning (and for calibrating the prune stages).
+
+    format "qa": `prompt_template` filled from the record, loss on `answer_field` only (GSM8K: question/answer);
+    "chat": `prompt_field` through the tokenizer's chat template, loss on `response_field` only;
+    "text": causal LM on `text_field`, loss on every token.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str
+    dataset_config: str | None = None
+    split: str = "train"
+    format: Literal["qa", "chat", "text"] = "qa"
+    question_field: str = "question"
+    answer_field: str = "answer"
+    prompt_template: str = "Question: {question}\nAnswer: "
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    text_field: str = "text"
+    seqlen: int = 512
+    packing: bool = False
+    max_examples: int | None = None
+
+    @field_validator("seqlen")
+    @classmethod
+    def _seqlen_positive(cls, value: int) -> int:
+        if value < 2:
+            raise ValueError(f"must be at least 2, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _template_names_question(self) -> DataConfig:
+        if self.format == "qa" and "{question}" not in self.prompt_template:
+            raise ValueError(f"prompt_template {self.prompt_template!r} must contain {{question}}")
+        return self
+
+
+class LossConfig(BaseModel):
+    """`name` picks the paper's weights (ce: 1 CE; kd: 1 CE + 1 KD; squarehead: 1 CE + 1 SquareHead); the
+    explicit weights override them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "squarehead"
+    ce: float | None = None
+    kd: float | None = None
+    squarehead: float | None = None
+    temperature: float = 1.0
+    eps: float = 1e-8
+
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, value: str) -> str:
+        from sparseft.distill import LOSS_PRESETS
+
+        if value not in LOSS_PRESETS:
+            raise ValueError(f"unknown loss {value!r}; use one of {', '.join(LOSS_PRESETS)}")
+        return value
+
+    @field_validator("ce", "kd", "squarehead")
+    @classmethod
+    def _non_negative(cls, value: float | None) -> float | None:
+        if value is not None and value < 0:
+            raise ValueError(f"loss weights must be >= 0, got {value}")
+        return value
+
+    @field_validator("temperature", "eps")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError(f"must be positive, got {value}")
+        return value
+
+    def weights(self) -> Any:
+        from sparseft.distill import LOSS_PRESETS, LossWeights
+
+        preset = LOSS_PRESETS[self.name]
+        chosen = {
+            k: preset[k] if getattr(self, k) is None else getattr(self, k) for k in ("ce", "kd", "squarehead")
+        }
+        if not any(chosen.values()):
+            raise SparseftError(
+                f"every loss weight is 0 ({chosen}); give at least one term a positive weight"
+            )
+        return LossWeights(**chosen, temperature=self.temperature, eps=self.eps)
+
+
+class TrainConfig(BaseModel):
+    """Optimisation of one fine-tuning stage. The global batch is micro_batch_size x grad_accum x processes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = 1e-4
+    epochs: float = 1.0
+    max_steps: int | None = None  # when set, wins over epochs
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float | None = 1.0
+    mixed_precision: Literal["no", "bf16"] = "no"  # bf16 autocast; weights and optimizer stay in their dtype
+    seed: int = 0
+    save_every: int = 100
+    keep_last: int = 2
+    log_every: int = 1
+    tensorboard: bool = False
+
+    @field_validator("lr", "epochs")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError(f"must be positive, got {value}")
+        return value
+
+    @field_validator("max_steps", "micro_batch_size", "grad_accum", "save_every", "keep_last", "log_every")
+    @classmethod
+    def _at_least_one(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"must be at least 1, got {value}")
+        return value
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _non_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"must be >= 0, got {value}")
+        return value
+
+    @field_validator("weight_decay")
+    @classmethod
+    def _wd_non_negative(cls, value: float) -> float:
+        if value < 0:
+            raise ValueError(f"must be >= 0, got {value}")
+        return value
+
+
+class StageConfig(BaseModel):
+    """One stage: optionally prune (calibrated on the task data), then fine-tune with the mask fixed.
+    A stage without `prune` only fine-tunes (how the dense teacher is made)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    prune: PruneConfig | None = None
+    train: dict[str, Any] = {}  # overrides of the recipe's `train` section for this stage
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not value or not all(c.isalnum() or c in "-_." for c in value):
+            raise ValueError(f"stage name {value!r} must be letters, digits, '-', '_' or '.'")
+        return value
+
+    @field_validator("prune")
+    @classmethod
+    def _no_dataset(cls, value: PruneConfig | None) -> PruneConfig | None:
+        if value is not None and value.dataset is not None:
+            raise ValueError("a prune stage calibrates on the task data; drop its `dataset`")
+        return value
+
+
+class FinetuneConfig(BaseModel):
+    """A fine-tuning recipe: student, teacher, data, loss, default training settings, and the stages."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    teacher: str | None = None
+    data: DataConfig
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    stages: list[StageConfig] = [StageConfig(name="finetune")]
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _stages_valid(self) -> FinetuneConfig:
+        if not self.stages:
+            raise ValueError("stages is empty; give at least one stage")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        for stage in self.stages:
+            self.stage_train(stage)
+        if self.teacher is None and self.loss.weights().needs_teacher:
+            raise ValueError(
+                f"loss {self.loss.name!r} distills from a teacher: pass --teacher (or use --loss ce)"
+            )
+        return self
+
+    def stage_train(self, stage: StageConfig) -> TrainConfig:
+        merged = {**self.train.model_dump(), **stage.train}
+        try:
+            return TrainConfig.model_validate(merged)
+        except ValidationError as e:
+            raise ValueError(_one_line(e, f"train settings of stage {stage.name}")) from None
+
+
+def finetune_config(recipe: str | Path | None = None, **overrides: Any) -> FinetuneConfig:
+    """A FinetuneConfig from an optional YAML recipe plus overrides: top-level keys (model, teacher, dtype), and
+    dotted section keys (`data.dataset`, `loss.name`, `train.lr`) for the sections."""
+    data: dict[str, Any] = read_yaml(recipe) if recipe is not None else {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        section, _, field = key.partition(".")
+        if field:
+            if not isinstance(data.setdefault(section, {}), dict):
+                raise SparseftError(f"recipe section {section!r} must be a mapping")
+            data[section][field] = value
+        else:
+            data[key] = value
+    if "data" not in data:
+        raise SparseftError(
+            "no task data: pass --dataset (a local file or a datasets name) or a recipe `data:`"
+        )
+    return build(FinetuneConfig, data, "fine-tuning settings")

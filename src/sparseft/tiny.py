@@ -4,6 +4,7 @@ of several architectures at toy size. Nothing here touches the network."""
 
 from __future__ import annotations
 
+import math
 import random
 import sysconfig
 from pathlib import Path
@@ -50,28 +51,95 @@ def tiny_config(arch: str, vocab_size: int = 256, hidden: int = 64, layers: int 
     """A toy config of a given architecture family, for tests and quick runs."""
     heads = max(hidden // 16, 2)
     common: dict[str, Any] = {"vocab_size": vocab_size}
+    cfg: transformers.PretrainedConfig
     if arch == "llama":
-        cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                                       num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1),
-                                       max_position_embeddings=512, **common)
+        cfg = transformers.LlamaConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=max(heads // 2, 1),
+            max_position_embeddings=512,
+            **common,
+        )
     elif arch == "qwen2":
-        cfg = transformers.Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                                       num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1),
-                                       max_position_embeddings=512, **common)
+        cfg = transformers.Qwen2Config(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=max(heads // 2, 1),
+            max_position_embeddings=512,
+            **common,
+        )
     elif arch == "gpt2":
         cfg = transformers.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=512, **common)
     elif arch == "opt":
-        cfg = transformers.OPTConfig(hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=layers,
-                                     num_attention_heads=heads, word_embed_proj_dim=hidden,
-                                     max_position_embeddings=512, **common)
+        cfg = transformers.OPTConfig(
+            hidden_size=hidden,
+            ffn_dim=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            word_embed_proj_dim=hidden,
+            max_position_embeddings=512,
+            **common,
+        )
     elif arch == "mpt":
-        cfg = transformers.MptConfig(d_model=hidden, n_layers=layers, n_heads=heads, max_seq_len=512,
-                                     expansion_ratio=2, **common)
+        cfg = transformers.MptConfig(
+            d_model=hidden, n_layers=layers, n_heads=heads, max_seq_len=512, expansion_ratio=2, **common
+        )
     elif arch == "gpt_neox":
-        cfg = transformers.GPTNeoXConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                                         num_attention_heads=heads, max_position_embeddings=512, **common)
+        cfg = transformers.GPTNeoXConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=512,
+            **common,
+        )
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}")
     for key, value in extra.items():
         setattr(cfg, key, value)
     return cfg
+
+
+def pretrain(
+    model: Any,
+    stream: Any,
+    steps: int,
+    seqlen: int = 128,
+    batch_size: int = 16,
+    lr: float = 2e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[float]:
+    """Train a small causal LM from scratch on random windows of a token stream (AdamW, cosine decay, bf16
+    autocast on CPU). Returns the loss of every step. For the demo and benchmarks, not for real models."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from sparseft.data import random_windows
+
+    torch.manual_seed(seed)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))
+    )
+    losses = []
+    bar = tqdm(range(steps), desc="pretrain", disable=not progress)
+    for step in bar:
+        ids = random_windows(stream, batch_size, seqlen, seed=seed * 1_000_003 + step)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return losses

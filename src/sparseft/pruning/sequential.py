@@ -8,6 +8,7 @@ to be on the compute device, and only its statistics are in memory.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -50,19 +51,39 @@ def prune_layer(module: nn.Module, settings: PruneSettings, stats: Hessian | Inp
     else:
         assert isinstance(stats, Hessian)
         new = sparsegpt_prune(
-            weight, stats.matrix, settings.sparsity, settings.structure, settings.block_size, settings.dampening
+            weight,
+            stats.matrix,
+            settings.sparsity,
+            settings.structure,
+            settings.block_size,
+            settings.dampening,
         )
     weight.copy_(new)
 
 
-def calibrate_and_prune(modules: dict[str, nn.Module], run: Callable[[], None], settings: PruneSettings) -> None:
-    """Run `run()` with hooks that gather input statistics of `modules`, then prune each of them.
+Stats = Hessian | InputNorms
+
+
+def calibrate_and_prune(
+    modules: dict[str, nn.Module], run: Callable[[], None], settings: PruneSettings
+) -> None:
+    """Run `run()` with hooks that gather input statistics of `modules`, then prune each of them."""
+    stats = calibrate(modules, run, Hessian if settings.method == "sparsegpt" else InputNorms)
+    for name, module in modules.items():
+        prune_layer(module, settings, stats[name])
+
+
+def calibrate(
+    modules: dict[str, nn.Module], run: Callable[[], None], make_stats: Callable[[int, torch.device], Stats]
+) -> dict[str, Stats]:
+    """Run `run()` with hooks that feed each module's inputs to `make_stats(columns, device)`; return the
+    statistics of every module (GPTQ quantization uses this with Hessians, as SparseGPT does).
 
     Layers that read the very same input tensor (q/k/v, gate/up) share one set of statistics: the first of
     them to see a tensor becomes its group's leader, and only the leader accumulates.
     """
-    device = next(iter(modules.values())).weight.device
-    stats: dict[str, Hessian | InputNorms] = {}
+    device = weight_matrix(next(iter(modules.values()))).device
+    stats: dict[str, Stats] = {}
     leader_of: dict[str, str] = {}
     # Inputs seen on the first pass are kept alive so their addresses cannot be reused by another tensor.
     first_seen: list[tuple[torch.Tensor, str]] = []
@@ -77,8 +98,7 @@ def calibrate_and_prune(modules: dict[str, nn.Module], run: Callable[[], None], 
             if leader_of[name] != name:
                 return
             if name not in stats:
-                columns = x.shape[-1]
-                stats[name] = Hessian(columns, device) if settings.method == "sparsegpt" else InputNorms(columns, device)
+                stats[name] = make_stats(x.shape[-1], device)
             stats[name].add_batch(x)
 
         return hook
@@ -90,11 +110,12 @@ def calibrate_and_prune(modules: dict[str, nn.Module], run: Callable[[], None], 
         for handle in handles:
             handle.remove()
         first_seen.clear()
-    for name, module in modules.items():
-        leader = leader_of.get(name)
-        if leader is None:
-            raise RuntimeError(f"layer {name} was never called during calibration; it cannot be pruned from data")
-        prune_layer(module, settings, stats[leader])
+    for name in modules:
+        if name not in leader_of:
+            raise RuntimeError(
+                f"layer {name} was never called during calibration; it cannot be pruned from data"
+            )
+    return {name: stats[leader_of[name]] for name in modules}
 
 
 def _move_outside(model: nn.Module, skip_prefix: str, device: torch.device | str) -> None:
@@ -125,10 +146,8 @@ def _catch_block_inputs(
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for sample in samples:
-            try:
+            with contextlib.suppress(_CaughtInputs):
                 model(input_ids=sample.unsqueeze(0).to(device), use_cache=False)
-            except _CaughtInputs:
-                pass
     finally:
         handle.remove()
     return hidden, extra["args"], extra["kwargs"]
@@ -152,11 +171,30 @@ def prune_model(
     if samples is None:
         raise ValueError(f"{settings.method} needs calibration samples")
 
+    def prune_group(modules: dict[str, nn.Module], run: Callable[[], None]) -> None:
+        calibrate_and_prune(modules, run, settings)
+
+    run_sequential(model, targets, samples, prune_group, device, progress, desc=f"{settings.method} blocks")
+
+
+@torch.no_grad()
+def run_sequential(
+    model: nn.Module,
+    targets: dict[str, nn.Module],
+    samples: torch.Tensor,
+    act: Callable[[dict[str, nn.Module], Callable[[], None]], None],
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    desc: str = "blocks",
+) -> None:
+    """The block-by-block driver: for each block, `act(targets_in_block, run)` may call `run()` (which feeds
+    the block its calibration inputs) and must leave the targets updated; the block's outputs are then
+    recomputed for the next block. Pruning and GPTQ quantization both act through this."""
     prefix, blocks = find_blocks(model)
     _move_outside(model, prefix, device)
     try:
         hidden, args, kwargs = _catch_block_inputs(model, blocks[0], samples, device)
-        for index, block in enumerate(tqdm(blocks, desc=f"{settings.method} blocks", disable=not progress)):
+        for index, block in enumerate(tqdm(blocks, desc=desc, disable=not progress)):
             block.to(device)
             inside = {n: m for n, m in targets.items() if n.startswith(f"{prefix}.{index}.")}
 
@@ -165,7 +203,7 @@ def prune_model(
                     block(x, *args, **kwargs)
 
             if inside:
-                calibrate_and_prune(inside, run_block, settings)
+                act(inside, run_block)
             for i, x in enumerate(hidden):
                 out = block(x, *args, **kwargs)
                 hidden[i] = out[0] if isinstance(out, tuple) else out
@@ -179,6 +217,6 @@ def prune_model(
                 for sample in samples:
                     model(input_ids=sample.unsqueeze(0).to(device), use_cache=False)
 
-            calibrate_and_prune(outside, run_model, settings)
+            act(outside, run_model)
     finally:
         model.to("cpu")

@@ -1,0 +1,122 @@
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from sparseft.models import find_targets, weight_matrix
+from sparseft.pruning import sequential
+from sparseft.pruning.masks import NM
+from sparseft.pruning.sequential import PruneSettings, prune_model
+from sparseft.pruning.sparsegpt import Hessian
+
+
+def load(path: Path) -> transformers.PreTrainedModel:
+    return transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def samples(vocab: int, n: int = 4, seqlen: int = 32) -> torch.Tensor:
+    return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(0))
+
+
+def all_hooks(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "mpt", "gpt_neox", "qwen2"])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_prunes_every_family_sequentially(
+    make_model_dir: Callable[..., Path], arch: str, method: str, tmp_path: Path
+) -> None:
+    model = load(make_model_dir(arch))
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    targets = find_targets(model)
+    prune_model(model, targets, PruneSettings(method, 0.5), samples(model.config.vocab_size), progress=False)
+
+    for name, module in targets.items():
+        w = weight_matrix(module)
+        assert int((w == 0).sum()) == w.numel() // 2, name
+    target_weights = {f"{n}.weight" for n in targets}
+    for name, tensor in model.state_dict().items():
+        if name not in target_weights:
+            assert torch.equal(tensor, before[name]), f"{name} changed but is not a target"
+    assert all_hooks(model) == 0
+
+    model.save_pretrained(tmp_path)
+    reloaded = load(tmp_path)
+    ids = samples(model.config.vocab_size, 1, 16)
+    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+
+
+def test_n_of_m_on_a_whole_model(make_model_dir: Callable[..., Path]) -> None:
+    model = load(make_model_dir("llama"))
+    targets = find_targets(model)
+    prune_model(
+        model,
+        targets,
+        PruneSettings("sparsegpt", 0.5, NM(2, 4)),
+        samples(model.config.vocab_size),
+        progress=False,
+    )
+    for module in targets.values():
+        w = weight_matrix(module)
+        assert ((w == 0).view(w.shape[0], -1, 4).sum(-1) == 2).all()
+
+
+def test_layers_reading_one_input_share_one_hessian(
+    make_model_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = load(make_model_dir("llama", layers=1))
+    calls: list[int] = []
+    original = Hessian.add_batch
+    monkeypatch.setattr(Hessian, "add_batch", lambda self, x: (calls.append(id(self)), original(self, x))[1])
+    prune_model(
+        model,
+        find_targets(model),
+        PruneSettings("sparsegpt", 0.5),
+        samples(model.config.vocab_size, n=3),
+        progress=False,
+    )
+    # q/k/v share one, gate/up share one, o and down have their own: 4 accumulators for 7 layers
+    assert len(set(calls)) == 4
+    assert len(calls) == 4 * 3
+
+
+def test_hooks_removed_when_pruning_fails(
+    make_model_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = load(make_model_dir("llama"))
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(sequential, "prune_layer", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        prune_model(
+            model,
+            find_targets(model),
+            PruneSettings("wanda", 0.5),
+            samples(model.config.vocab_size),
+            progress=False,
+        )
+    assert all_hooks(model) == 0
+
+
+def test_targets_outside_blocks_are_calibrated_on_the_pruned_model(
+    make_model_dir: Callable[..., Path],
+) -> None:
+    model = load(make_model_dir("opt"))
+    targets = find_targets(model, targets=["lm_head", "fc1"])
+    assert "lm_head" in targets
+    prune_model(model, targets, PruneSettings("wanda", 0.5), samples(model.config.vocab_size), progress=False)
+    assert float((model.lm_head.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+
+
+def test_magnitude_needs_no_samples(make_model_dir: Callable[..., Path]) -> None:
+    model = load(make_model_dir("gpt2"))
+    targets = find_targets(model)
+    prune_model(model, targets, PruneSettings("magnitude", 0.7), None, progress=False)
+    for module in targets.values():
+        w = weight_matrix(module)
+        assert int((w == 0).sum()) == round(0.7 * w.numel())

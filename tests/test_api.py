@@ -1,0 +1,130 @@
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import sparseft
+from sparseft import api
+from sparseft.errors import SparseftError
+
+
+def test_prune_writes_checkpoint_and_report(
+    make_model_dir: Callable[..., Path], text_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "pruned"
+    report = sparseft.prune(
+        str(make_model_dir("llama")),
+        out,
+        method="sparsegpt",
+        sparsity=0.7,
+        dataset=str(text_file),
+        num_samples=4,
+        seqlen=32,
+        seed=3,
+        progress=False,
+    )
+    saved = json.loads((out / "sparsity.json").read_text())
+    assert saved == report
+    assert saved["method"] == "sparsegpt" and saved["structure"] == "unstructured"
+    assert saved["calibration"]["seqlen"] == 32 and saved["calibration"]["seed"] == 3
+    assert saved["calibration"]["dataset"] == str(text_file)
+    assert saved["seconds"] >= 0
+    assert all(layer["sparsity"] == pytest.approx(0.7, abs=1e-3) for layer in saved["layers"].values())
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert float((model.model.layers[0].mlp.up_proj.weight == 0).float().mean()) == pytest.approx(
+        0.7, abs=1e-3
+    )
+
+
+def test_prune_from_a_recipe_with_flag_override(
+    make_model_dir: Callable[..., Path], text_file: Path, tmp_path: Path
+) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"prune:\n  method: wanda\n  structure: '2:4'\n  dataset: {text_file}\n  num_samples: 2\n  seqlen: 16\n"
+    )
+    report = api.prune(str(make_model_dir("gpt2")), tmp_path / "o", recipe=recipe, seed=5, progress=False)
+    assert report["method"] == "wanda" and report["structure"] == "2:4" and report["calibration"]["seed"] == 5
+
+
+BAD_SETTINGS = [
+    ({"sparsity": 1.0}, "sparsity must be in"),
+    ({"sparsity": -0.1}, "sparsity must be in"),
+    ({"structure": "4:4"}, "0 < N < M"),
+    ({"structure": "2:3"}, "multiple of 3"),
+    ({"structure": "2:4", "sparsity": 0.7}, "drop one of them"),
+    ({"method": "random"}, "method"),
+    ({"seqlen": 4096}, "longer than the model allows"),
+    ({"targets": ["nothing_like_this"]}, "matches no linear"),
+    ({"text_field": "body"}, "no field 'body'"),
+    ({"num_samples": 0}, "at least 1"),
+    ({"unknown_key": 1}, "unknown_key"),
+]
+
+
+@pytest.mark.parametrize(("settings", "message"), BAD_SETTINGS)
+def test_bad_settings_fail_clearly_and_write_nothing(
+    make_model_dir: Callable[..., Path],
+    text_file: Path,
+    tmp_path: Path,
+    settings: dict[str, object],
+    message: str,
+) -> None:
+    base: dict[str, object] = {
+        "method": "sparsegpt",
+        "dataset": str(text_file),
+        "num_samples": 2,
+        "seqlen": 16,
+    }
+    with pytest.raises(SparseftError, match=message):
+        api.prune(str(make_model_dir("llama")), tmp_path / "out", progress=False, **{**base, **settings})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_model_dataset_and_calibration(make_model_dir: Callable[..., Path], tmp_path: Path) -> None:
+    with pytest.raises(SparseftError, match="does not exist"):
+        api.prune(str(tmp_path / "no-model"), tmp_path / "out", method="magnitude")
+    with pytest.raises(SparseftError, match="does not exist"):
+        api.prune(
+            str(make_model_dir("llama")),
+            tmp_path / "out",
+            dataset=str(tmp_path / "none.jsonl"),
+            progress=False,
+        )
+    with pytest.raises(SparseftError, match="needs calibration data"):
+        api.prune(str(make_model_dir("llama")), tmp_path / "out", method="wanda")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_not_overwritten_by_default(
+    make_model_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    (tmp_path / "out").mkdir()
+    with pytest.raises(SparseftError, match="already exists"):
+        api.prune(str(make_model_dir("llama")), tmp_path / "out", method="magnitude")
+    api.prune(
+        str(make_model_dir("llama")), tmp_path / "out", method="magnitude", overwrite=True, progress=False
+    )
+    assert (tmp_path / "out" / "sparsity.json").exists()
+
+
+def test_perplexity_follows_the_protocol(
+    make_model_dir: Callable[..., Path], text_file: Path, tokenizer: object
+) -> None:
+    path = make_model_dir("llama")
+    result = api.eval_ppl(str(path), str(text_file), split="train", seqlen=64, progress=False)
+    ids = torch.tensor(tokenizer("\n\n".join([text_file.read_text()]), add_special_tokens=False)["input_ids"])
+    windows = ids.numel() // 64
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    nll = []
+    with torch.no_grad():
+        for w in ids[: windows * 64].view(windows, 64):
+            logits = model(w[None]).logits[0, :-1]
+            nll.append(torch.nn.functional.cross_entropy(logits, w[1:], reduction="none"))
+    assert result["perplexity"] == pytest.approx(math.exp(torch.cat(nll).mean().item()), rel=1e-4)
+    assert result["windows"] == windows and result["seqlen"] == 64 and result["split"] == "train"

@@ -1,0 +1,83 @@
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from sparseft.cli import main
+
+
+def test_prune_then_eval_from_the_command_line(
+    make_model_dir: Callable[..., Path], text_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "pruned"
+    code = main(
+        [
+            "prune",
+            str(make_model_dir("opt")),
+            "--method",
+            "wanda",
+            "--sparsity",
+            "0.6",
+            "--dataset",
+            str(text_file),
+            "--num-samples",
+            "2",
+            "--seqlen",
+            "32",
+            "--ignore",
+            "fc2",
+            "--output",
+            str(out),
+        ]
+    )
+    assert code == 0
+    assert "pruned 10 layers with wanda" in capsys.readouterr().out
+    report = json.loads((out / "sparsity.json").read_text())
+    assert not any(name.endswith("fc2") for name in report["layers"])
+    assert (
+        main(
+            [
+                "eval",
+                "ppl",
+                str(out),
+                "--dataset",
+                str(text_file),
+                "--split",
+                "train",
+                "--seqlen",
+                "32",
+                "--output",
+                str(tmp_path / "ppl.json"),
+            ]
+        )
+        == 0
+    )
+    assert json.loads((tmp_path / "ppl.json").read_text())["perplexity"] > 1
+
+
+def test_errors_are_one_line_without_traceback(
+    make_model_dir: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            "prune",
+            str(make_model_dir("llama")),
+            "--method",
+            "magnitude",
+            "--sparsity",
+            "1.5",
+            "--output",
+            str(tmp_path / "o"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("sparseft: error:") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_unknown_method_is_rejected_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", "m", "--method", "random", "--output", "o"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'random'" in capsys.readouterr().err

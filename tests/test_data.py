@@ -1,0 +1,51 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparseft.data import TextSource, calibration_samples, load_texts, random_windows
+from sparseft.errors import SparseftError
+
+
+def test_reads_local_text_jsonl_and_csv(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("hello world\n\nsecond paragraph")
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"body": f"line {i}"}) for i in range(3)))
+    (tmp_path / "c.csv").write_text("body,other\nx,1\ny,2\n")
+    assert load_texts(TextSource(str(tmp_path / "a.txt"))) == ["hello world\n\nsecond paragraph"]
+    assert load_texts(TextSource(str(tmp_path / "b.jsonl"), text_field="body")) == [
+        "line 0",
+        "line 1",
+        "line 2",
+    ]
+    assert load_texts(TextSource(str(tmp_path / "c.csv"), text_field="body")) == ["x", "y"]
+
+
+def test_missing_text_field_names_the_fields(tmp_path: Path) -> None:
+    (tmp_path / "b.jsonl").write_text(json.dumps({"body": "x"}))
+    with pytest.raises(SparseftError, match="no field 'text'.*body"):
+        load_texts(TextSource(str(tmp_path / "b.jsonl")))
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(SparseftError, match="does not exist"):
+        load_texts(TextSource(str(tmp_path / "missing.jsonl")))
+
+
+def test_windows_are_seeded_and_in_range() -> None:
+    stream = torch.arange(1000)
+    a = random_windows(stream, 8, 50, seed=1)
+    assert a.shape == (8, 50)
+    assert torch.equal(a, random_windows(stream, 8, 50, seed=1))
+    assert not torch.equal(a, random_windows(stream, 8, 50, seed=2))
+    assert ((a[:, 1:] - a[:, :-1]) == 1).all()  # contiguous windows of the stream
+
+
+def test_too_little_text_for_one_window() -> None:
+    with pytest.raises(SparseftError, match="fewer than one window"):
+        random_windows(torch.arange(10), 2, 11, seed=0)
+
+
+def test_calibration_samples_from_a_file(tokenizer: object, text_file: Path) -> None:
+    ids = calibration_samples(tokenizer, TextSource(str(text_file)), 3, 64, seed=0)
+    assert ids.shape == (3, 64) and ids.dtype == torch.long
