@@ -120,3 +120,86 @@ def test_magnitude_needs_no_samples(make_model_dir: Callable[..., Path]) -> None
     for module in targets.values():
         w = weight_matrix(module)
         assert int((w == 0).sum()) == round(0.7 * w.numel())
+
+
+def tiny_t5() -> transformers.T5ForConditionalGeneration:
+    torch.manual_seed(0)
+    config = transformers.T5Config(
+        vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0
+    )
+    return transformers.T5ForConditionalGeneration(config).eval()
+
+
+def tiny_whisper() -> transformers.WhisperForConditionalGeneration:
+    torch.manual_seed(0)
+    config = transformers.WhisperConfig(
+        vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16,
+        max_source_positions=32, max_target_positions=32, pad_token_id=0, decoder_start_token_id=1,
+    )  # fmt: skip
+    return transformers.WhisperForConditionalGeneration(config).eval()
+
+
+def encdec_inputs(model: torch.nn.Module) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    if isinstance(model, transformers.WhisperForConditionalGeneration):
+        encoder = {"input_features": lambda: torch.randn(1, 16, 64, generator=gen)}
+    else:
+        encoder = {"input_ids": lambda: torch.randint(0, 100, (1, 12), generator=gen)}
+    return [
+        {
+            **{k: f() for k, f in encoder.items()},
+            "decoder_input_ids": torch.randint(0, 100, (1, 7), generator=gen),
+        }
+        for _ in range(3)
+    ]
+
+
+@pytest.mark.parametrize("make", [tiny_t5, tiny_whisper])
+def test_driver_feeds_every_block_what_the_model_would(make: Callable[[], torch.nn.Module]) -> None:
+    """With nothing pruned, each target must see exactly the inputs of an ordinary forward pass; this checks the
+    recording of T5's shared position bias and of the decoder's cross-attention inputs."""
+    model = make()
+    targets = find_targets(model)
+    inputs = encdec_inputs(model)
+    expected: dict[str, list[torch.Tensor]] = {n: [] for n in targets}
+    handles = [
+        m.register_forward_hook(lambda mod, args, out, n=n: expected[n].append(args[0].clone()))
+        for n, m in targets.items()
+    ]
+    with torch.no_grad():
+        for sample in inputs:
+            model(**sample)
+    for h in handles:
+        h.remove()
+
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in targets}
+
+    def record(modules: dict[str, torch.nn.Module], run: Callable[[], None]) -> None:
+        hooks = [
+            m.register_forward_hook(lambda mod, args, out, n=n: seen[n].append(args[0].clone()))
+            for n, m in modules.items()
+        ]
+        run()
+        for h in hooks:
+            h.remove()
+
+    sequential.run_sequential(model, targets, inputs, record, progress=False)
+    assert any("EncDecAttention" in n or "encoder_attn" in n for n in targets)
+    for name in targets:
+        assert len(seen[name]) == len(expected[name]) == 3, name
+        for got, want in zip(seen[name], expected[name], strict=True):
+            torch.testing.assert_close(got, want, msg=name)
+
+
+@pytest.mark.parametrize("make", [tiny_t5, tiny_whisper])
+def test_encoder_decoder_pruning_hits_target_everywhere(make: Callable[[], torch.nn.Module]) -> None:
+    model = make()
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    targets = find_targets(model)
+    prune_model(model, targets, PruneSettings("sparsegpt", 0.5), encdec_inputs(model), progress=False)
+    for name, module in targets.items():
+        assert float((module.weight == 0).float().mean()) == 0.5, name
+    names = {f"{n}.weight" for n in targets}
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items() if n not in names)
+    assert all_hooks(model) == 0
