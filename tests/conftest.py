@@ -49,3 +49,44 @@ def make_model_dir(
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def math_model(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerFast, list[dict[str, str]], Path]:
+    """A tiny Llama that has memorised the worked answers of 8 bundled math problems, so that its greedy
+    answers are known: (model, the task tokenizer, the 8 records, a directory where both are saved)."""
+    from sparseft import mathtask
+    from sparseft.evaluate import gsm8k_prompt
+
+    torch.manual_seed(0)
+    tok = mathtask.load_task_tokenizer()
+    records = mathtask.generate(8, "test", seed=0)
+    ids = {
+        "eos_token_id": tok.eos_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+    model = transformers.LlamaForCausalLM(
+        tiny_config("llama", vocab_size=len(tok), hidden=64, layers=2, **ids)
+    )
+    texts = [f"{gsm8k_prompt(r['question'])} {r['answer']}{tok.eos_token}" for r in records]
+    batch = tok(texts, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    for row, record in enumerate(records):  # learn the answers only (the prompt is given at evaluation)
+        labels[row, : len(tok(gsm8k_prompt(record["question"]))["input_ids"])] = -100
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(400):  # until every answer token is predicted right with a margin; ~80 steps
+        out = model(**batch, labels=labels)
+        right = (out.logits[:, :-1].argmax(-1) == labels[:, 1:]) | (labels[:, 1:] == -100)
+        if bool(right.all()) and out.loss.item() < 0.05:
+            break
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    path = tmp_path_factory.mktemp("math-model")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model, tok, records, path

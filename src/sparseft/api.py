@@ -2,6 +2,7 @@
 
 sparseft.prune(model, output, method=..., sparsity=...)   one-shot pruning to a HF checkpoint
 sparseft.api.eval_ppl(model, dataset=..., seqlen=...)     perplexity with its protocol recorded
+sparseft.evaluate(model, task="gsm8k", dataset=...)       accuracy, perplexity or lm-eval tasks, as JSON
 sparseft.finetune(model, output, teacher=..., dataset=...) sparse fine-tuning with distillation
 """
 
@@ -13,8 +14,9 @@ from typing import Any
 
 import torch
 
+from sparseft import mathtask, seq2seq_data
 from sparseft.atomic import atomic_dir, write_json
-from sparseft.data import TextSource, calibration_samples, check_local, load_texts, token_stream
+from sparseft.data import TextSource, calibration_samples, check_local, load_records, load_texts, token_stream
 from sparseft.errors import SparseftError
 from sparseft.evaluate import perplexity
 from sparseft.models import (
@@ -75,19 +77,25 @@ def prune(
         check_local(cfg.dataset)
     started = time.perf_counter()
     tokenizer = load_tokenizer(model, trust_remote_code)
-    net = load_model(model, dtype, trust_remote_code)
+    config = seq2seq_data.read_config(model, trust_remote_code)
+    net = load_model(model, dtype, trust_remote_code, seq2seq_data.auto_class(config))
     settings_ = cfg.settings()
     targets = find_targets(net, cfg.targets or None, cfg.ignore)
     if settings_.structure is not None:
         for name, module in targets.items():
             settings_.structure.check_columns(weight_matrix(module).shape[1], name)
-    samples = None
-    source = None
-    if cfg.method != "magnitude":
+    samples: Any = None
+    calibration = None
+    if cfg.method != "magnitude" and seq2seq_data.model_kind(config) != "causal":
+        samples, calibration = seq2seq_data.prune_calibration(
+            model, tokenizer, config, cfg, trust_remote_code
+        )
+    elif cfg.method != "magnitude":
         assert cfg.dataset is not None
         _check_seqlen(net, cfg.seqlen)
         source = TextSource(cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_field)
         samples = calibration_samples(tokenizer, source, cfg.num_samples, cfg.seqlen, cfg.seed)
+        calibration = source.describe()
 
     prune_model(net, targets, settings_, samples, device=device, progress=progress)
 
@@ -103,8 +111,8 @@ def prune(
         "sparsity": settings_.sparsity,
         "structure": str(settings_.structure) if settings_.structure else "unstructured",
         "calibration": None
-        if source is None
-        else {**source.describe(), "num_samples": cfg.num_samples, "seqlen": cfg.seqlen, "seed": cfg.seed},
+        if calibration is None
+        else {**calibration, "num_samples": cfg.num_samples, "seqlen": cfg.seqlen, "seed": cfg.seed},
         "targets_sparsity": zeros / numel,
         "seconds": round(time.perf_counter() - started, 2),
         "layers": layers,
@@ -112,6 +120,7 @@ def prune(
     with atomic_dir(output) as tmp:
         net.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        seq2seq_data.save_feature_extractor(model, config, tmp, trust_remote_code)
         write_json(tmp / "sparsity.json", report)
     return report
 
@@ -147,6 +156,291 @@ def eval_ppl(
         "seqlen": seqlen,
         "protocol": "joined with blank lines, non-overlapping windows, exp(mean NLL)",
     }
+
+
+# Tasks of `evaluate`; bleu and wer join this tuple and the dispatch in `evaluate`. lm-eval tasks: "lm-eval:NAME".
+EVAL_TASKS = ("ppl", "gsm8k", "bleu", "wer")
+
+
+def _eval_model(
+    model: str | torch.nn.Module,
+    tokenizer: Any,
+    dtype: str,
+    device: str,
+    runtime: bool,
+    trust_remote_code: bool,
+) -> tuple[torch.nn.Module, Any]:
+    """The model and tokenizer to evaluate: a loaded module as given, else read from a hub id or directory
+    (HF checkpoint or any sparseft export; with `runtime`, on sparseft's sparse CPU kernels)."""
+    if isinstance(model, torch.nn.Module):
+        if tokenizer is None:
+            raise SparseftError("evaluating a loaded model needs its tokenizer: pass tokenizer=...")
+        return model, tokenizer
+    tokenizer = tokenizer or load_tokenizer(
+        model, trust_remote_code
+    )  # first: fails fast without a model load
+    if runtime:
+        net = load_sparse(model, trust_remote_code=trust_remote_code)
+    elif Path(model).is_dir():
+        net = load(model, dtype, trust_remote_code)
+    else:
+        net = load_model(model, dtype, trust_remote_code)
+    return net.to(device).eval(), tokenizer
+
+
+def qa_records(
+    dataset: str,
+    dataset_config: str | None = None,
+    split: str = "test",
+    question_field: str = "question",
+    answer_field: str = "answer",
+    limit: int | None = None,
+    seed: int = 0,
+) -> list[dict[str, str]]:
+    """GSM8K-style records ({question, answer}) from a file, a datasets name, or the bundled generator."""
+    if limit is not None and limit < 1:
+        raise SparseftError(f"limit must be at least 1, got {limit}")
+    if dataset == mathtask.NAME:
+        return mathtask.generate(limit or 500, split, seed)
+    check_local(dataset)
+    records = load_records(dataset, dataset_config, split)
+    missing = [f for f in (question_field, answer_field) if f not in records.column_names]
+    if missing:
+        raise SparseftError(
+            f"dataset {dataset} has no field {', '.join(map(repr, missing))}; its fields are "
+            f"{', '.join(records.column_names)} (choose with --question-field / --answer-field)"
+        )
+    if limit is not None:
+        records = records.select(range(min(limit, len(records))))
+    return [{"question": str(r[question_field]), "answer": str(r[answer_field])} for r in records]
+
+
+def eval_gsm8k(
+    model: str | torch.nn.Module,
+    dataset: str | None = None,
+    *,
+    tokenizer: Any = None,
+    dataset_config: str | None = None,
+    split: str = "test",
+    question_field: str = "question",
+    answer_field: str = "answer",
+    fewshot_dataset: str | None = None,
+    num_fewshot: int = 0,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    seed: int = 0,
+    dtype: str = "float32",
+    device: str = "cpu",
+    runtime: bool = False,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """GSM8K-style exact-match accuracy (see `sparseft.evaluate.gsm8k_accuracy`) on `dataset` (default: the
+    bundled task, "mathtask"). Few-shot examples come from `fewshot_dataset` (its train split), the bundled
+    task's train split, or else the evaluated records."""
+    from sparseft.evaluate import gsm8k_accuracy
+
+    dataset = dataset or mathtask.NAME
+    if num_fewshot < 0 or batch_size < 1 or max_new_tokens < 1:
+        raise SparseftError("num_fewshot must be >= 0, batch_size and max_new_tokens >= 1")
+    records = qa_records(dataset, dataset_config, split, question_field, answer_field, limit, seed)
+    shots = None
+    if num_fewshot and (fewshot_dataset or dataset == mathtask.NAME):
+        source = fewshot_dataset or dataset
+        shots = qa_records(source, dataset_config, "train", question_field, answer_field, 1000, seed)
+    net, tokenizer = _eval_model(model, tokenizer, dtype, device, runtime, trust_remote_code)
+    result = gsm8k_accuracy(
+        net, tokenizer, records, batch_size, max_new_tokens, num_fewshot, seed, shots, progress
+    )
+    return {
+        "task": "gsm8k",
+        "model": model if isinstance(model, str) else type(model).__name__,
+        "dataset": {
+            "dataset": dataset,
+            "config": dataset_config,
+            "split": split,
+            "fewshot_dataset": fewshot_dataset,
+        },
+        "seed": seed,
+        **result,
+    }
+
+
+def eval_lm_eval(
+    model: str | torch.nn.Module,
+    tasks: list[str],
+    *,
+    tokenizer: Any = None,
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    include_path: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    runtime: bool = False,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Any lm-evaluation-harness tasks on the model as sparseft loads it (runtime kernels included)."""
+    from sparseft import lmeval
+
+    manager = lmeval.task_manager(include_path)
+    lmeval.check_tasks(tasks, manager)  # before the model loads
+    net, tokenizer = _eval_model(model, tokenizer, dtype, device, runtime, trust_remote_code)
+    result = lmeval.run_tasks(
+        net,
+        tokenizer,
+        tasks,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        batch_size=batch_size,
+        seed=seed,
+        manager=manager,
+    )
+    return {
+        "task": ",".join(lmeval.PREFIX + t for t in tasks),
+        "model": model if isinstance(model, str) else type(model).__name__,
+        "seed": seed,
+        "protocol": {
+            "harness": "lm-evaluation-harness",
+            "num_fewshot": num_fewshot,
+            "limit": limit,
+            "include_path": include_path,
+        },
+        **result,
+    }
+
+
+def _load_seq2seq(model: str, config: Any, dtype: str, runtime: bool, trust_remote_code: bool) -> Any:
+    """An encoder-decoder (T5, Whisper) from a hub id, an HF directory or any export; with `runtime`, its pruned
+    linears on sparseft's CPU kernels. (`load_model` picks causal LMs unless told the auto class.)"""
+    from sparseft import formats
+    from sparseft import runtime as sparse_runtime
+    from sparseft.models import parse_dtype
+
+    exported = Path(model).is_dir() and formats.detect(model) != "hf"
+    if runtime and exported and formats.detect(model) == "bitmask":
+        return sparse_runtime.load(model, None, torch.bfloat16, trust_remote_code)
+    if exported:
+        net = formats.load_dir(model, torch.bfloat16 if runtime else parse_dtype(dtype), trust_remote_code)
+    else:
+        net = load_model(
+            model, "bfloat16" if runtime else dtype, trust_remote_code, seq2seq_data.auto_class(config)
+        )
+    if runtime:
+        sparse_runtime.sparsify_(net, "bf16")
+    return net
+
+
+def eval_seq2seq(
+    model: str,
+    task: str,
+    dataset: str | None = None,
+    *,
+    dataset_config: str | None = None,
+    split: str = "test",
+    source_lang: str | None = None,
+    target_lang: str | None = None,
+    source_field: str | None = None,
+    target_field: str | None = None,
+    source_prefix: str | None = None,
+    audio_field: str | None = None,
+    text_field: str = "text",
+    normalizer: str = "basic",
+    limit: int | None = None,
+    batch_size: int = 16,
+    num_beams: int | None = None,
+    max_new_tokens: int = 256,
+    dtype: str = "float32",
+    device: str = "cpu",
+    runtime: bool = False,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """BLEU of a translation model (T5; beam 5 by default, as the paper) or WER of a speech model (Whisper;
+    greedy by default, after `normalizer`) on `dataset` (see `sparseft.seq2seq_data` for its layouts). For
+    speech, `target_lang` is the language Whisper is told to transcribe in."""
+    from sparseft.evaluate import NORMALIZERS, bleu, seq2seq_generate, wer
+
+    if dataset is None:
+        raise SparseftError(f"{task} needs --dataset: a local jsonl/csv file or a datasets name")
+    if normalizer not in NORMALIZERS:
+        raise SparseftError(f"unknown normalizer {normalizer!r}; use one of {', '.join(NORMALIZERS)}")
+    num_beams = num_beams or (5 if task == "bleu" else 1)
+    if batch_size < 1 or num_beams < 1 or max_new_tokens < 1 or (limit is not None and limit < 1):
+        raise SparseftError("batch_size, num_beams, max_new_tokens and limit must be at least 1")
+    check_local(dataset)
+    config = seq2seq_data.read_config(model, trust_remote_code)
+    kind, wanted = seq2seq_data.model_kind(config), "translation" if task == "bleu" else "speech"
+    if kind != wanted:
+        raise SparseftError(f"{task} scores a {wanted} model, but {model} is a {kind} model")
+    tokenizer = load_tokenizer(model, trust_remote_code)
+    fields = {"source_field": source_field, "target_field": target_field, "audio_field": audio_field}
+    source = seq2seq_data.PairSource(
+        dataset, dataset_config, split, source_lang, target_lang, source_prefix=source_prefix,
+        text_field=text_field, **{k: v for k, v in fields.items() if v is not None},
+    )  # fmt: skip
+    encoding = seq2seq_data.Encoding.for_model(model, tokenizer, source, 512, trust_remote_code, config)
+    examples = seq2seq_data.load_examples(source, encoding, limit)
+    net = _load_seq2seq(model, config, dtype, runtime, trust_remote_code).to(device).eval()
+    # Whisper refuses to generate past its longest label sequence (prompt tokens included).
+    limit_tokens = getattr(config, "max_target_positions", None)
+    max_new_tokens = min(max_new_tokens, limit_tokens - 4) if limit_tokens else max_new_tokens
+    options = {"language": target_lang, "task": "transcribe"} if kind == "speech" and target_lang else {}
+    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    batches = seq2seq_data.encoder_batches(examples, batch_size, pad_id)
+    hypotheses = seq2seq_generate(net, tokenizer, batches, num_beams, max_new_tokens, progress, **options)
+    references = [e.target for e in examples]
+    metric = bleu(hypotheses, references) if task == "bleu" else wer(hypotheses, references, normalizer)
+    return {
+        "task": task,
+        "model": model,
+        **metric,
+        "total": len(examples),
+        "dataset": source.describe(kind),
+        "seed": None,  # deterministic: beam search or greedy, no sampling
+        "protocol": {
+            "generation": f"beam search, {num_beams} beams" if num_beams > 1 else "greedy",
+            "max_new_tokens": max_new_tokens,
+            "source_prefix": encoding.prefix if kind == "translation" else None,
+            "metric": f"jiwer WER after {normalizer} normalisation" if task == "wer" else "sacreBLEU BLEU",
+            "runtime": runtime,
+        },
+        "samples": [{"hypothesis": h, "reference": r} for h, r in zip(hypotheses, references, strict=True)],
+    }
+
+
+def evaluate(
+    model: str | torch.nn.Module, task: str = "gsm8k", *, output: str | Path | None = None, **options: Any
+) -> dict[str, Any]:
+    """Evaluate `model` on `task`: "ppl" (`eval_ppl`), "gsm8k" (`eval_gsm8k`), "bleu" or "wer" (`eval_seq2seq`),
+    or "lm-eval:NAME[,NAME...]" (`eval_lm_eval`); `options` are that function's keywords. The result, with model, task, protocol and seed,
+    is also written to `output` as JSON when given."""
+    from sparseft.lmeval import PREFIX
+
+    if task.startswith(PREFIX):
+        names = [t.strip() for t in task.removeprefix(PREFIX).split(",") if t.strip()]
+        result = eval_lm_eval(model, names, **options)
+    elif task == "gsm8k":
+        result = eval_gsm8k(model, **options)
+    elif task in ("bleu", "wer"):
+        if not isinstance(model, str):
+            raise SparseftError(f"{task} evaluates a model by hub id or directory; pass its path")
+        result = eval_seq2seq(model, task, **options)
+    elif task == "ppl":
+        if not isinstance(model, str):
+            raise SparseftError("ppl evaluates a model by hub id or directory; pass its path")
+        if options.get("dataset") is None:
+            raise SparseftError("ppl needs --dataset: a local text file or a datasets name")
+        result = eval_ppl(model, **options)
+        result.setdefault("seed", None)  # deterministic: no sampling anywhere
+    else:
+        raise SparseftError(f"unknown task {task!r}; use one of {', '.join(EVAL_TASKS)} or lm-eval:TASK")
+    if output is not None:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        write_json(output, result)
+    return result
 
 
 EXPORT_FORMATS = ("hf", "bitmask")
@@ -193,6 +487,7 @@ def export(
     linears to "int8" (per channel) or "int4" (per group of `group_size`) by "rtn" or "gptq" (calibrated on
     `dataset` like pruning). Returns the report also written to `output/export.json`."""
     from sparseft import formats
+    from sparseft.models import parse_dtype
     from sparseft.quant import METHODS, parse_quantize, quantize_model
 
     if format not in EXPORT_FORMATS:
@@ -208,7 +503,10 @@ def export(
         check_local(dataset)
     _check_output(output, overwrite)
     started = time.perf_counter()
-    net = load_model(model, dtype or _checkpoint_dtype(model), trust_remote_code)
+    if Path(model).is_dir():  # any export reads back too: re-export a bitmask archive as HF, say
+        net = formats.load_dir(model, parse_dtype(dtype) if dtype else None, trust_remote_code)
+    else:
+        net = load_model(model, dtype or _checkpoint_dtype(model), trust_remote_code)
     try:
         tokenizer = load_tokenizer(model, trust_remote_code)
     except SparseftError:
@@ -267,7 +565,7 @@ def export(
             assert spec is not None
             formats.write_hf_quantized(net, quantized, spec, tmp)
         else:
-            net.save_pretrained(tmp)
+            net.save_pretrained(tmp)  # type: ignore[operator]
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         report["size_on_disk"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))

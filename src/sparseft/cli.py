@@ -19,6 +19,23 @@ def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2))
 
 
+PAIR_FIELDS = ("source_lang", "target_lang", "source_field", "target_field", "source_prefix", "audio_field")
+
+
+def _add_pair_fields(p: argparse.ArgumentParser) -> None:
+    """Flags of encoder-decoder data (T5 translation, Whisper speech); see `sparseft.seq2seq_data`."""
+    p.add_argument("--source-lang", help="translation: source language code in translation records (e.g. en)")
+    p.add_argument("--target-lang", help="translation: target language code (e.g. de)")
+    p.add_argument("--source-field", help="translation: source column when not by language (default source)")
+    p.add_argument("--target-field", help="translation: target column when not by language (default target)")
+    p.add_argument("--source-prefix", help="translation: text before each source (default: T5's task prefix)")
+    p.add_argument("--audio-field", help="speech: column of audio paths or datasets audio (default audio)")
+
+
+def _pair_fields(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in PAIR_FIELDS}
+
+
 def add_prune(sub: Any) -> None:
     p = sub.add_parser("prune", help="one-shot prune a causal LM (magnitude, wanda, sparsegpt)")
     p.add_argument("model", help="hub id or local directory of a Hugging Face causal LM")
@@ -37,7 +54,8 @@ def add_prune(sub: Any) -> None:
     )
     p.add_argument("--dataset-config")
     p.add_argument("--split")
-    p.add_argument("--text-field")
+    p.add_argument("--text-field", help="the text column (speech: the transcript column)")
+    _add_pair_fields(p)
     p.add_argument("--num-samples", type=int)
     p.add_argument("--seqlen", type=int)
     p.add_argument("--seed", type=int)
@@ -68,6 +86,7 @@ def run_prune(args: argparse.Namespace) -> None:
         dataset_config=args.dataset_config,
         split=args.split,
         text_field=args.text_field,
+        **_pair_fields(args),
         num_samples=args.num_samples,
         seqlen=args.seqlen,
         seed=args.seed,
@@ -79,41 +98,116 @@ def run_prune(args: argparse.Namespace) -> None:
 
 
 def add_eval(sub: Any) -> None:
-    p = sub.add_parser("eval", help="evaluate a model: `sparseft eval ppl MODEL --dataset ...`")
-    p.add_argument("task", choices=["ppl"], help="what to measure")
-    p.add_argument("model", help="hub id or local directory")
-    p.add_argument("--dataset", required=True)
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a model: `sparseft eval MODEL --task gsm8k|ppl|lm-eval:NAME` (or `sparseft eval ppl MODEL`)",
+    )
+    p.add_argument(
+        "positional", nargs="+", metavar="[TASK] MODEL", help="hub id or local directory (any export)"
+    )
+    p.add_argument(
+        "--task", help="ppl, gsm8k, bleu (T5), wer (Whisper), or lm-eval:NAME[,NAME] (lm-evaluation-harness)"
+    )
+    p.add_argument("--lm-eval-tasks", help="comma-separated lm-eval tasks (same as --task lm-eval:NAMES)")
+    p.add_argument(
+        "--dataset",
+        help="ppl: text; gsm8k: question/answer records (default: mathtask, the bundled generator's test split)",
+    )
     p.add_argument("--dataset-config")
     p.add_argument("--split", default="test")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--text-field", default="text", help="ppl: the text column")
+    p.add_argument("--seqlen", type=int, default=2048, help="ppl: window length")
+    p.add_argument("--question-field", default="question", help="gsm8k: the question column")
+    p.add_argument(
+        "--answer-field", default="answer", help="gsm8k: the worked answer column (ends in #### N)"
+    )
+    p.add_argument("--fewshot-dataset", help="gsm8k: draw few-shot examples from this dataset's train split")
+    p.add_argument("--num-fewshot", type=int, help="gsm8k: default 0; lm-eval: default the task's own")
+    p.add_argument("--limit", type=int, help="evaluate only the first N examples")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="gsm8k: longest generated answer")
+    p.add_argument("--seed", type=int, default=0, help="few-shot sampling and the bundled task's problems")
+    p.add_argument("--lm-eval-include", help="lm-eval: a folder of extra task YAMLs (e.g. over local files)")
+    _add_pair_fields(p)
+    p.add_argument("--normalizer", default="basic", help="wer: Whisper's basic or english normaliser, none")
+    p.add_argument("--num-beams", type=int, help="bleu/wer: beam search width (default 5 bleu, 1 wer)")
+    p.add_argument("--batch-size", type=int, help="default 1 for ppl, 8 otherwise")
+    p.add_argument(
+        "--runtime", action="store_true", help="run on sparseft's sparse CPU kernels (SparseLinear)"
+    )
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--output", help="also write the result as JSON here")
+    p.add_argument("--output", help="also write the result (with every gsm8k sample) as JSON here")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(run=run_eval)
 
 
+def _eval_task(args: argparse.Namespace) -> tuple[str, str]:
+    """(task, model) from `eval [TASK] MODEL`, --task and --lm-eval-tasks; the old `eval ppl MODEL` still works."""
+    flagged = [t for t in (args.task, args.lm_eval_tasks and "lm-eval:" + args.lm_eval_tasks) if t]
+    if len(args.positional) > 2:
+        raise SparseftError(f"eval takes [TASK] MODEL, got {' '.join(args.positional)}")
+    if len(args.positional) == 2:
+        flagged.insert(0, args.positional[0])
+    if len(flagged) != 1:
+        raise SparseftError("name exactly one task: --task ppl, --task gsm8k or --task lm-eval:NAME")
+    return flagged[0], args.positional[-1]
+
+
 def run_eval(args: argparse.Namespace) -> None:
     from sparseft import api
-    from sparseft.atomic import write_json
 
-    result = api.eval_ppl(
-        args.model,
-        args.dataset,
-        dataset_config=args.dataset_config,
-        split=args.split,
-        text_field=args.text_field,
-        seqlen=args.seqlen,
-        batch_size=args.batch_size,
-        dtype=args.dtype,
-        device=args.device,
-        trust_remote_code=args.trust_remote_code,
-    )
-    if args.output:
-        write_json(args.output, result)
-    _print_json(result)
+    task, model = _eval_task(args)
+    common = {"dtype": args.dtype, "device": args.device, "trust_remote_code": args.trust_remote_code}
+    options: dict[str, Any]
+    if task == "ppl":
+        options = {
+            "dataset": args.dataset,
+            "dataset_config": args.dataset_config,
+            "split": args.split,
+            "text_field": args.text_field,
+            "seqlen": args.seqlen,
+            "batch_size": args.batch_size or 1,
+        }
+    elif task == "gsm8k":
+        options = {
+            "dataset": args.dataset,
+            "dataset_config": args.dataset_config,
+            "split": args.split,
+            "question_field": args.question_field,
+            "answer_field": args.answer_field,
+            "fewshot_dataset": args.fewshot_dataset,
+            "num_fewshot": args.num_fewshot or 0,
+            "limit": args.limit,
+            "batch_size": args.batch_size or 8,
+            "max_new_tokens": args.max_new_tokens,
+            "seed": args.seed,
+            "runtime": args.runtime,
+        }
+    elif task in ("bleu", "wer"):
+        options = {
+            "dataset": args.dataset,
+            "dataset_config": args.dataset_config,
+            "split": args.split,
+            **_pair_fields(args),
+            "text_field": args.text_field,
+            "normalizer": args.normalizer,
+            "limit": args.limit,
+            "batch_size": args.batch_size or 16,
+            "num_beams": args.num_beams,
+            "max_new_tokens": args.max_new_tokens,
+            "runtime": args.runtime,
+        }
+    else:  # lm-eval:NAMES, or an unknown name that api.evaluate rejects
+        options = {
+            "num_fewshot": args.num_fewshot,
+            "limit": args.limit,
+            "batch_size": args.batch_size or 8,
+            "seed": args.seed,
+            "include_path": args.lm_eval_include,
+            "runtime": args.runtime,
+        }
+    result = api.evaluate(model, task, output=args.output, **options, **common)
+    _print_json({k: v for k, v in result.items() if k != "samples"})
 
 
 def add_demo(sub: Any) -> None:

@@ -60,10 +60,11 @@ def parse_number(text: str) -> str | None:
         return None
     if not value.is_finite():
         return None
-    value = value.normalize()
-    if value == value.to_integral_value():
-        value = value.quantize(Decimal(1))
-    return str(value + 0)  # + 0 turns -0 into 0
+    # Fixed-point text without trailing zeros; exact at any length (Decimal.normalize would round to 28 digits).
+    fixed = format(value, "f")
+    if "." in fixed:
+        fixed = fixed.rstrip("0").rstrip(".")
+    return "0" if value == 0 else fixed
 
 
 def extract_answer(text: str) -> str | None:
@@ -186,23 +187,16 @@ def gsm8k_accuracy(
     generations = greedy_generate(
         model, tokenizer, prompts, batch_size, max_new_tokens, STOP_STRINGS, progress
     )
-    samples = []
-    for question, gold, generation in zip(questions, golds, generations, strict=True):
-        prediction = extract_answer(generation)
-        samples.append(
-            {
-                "question": question,
-                "gold": gold,
-                "generation": generation,
-                "prediction": prediction,
-                "correct": prediction == gold,
-            }
-        )
-    correct = sum(s["correct"] for s in samples)
+    predictions = [extract_answer(g) for g in generations]
+    hits = [p == g for p, g in zip(predictions, golds, strict=True)]
+    samples = [
+        {"question": q, "gold": g, "generation": text, "prediction": p, "correct": hit}
+        for q, g, text, p, hit in zip(questions, golds, generations, predictions, hits, strict=True)
+    ]
     return {
-        "accuracy": correct / len(samples),
-        "correct": correct,
-        "total": len(samples),
+        "accuracy": sum(hits) / len(hits),
+        "correct": sum(hits),
+        "total": len(hits),
         "protocol": {
             "prompt": "lm-eval gsm8k: 'Question: {question}\\nAnswer:', shots joined by blank lines",
             "num_fewshot": num_fewshot,
@@ -217,3 +211,85 @@ def gsm8k_accuracy(
         },
         "samples": samples,
     }
+
+
+# Translation and speech recognition. BLEU is sacreBLEU's corpus BLEU (13a tokenisation, its defaults) on
+# beam-search output, as the paper scores T5 on WMT14; WER is jiwer's word error rate after Whisper's text
+# normalisation ("basic": lower case, punctuation and bracketed text removed, any language; "english":
+# Whisper's English normaliser, which also spells out numbers, contractions and British spellings).
+NORMALIZERS = ("basic", "english", "none")
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
+    """Corpus BLEU of `hypotheses` against one reference each, with sacreBLEU's signature."""
+    import sacrebleu
+
+    if len(hypotheses) != len(references) or not references:
+        raise SparseftError(
+            f"BLEU needs one reference per hypothesis, got {len(hypotheses)} and {len(references)}"
+        )
+    metric = sacrebleu.BLEU()
+    score = metric.corpus_score(list(hypotheses), [list(references)])
+    return {"bleu": score.score, "signature": str(metric.get_signature())}
+
+
+def text_normalizer(name: str) -> Any:
+    """Whisper's text normaliser by name (see NORMALIZERS), a callable str -> str."""
+    from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
+
+    if name == "basic":
+        return BasicTextNormalizer()
+    if name == "english":
+        return EnglishTextNormalizer({})
+    if name == "none":
+        return lambda text: text
+    raise SparseftError(f"unknown normalizer {name!r}; use one of {', '.join(NORMALIZERS)}")
+
+
+def wer(hypotheses: Sequence[str], references: Sequence[str], normalizer: str = "basic") -> dict[str, Any]:
+    """Word error rate over the corpus after normalising both sides; pairs whose reference normalises to
+    nothing are left out (WER is undefined there) and counted."""
+    import jiwer
+
+    if len(hypotheses) != len(references) or not references:
+        raise SparseftError(
+            f"WER needs one reference per hypothesis, got {len(hypotheses)} and {len(references)}"
+        )
+    norm = text_normalizer(normalizer)
+    pairs = [(norm(h).strip(), norm(r).strip()) for h, r in zip(hypotheses, references, strict=True)]
+    kept = [(h, r) for h, r in pairs if r]
+    if not kept:
+        raise SparseftError("every reference transcript is empty after normalisation; check --text-field")
+    score = jiwer.wer([r for _, r in kept], [h for h, _ in kept])
+    return {"wer": float(score), "normalizer": normalizer, "skipped_empty_references": len(pairs) - len(kept)}
+
+
+@torch.no_grad()
+def seq2seq_generate(
+    model: nn.Module,
+    tokenizer: Any,
+    batches: Sequence[dict[str, torch.Tensor]],
+    num_beams: int = 5,
+    max_new_tokens: int = 128,
+    progress: bool = False,
+    **generate_options: Any,
+) -> list[str]:
+    """Decoded outputs of an encoder-decoder model for batches of encoder inputs (input_ids + attention_mask,
+    or input_features), by beam search (`num_beams` 1: greedy)."""
+    weight = next(model.parameters())
+    texts: list[str] = []
+    for batch in tqdm(batches, desc="generate", disable=not progress):
+        # Audio features follow the model's dtype (a bf16 Whisper's conv stem refuses float32 input).
+        inputs = {
+            k: v.to(weight.device, weight.dtype if v.is_floating_point() else v.dtype)
+            for k, v in batch.items()
+        }
+        out = model.generate(  # type: ignore[operator]
+            **inputs,
+            num_beams=num_beams,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            **generate_options,
+        )
+        texts += [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+    return texts

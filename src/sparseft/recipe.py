@@ -13,8 +13,22 @@ from sparseft.pruning.masks import NM, parse_structure
 from sparseft.pruning.sequential import PruneSettings
 
 
-class PruneConfig(BaseModel):
-    """One-shot pruning: which method, how sparse, which layers, and the calibration data."""
+class PairFields(BaseModel):
+    """Where encoder-decoder examples sit in a dataset (see `sparseft.seq2seq_data`): translation records
+    `{"translation": {lang: text}}` or columns, chosen by language or by field name, with T5's task prefix
+    (None: its own for the languages); speech audio in `audio_field`, its transcript in `text_field`."""
+
+    source_lang: str | None = None
+    target_lang: str | None = None
+    source_field: str = "source"
+    target_field: str = "target"
+    source_prefix: str | None = None
+    audio_field: str = "audio"
+
+
+class PruneConfig(PairFields):
+    """One-shot pruning: which method, how sparse, which layers, and the calibration data (text for a causal
+    LM; translation pairs or speech for an encoder-decoder, `PairFields`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -119,12 +133,13 @@ def prune_config(recipe: str | Path | None = None, **overrides: Any) -> PruneCon
 # --- sparse fine-tuning (`sparseft finetune`) -------------------------------------------------------------------
 
 
-class DataConfig(BaseModel):
+class DataConfig(PairFields):
     """Task data for fine-tuning (and for calibrating the prune stages).
 
     format "qa": `prompt_template` filled from the record, loss on `answer_field` only (GSM8K: question/answer);
     "chat": `prompt_field` through the tokenizer's chat template, loss on `response_field` only;
-    "text": causal LM on `text_field`, loss on every token.
+    "text": causal LM on `text_field`, loss on every token;
+    "translation" / "speech": encoder-decoder examples (T5, Whisper) from the `PairFields`, loss on the target.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -132,7 +147,7 @@ class DataConfig(BaseModel):
     dataset: str
     dataset_config: str | None = None
     split: str = "train"
-    format: Literal["qa", "chat", "text"] = "qa"
+    format: Literal["qa", "chat", "text", "translation", "speech"] = "qa"
     question_field: str = "question"
     answer_field: str = "answer"
     prompt_template: str = "Question: {question}\nAnswer: "
@@ -193,18 +208,27 @@ class LossConfig(BaseModel):
             raise ValueError(f"must be positive, got {value}")
         return value
 
-    def weights(self) -> Any:
-        from sparseft.distill import LOSS_PRESETS, LossWeights
+    @model_validator(mode="after")
+    def _some_term(self) -> LossConfig:
+        if not any(self._chosen().values()):
+            raise ValueError(
+                f"every loss weight is 0 ({self._chosen()}); give at least one term a positive weight"
+            )
+        return self
+
+    def _chosen(self) -> dict[str, float]:
+        from sparseft.distill import LOSS_PRESETS
 
         preset = LOSS_PRESETS[self.name]
-        chosen = {
+        return {
             k: preset[k] if getattr(self, k) is None else getattr(self, k) for k in ("ce", "kd", "squarehead")
         }
-        if not any(chosen.values()):
-            raise SparseftError(
-                f"every loss weight is 0 ({chosen}); give at least one term a positive weight"
-            )
-        return LossWeights(**chosen, temperature=self.temperature, eps=self.eps)
+
+    def weights(self) -> Any:
+        """The `sparseft.distill.LossWeights` this section describes."""
+        from sparseft.distill import LossWeights
+
+        return LossWeights(**self._chosen(), temperature=self.temperature, eps=self.eps)
 
 
 class TrainConfig(BaseModel):

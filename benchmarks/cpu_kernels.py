@@ -1,0 +1,220 @@
+"""Kernel benchmark: y = W x for sparse W (bitmask + bf16 / int8 values) vs dense bf16 and fp32, on this CPU.
+
+    .venv/bin/python benchmarks/cpu_kernels.py [--quick] [--reps 5] [--output benchmarks/results/cpu_kernels.json]
+
+For each shape (4096x4096, 11008x4096, 4096x11008), sparsity (50/70/80/90%) and batch (1/4/16) it times, side by
+side and alternating run by run: torch dense fp32, torch dense bf16, our dense bf16 GEMV (the strongest dense
+baseline we could write), and the sparse kernels (bf16 and int8 values). Each variant cycles through enough copies
+of its weight to read well past the last-level cache, so the figures are memory figures, not cache figures. A
+STREAM-like copy probe runs before each shape; effective GB/s (weight bytes read per second) is reported with its
+fraction of that bandwidth. Medians of `--reps`. A last section finds the batch size where decompress + dense
+matmul overtakes the expand kernel (the runtime's prefill switch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparseft.runtime import dispatch
+from sparseft.runtime.bench import copy_bandwidth
+from sparseft.runtime.packing import Packed, pack_dense
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+SPARSITIES = [0.5, 0.7, 0.8, 0.9]
+BATCHES = [1, 4, 16]
+WORKING_SET = 640 * 2**20  # bytes each variant cycles through: about twice this machine's 300 MiB L3
+
+
+def copies_of(nbytes: int) -> int:
+    return max(1, -(-WORKING_SET // max(nbytes, 1)))
+
+
+def clone_packed(p: Packed) -> Packed:
+    def c(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.clone()
+
+    return Packed(p.shape, p.mask.clone(), p.values.clone(), p.row_start.clone(), c(p.scale), c(p.rowsum))
+
+
+class Variant:
+    """One way to compute y = W x: `run(i)` uses copy i of the weight; `nbytes` is one copy's size."""
+
+    def __init__(self, name: str, nbytes: int, count: int, run: Callable[[int], object]) -> None:
+        self.name, self.nbytes, self.count, self.run = name, nbytes, count, run
+        self.times: list[float] = []
+
+    def measure(self) -> None:
+        start = time.perf_counter()
+        for i in range(self.count):
+            self.run(i)
+        self.times.append((time.perf_counter() - start) / self.count)
+
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+def dense_variants(weight: torch.Tensor, batch: int, isa: str) -> list[Variant]:
+    rows, cols = weight.shape
+    x32 = torch.randn(batch, cols)
+    x16 = x32.bfloat16()
+    fp32 = [weight.clone() for _ in range(copies_of(weight.numel() * 4))]
+    bf16 = [weight.bfloat16() for _ in range(copies_of(weight.numel() * 2))]
+    out = [
+        Variant("torch fp32", rows * cols * 4, len(fp32), lambda i: torch.nn.functional.linear(x32, fp32[i])),
+        Variant("torch bf16", rows * cols * 2, len(bf16), lambda i: torch.nn.functional.linear(x16, bf16[i])),
+    ]
+    if isa == "avx512":
+        out.append(
+            Variant("ours dense bf16", rows * cols * 2, len(bf16), lambda i: dispatch.dense_mm(x16, bf16[i]))
+        )
+    return out
+
+
+def sparse_variants(weight: torch.Tensor, batch: int, isa: str) -> list[Variant]:
+    x16 = torch.randn(batch, weight.shape[1]).bfloat16()
+    out = []
+    for kind in ("bf16", "int8"):
+        first = pack_dense(weight, kind)  # type: ignore[arg-type]
+        packs = [first] + [clone_packed(first) for _ in range(copies_of(first.nbytes()) - 1)]
+        run = (lambda ps: lambda i: dispatch.sparse_mm(x16, ps[i], None, isa))(packs)
+        out.append(Variant(f"sparse {kind}", first.nbytes(), len(packs), run))
+    return out
+
+
+def prune(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    # Random positions: the kernels' speed depends on how many weights survive, not on which.
+    keep = torch.rand(weight.shape, generator=torch.Generator().manual_seed(1)) >= sparsity
+    return weight * keep
+
+
+def time_round_robin(variants: list[Variant], reps: int) -> None:
+    for v in variants:  # warm-up
+        v.run(0)
+    for _ in range(reps):
+        for v in variants:
+            v.measure()
+
+
+def bench_shape(
+    shape: tuple[int, int], sparsities: list[float], batches: list[int], reps: int, isa: str
+) -> list[dict[str, Any]]:
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    rows: list[dict[str, Any]] = []
+    for batch in batches:
+        before = copy_bandwidth()
+        dense = dense_variants(weight, batch, isa)
+        sparse = {s: sparse_variants(prune(weight, s), batch, isa) for s in sparsities}
+        time_round_robin(dense + [v for vs in sparse.values() for v in vs], reps)
+        after = copy_bandwidth()
+        bandwidth = statistics.median([before, after])
+        base = {v.name: v.median() for v in dense}
+        best_bf16 = min(t for n, t in base.items() if "bf16" in n)
+        for sparsity, variants in [(0.0, dense), *sparse.items()]:
+            for v in variants:
+                gbs = v.nbytes / v.median() / 1e9
+                rows.append(
+                    {
+                        "shape": list(shape),
+                        "batch": batch,
+                        "sparsity": sparsity,
+                        "variant": v.name,
+                        "ms": round(v.median() * 1e3, 4),
+                        "gb_s": round(gbs, 2),
+                        "of_copy_bw": round(gbs / bandwidth, 3),
+                        "copy_gb_s": round(bandwidth, 1),
+                        "x_best_dense_bf16": round(best_bf16 / v.median(), 2),
+                        "x_torch_fp32": round(base["torch fp32"] / v.median(), 2),
+                    }
+                )
+        print_rows([r for r in rows if r["batch"] == batch and r["shape"] == list(shape)])
+    return rows
+
+
+def print_rows(rows: list[dict[str, Any]]) -> None:
+    head = rows[0]
+    print(
+        f"\n{head['shape'][0]}x{head['shape'][1]}  batch {head['batch']}  copy bandwidth {head['copy_gb_s']} GB/s"
+    )
+    print(
+        f"  {'sparsity':>8} {'variant':<16} {'ms':>9} {'GB/s':>7} {'of bw':>6} {'x best dense bf16':>18} {'x torch fp32':>13}"
+    )
+    for r in rows:
+        print(
+            f"  {r['sparsity']:>8.0%} {r['variant']:<16} {r['ms']:>9.3f} {r['gb_s']:>7.1f} {r['of_copy_bw']:>6.0%} "
+            f"{r['x_best_dense_bf16']:>18.2f} {r['x_torch_fp32']:>13.2f}"
+        )
+
+
+def crossover(isa: str, reps: int) -> list[dict[str, Any]]:
+    """Batch sizes at which the decompress + dense matmul path beats the expand kernel (4096x4096, 70%)."""
+    weight = prune(torch.randn(4096, 4096), 0.7)
+    out = []
+    print("\nprefill switch, 4096x4096 at 70%: expand kernel vs decompress + dense matmul (ms)")
+    for kind in ("bf16", "int8"):
+        packed = pack_dense(weight, kind)  # type: ignore[arg-type]
+        for batch in (4, 8, 16, 32, 64, 128):
+            x = torch.randn(batch, 4096).bfloat16()
+            kernel = Variant("kernel", 0, 1, lambda i, x=x, p=packed: dispatch.sparse_mm(x, p, None, isa))
+            dense = Variant(
+                "decompress",
+                0,
+                1,
+                lambda i, x=x, p=packed: torch.nn.functional.linear(x, dispatch.decompress(p, isa)),
+            )
+            time_round_robin([kernel, dense], reps)
+            row = {
+                "values": kind,
+                "batch": batch,
+                "kernel_ms": kernel.median() * 1e3,
+                "decompress_ms": dense.median() * 1e3,
+            }
+            out.append(row)
+            print(
+                f"  {kind} batch {batch:>4}: kernel {row['kernel_ms']:8.2f}  decompress+matmul {row['decompress_ms']:8.2f}"
+            )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="one shape, 70%% only, batch 1 (a smoke run)")
+    parser.add_argument("--output", default="benchmarks/results/cpu_kernels.json")
+    args = parser.parse_args()
+    isa = dispatch.current_isa()
+    if isa == "torch":
+        raise SystemExit("the C++ kernels are not available here; nothing to benchmark")
+    shapes, sparsities, batches = (SHAPES[:1], [0.7], [1]) if args.quick else (SHAPES, SPARSITIES, BATCHES)
+    print(f"kernels: {isa}, threads: {torch.get_num_threads()}, reps: {args.reps}")
+    rows = [r for shape in shapes for r in bench_shape(shape, sparsities, batches, args.reps, isa)]
+    switch = crossover(isa, max(args.reps // 2, 1)) if not args.quick else []
+
+    print(
+        "\ntargets at 70% sparsity, batch 1 (bf16 >= 2.0x best dense bf16; int8 >= 4.0x dense bf16, >= 8x torch fp32)"
+    )
+    for r in rows:
+        if r["sparsity"] == 0.7 and r["batch"] == 1:
+            print(
+                f"  {r['shape'][0]}x{r['shape'][1]} {r['variant']:<12} {r['x_best_dense_bf16']:.2f}x dense bf16, "
+                f"{r['x_torch_fp32']:.2f}x torch fp32"
+            )
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {"isa": isa, "threads": torch.get_num_threads(), "rows": rows, "prefill_switch": switch}, indent=1
+        )
+    )
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Compile the C++ CPU kernels once into a cache and load them; fall back to plain torch if that fails.
+
+The shared library is built with torch's own extension machinery (ninja + the system C++ compiler) in a
+temporary directory and then moved into the cache with one rename, so an interrupted or failed build never
+leaves a half-written library behind: the next run builds again, and this run uses the portable torch path.
+The cache key covers the sources, torch's version and the Python version, so an upgrade rebuilds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+KERNEL_DIR = Path(__file__).parent / "kernels"
+SOURCES = ["ops.cpp", "avx512.cpp", "avx2.cpp", "scalar.cpp"]
+LIBRARY = "sparseft_cpu.so"
+
+_state: dict[str, bool] = {}
+
+
+def cache_root() -> Path:
+    """`$SPARSEFT_CACHE`, else `$XDG_CACHE_HOME/sparseft`, else `~/.cache/sparseft`."""
+    if os.environ.get("SPARSEFT_CACHE"):
+        return Path(os.environ["SPARSEFT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "sparseft"
+
+
+def _key() -> str:
+    digest = hashlib.sha256()
+    for name in [*SOURCES, "sparse.h"]:
+        digest.update((KERNEL_DIR / name).read_bytes())
+    digest.update(f"{torch.__version__} {sys.version_info[:2]}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _ninja_dir() -> str:
+    try:
+        import ninja
+
+        return str(ninja.BIN_DIR)
+    except (ImportError, AttributeError):
+        return str(Path(sys.executable).parent)
+
+
+def _compile(target: Path) -> None:
+    from torch.utils import cpp_extension
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print("sparseft: compiling the CPU kernels (once, about a minute)...", file=sys.stderr, flush=True)
+    workdir = Path(tempfile.mkdtemp(prefix="build-", dir=target.parent))
+    path = os.environ.get("PATH", "")
+    try:
+        # torch runs `ninja` from PATH; the pip-installed one sits beside this Python, which is not on PATH
+        # when the virtual environment is used without being activated.
+        os.environ["PATH"] = os.pathsep.join([_ninja_dir(), path])
+        cpp_extension.load(
+            name="sparseft_cpu",
+            sources=[str(KERNEL_DIR / name) for name in SOURCES],
+            extra_cflags=["-O3", "-std=c++17"],
+            extra_include_paths=[str(KERNEL_DIR)],
+            build_directory=str(workdir),
+            is_python_module=False,
+            verbose=False,
+        )
+        os.replace(workdir / LIBRARY, target)  # one rename: the cache holds a whole library or none
+    finally:
+        os.environ["PATH"] = path
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def load_extension() -> bool:
+    """Load the kernels (compiling them the first time); False, with one warning, if that is impossible."""
+    if "loaded" in _state:
+        return _state["loaded"]
+    target = cache_root() / "kernels" / _key() / LIBRARY
+    try:
+        if target.exists():
+            torch.ops.load_library(str(target))
+        else:
+            _compile(target)
+        _state["loaded"] = True
+    except Exception as e:  # a missing compiler, a failed build, a library that does not load
+        warnings.warn(
+            f"sparseft: the C++ CPU kernels are unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+            "using the portable torch path, which is much slower. Install a C++ compiler and ninja to fix this.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        _state["loaded"] = False
+    return _state["loaded"]

@@ -1,0 +1,208 @@
+"""Swap a model's pruned linears for `SparseLinear`: in place (`sparsify_`) or straight from a bitmask
+archive (`load`), without ever holding the dense weights, so peak memory is the compressed size plus the
+dense tensors that stay dense (embeddings, norms, LM head) plus activations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparseft.errors import SparseftError
+from sparseft.models import find_targets, is_linear, weight_matrix
+from sparseft.runtime.linear import DenseLinear, SparseLinear
+from sparseft.runtime.packing import PAD_BYTES, Values, pack_dense
+from sparseft.runtime.reader import TensorReader
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _check_values(values: str) -> None:
+    if values not in ("bf16", "int8"):
+        raise SparseftError(f"values must be 'bf16' or 'int8', got {values!r}")
+
+
+def fast_head_(model: nn.Module) -> None:
+    """Give the LM head our dense bf16 GEMV for decoding (torch's leaves memory bandwidth unused)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if get is not None else None
+    if (
+        isinstance(head, nn.Linear)
+        and head.weight.dtype == torch.bfloat16
+        and head.weight.device.type == "cpu"
+    ):
+        for name, module in model.named_modules():
+            if module is head:
+                _set_module(model, name, DenseLinear(head))
+                return
+
+
+def sparsify_(
+    model: nn.Module,
+    values: Values = "bf16",
+    targets: list[str] | None = None,
+    ignore: list[str] | None = None,
+    fast_head: bool = True,
+) -> dict[str, Any]:
+    """Replace the target linears of `model` (default: every linear in the transformer blocks) by
+    `SparseLinear`s holding their nonzeros as `values` ("bf16", or "int8" with per-row scales).
+    Returns a summary: layers converted, their dense and compressed bytes."""
+    _check_values(values)
+    chosen = find_targets(model, targets, ignore)
+    dense_bytes = sparse_bytes = 0
+    for name, module in chosen.items():
+        matrix = weight_matrix(module)
+        bias = getattr(module, "bias", None)
+        sparse = SparseLinear(pack_dense(matrix, values, name), bias)
+        dense_bytes += matrix.numel() * matrix.element_size()
+        sparse_bytes += sparse.nbytes()
+        _set_module(model, name, sparse)
+    if fast_head:
+        fast_head_(model)
+    return {"layers": len(chosen), "values": values, "dense_bytes": dense_bytes, "sparse_bytes": sparse_bytes}
+
+
+def _skeleton(config_dict: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    """The model with its parameters on the meta device (no memory) and its buffers real (rotary tables)."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    config_dict = dict(config_dict)
+    config_dict.pop("quantization_config", None)
+    model_type = config_dict.get("model_type")
+    if not isinstance(model_type, str) or model_type not in transformers.CONFIG_MAPPING:
+        raise SparseftError(
+            f"unknown model_type {model_type!r} in the archive's model_config; cannot build the model"
+        )
+    config = transformers.CONFIG_MAPPING[model_type].from_dict(config_dict)
+    architectures = config_dict.get("architectures") or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    with init_empty_weights(include_buffers=False):
+        if model_class is not None:
+            model = model_class._from_config(config, dtype=dtype)
+        else:
+            model = transformers.AutoModelForCausalLM.from_config(
+                config, dtype=dtype, trust_remote_code=trust_remote_code
+            )
+    return model.eval()
+
+
+def _read_parts(reader: TensorReader, name: str, quant: dict[str, Any] | None) -> dict[str, Any]:
+    """The archive parts of one weight, read into the buffers the runtime keeps (values already padded)."""
+    from sparseft.formats import SCALE_SUFFIX
+
+    shape = reader.read(f"{name}.shape")
+    if shape.dtype != torch.int64 or shape.numel() != 2:
+        raise SparseftError(
+            f"{name}.shape must be int64 [rows, columns]; the archive is damaged, export it again"
+        )
+    parts: dict[str, Any] = {
+        "shape": (int(shape[0]), int(shape[1])),
+        "bitmask": reader.read(f"{name}.bitmask"),
+        "row_offsets": reader.read(f"{name}.row_offsets"),
+        "compressed": reader.read(f"{name}.compressed", pad_bytes=PAD_BYTES),
+    }
+    if quant is not None:
+        parts["scale"] = reader.read(name + SCALE_SUFFIX)
+        parts["bits"], parts["group_size"] = int(quant["bits"]), quant.get("group_size")
+    return parts
+
+
+def _sparse_from_parts(
+    parts: dict[str, Any], name: str, module: nn.Module, values: Values, bias: torch.Tensor | None
+) -> SparseLinear:
+    from sparseft import formats
+
+    rows, cols = parts["shape"]
+    if not is_linear(module) or tuple(weight_matrix(module).shape) != (rows, cols):
+        shape = tuple(weight_matrix(module).shape) if is_linear(module) else type(module).__name__
+        raise SparseftError(
+            f"{name} is ({rows}, {cols}) in the archive but {shape} in the model its config builds; "
+            "the archive was written for a different model: export it again"
+        )
+    scale = parts.get("scale")
+    if scale is None or (parts["bits"] == 8 and scale.numel() == rows):
+        return SparseLinear.from_bitmask(
+            (rows, cols),
+            parts["compressed"],
+            parts["bitmask"],
+            parts["row_offsets"],
+            bias,
+            values,
+            scale,
+            name,
+        )
+    # Group-wise or 4-bit values: dequantize this one weight, then pack it in the runtime's layout.
+    return SparseLinear(pack_dense(formats.decompress(parts, torch.float32), values, name), bias)
+
+
+def load(
+    directory: str | Path,
+    values: Values | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    trust_remote_code: bool = False,
+    fast_head: bool = True,
+) -> nn.Module:
+    """A transformers model from a bitmask archive, its compressed linears as `SparseLinear`.
+
+    `values` defaults to "int8" for an int8 archive and "bf16" otherwise; `dtype` is the dtype of everything
+    that stays dense. `model.generate()` works as usual.
+    """
+    from sparseft.formats import read_archive
+
+    archive = read_archive(directory)
+    quant = archive.quantization
+    values = values or ("int8" if quant is not None and int(quant["bits"]) == 8 else "bf16")
+    _check_values(values)
+    model = _skeleton(archive.config, dtype, trust_remote_code)
+    reader = TensorReader(archive.path, archive.shards.weight_map)
+
+    compressed = archive.compressed_names()
+    tensor_names = set(archive.tensor_names())
+    for name in compressed:
+        module_name = name.removesuffix(".weight")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            raise SparseftError(
+                f"the archive compresses {name}, which the model built from its config lacks; "
+                "the archive was written for a different model"
+            ) from None
+        bias_name = module_name + ".bias"
+        bias = reader.read(bias_name) if bias_name in tensor_names else None
+        tensor_names.discard(bias_name)
+        parts = _read_parts(reader, name, quant)
+        _set_module(model, module_name, _sparse_from_parts(parts, name, module, values, bias))
+
+    state = {}
+    for name in tensor_names:
+        tensor = reader.read(name)
+        state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # a tensor whose shape differs from the model's
+        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e)[:200])
+        raise SparseftError(
+            f"the archive does not fit the model its config builds ({detail}); export it again"
+        ) from None
+    if result.unexpected_keys:
+        raise SparseftError(
+            f"the archive holds {result.unexpected_keys[0]}, which the model built from its config lacks; "
+            "the archive was written for a different model"
+        )
+    # the LM head shares the embeddings when the config ties them (they are stored once)
+    model.tie_weights()  # type: ignore[operator]
+    missing = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.device.type == "meta"]
+    if missing:
+        raise SparseftError(
+            f"{directory} lacks {missing[0]} (and {len(missing) - 1} more tensors) that the model needs"
+        )
+    if fast_head:
+        fast_head_(model)
+    return model

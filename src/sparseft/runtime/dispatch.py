@@ -1,0 +1,120 @@
+"""Which kernel runs: the instruction-set level and the small-batch / large-batch choice, in one place.
+
+Levels, best first: "avx512" (VBMI2 expand + BF16 + VNNI), "avx2", "scalar" (portable C++), "torch" (no C++;
+the plain-torch reference). The default is the best the CPU reports; `SPARSEFT_ISA=avx2` (or `set_isa`)
+forces a level, for tests and comparisons. Inputs with more tokens than `dense_above(...)` take the
+decompress-then-dense-matmul path: at prefill the matmul is compute-bound and torch's dense GEMM (oneDNN,
+AMX where present) beats re-expanding every weight chunk for every token.
+A GPU branch belongs in `linear` next to the CPU one.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import torch
+
+from sparseft.errors import SparseftError
+from sparseft.runtime import reference
+from sparseft.runtime.build import load_extension
+from sparseft.runtime.packing import Packed
+
+LEVELS = {"scalar": 1, "avx2": 2, "avx512": 3}
+CHOICES = ("auto", "torch", *LEVELS)
+_forced: dict[str, str] = {}
+
+
+def set_isa(name: str | None) -> None:
+    """Force an instruction-set level for this process ("auto" or None: back to the default)."""
+    if name is not None and name not in CHOICES:
+        raise SparseftError(f"unknown instruction set {name!r}; choose one of {', '.join(CHOICES)}")
+    _forced.pop("isa", None)
+    if name not in (None, "auto"):
+        _forced["isa"] = name
+
+
+@functools.cache
+def best_isa() -> str:
+    """The best level this machine can run ("torch" if the C++ kernels could not be built)."""
+    if not load_extension():
+        return "torch"
+    level = int(torch.ops.sparseft_cpu.best_isa())
+    return next(name for name, value in LEVELS.items() if value == level)
+
+
+def available_isas() -> list[str]:
+    best = best_isa()
+    return ["torch"] if best == "torch" else ["torch", *[n for n, v in LEVELS.items() if v <= LEVELS[best]]]
+
+
+def current_isa() -> str:
+    name = _forced.get("isa") or os.environ.get("SPARSEFT_ISA", "auto")
+    if name not in CHOICES:
+        raise SparseftError(f"SPARSEFT_ISA={name!r} is not one of {', '.join(CHOICES)}")
+    if name == "auto":
+        return best_isa()
+    if name not in available_isas():
+        raise SparseftError(
+            f"instruction set {name!r} is not available here (best: {best_isa()}); unset SPARSEFT_ISA"
+        )
+    return name
+
+
+# Above this many tokens per call, decompress and use the dense matmul. The expand kernel's cost grows with
+# every token (one multiply-add per 32 or 64 weights per token), the dense path's barely does. The crossover
+# section of benchmarks/cpu_kernels.py put it near 50 tokens (bf16) and 60 (int8) for 4096x4096 at 70%.
+DENSE_ABOVE = {"bf16": 48, "int8": 56}
+
+
+def dense_above(kind: str) -> int:
+    env = os.environ.get("SPARSEFT_DENSE_ABOVE")
+    return int(env) if env else DENSE_ABOVE[kind]
+
+
+def _ops() -> Any:
+    if not load_extension():
+        raise SparseftError("the C++ CPU kernels could not be built here; use SPARSEFT_ISA=torch")
+    return torch.ops.sparseft_cpu
+
+
+def sparse_mm(x: torch.Tensor, p: Packed, bias: torch.Tensor | None, isa: str) -> torch.Tensor:
+    """The expand kernel (any batch), or its reference under "torch"."""
+    if isa == "torch":
+        return reference.sparse_mm(x, p, bias)
+    return _ops().sparse_mm(
+        x, p.mask, p.values, p.row_start, p.scale, p.rowsum, bias, p.shape[1], LEVELS[isa]
+    )
+
+
+def decompress(p: Packed, isa: str) -> torch.Tensor:
+    if isa == "torch":
+        return reference.decompress(p)
+    return _ops().decompress(p.mask, p.values, p.row_start, p.scale, p.shape[1], LEVELS[isa])
+
+
+def linear(x: torch.Tensor, p: Packed, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x W^T + bias for a compressed W, choosing the kernel for this device, CPU and batch."""
+    if x.is_cuda:  # Triton kernels over a tile repacking of `p` (needs `pip install sparseft[gpu]`)
+        from sparseft.runtime.triton_kernels import runtime_linear
+
+        return runtime_linear(x, p, bias)
+    isa = current_isa()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    tokens = x.numel() // p.shape[1] if p.shape[1] else 0
+    if tokens <= dense_above(p.kind):
+        return sparse_mm(x, p, bias, isa)
+    dense = decompress(p, isa)
+    y = torch.nn.functional.linear(
+        x.to(torch.bfloat16), dense, None if bias is None else bias.to(torch.bfloat16)
+    )
+    return y.to(x.dtype)
+
+
+def dense_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense bf16 y = x W^T with the AVX-512 GEMV kernel where available (the decode-time LM head)."""
+    if current_isa() != "avx512":
+        return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+    return _ops().dense_mm(x.contiguous(), weight, bias)

@@ -1,0 +1,248 @@
+// AVX-512 kernels: VBMI2 vpexpand{w,b} puts the packed nonzeros back in their columns inside a register, then
+// BF16 vdpbf16ps (bf16 values) or VNNI vpdpbusd (int8 values) multiply-adds them with the activations.
+// Per 32 (bf16) or 64 (int8) weights the work is one mask load, one popcount, one vector load, one expand and
+// one multiply-add per batch row: cheap enough that decoding is limited by memory, not by the core.
+#include <immintrin.h>
+
+#include <cmath>
+
+#include "sparse.h"
+
+// Everything below may use these instructions; ops.cpp calls it only when the CPU reports all of them.
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,avx512bf16,avx512vnni,popcnt,bmi2")
+
+namespace sparseft {
+namespace {
+
+constexpr int kMaxBatchTile = 8;
+
+// Load into a register and hide the value from the optimizer, so the compiler cannot fold the load into
+// vpexpand's memory operand: that form is several times slower on AMD Zen 4/5.
+inline __m512i load_opaque(const void* p) {
+  __m512i v = _mm512_loadu_si512(p);
+  asm volatile("" : "+v"(v));
+  return v;
+}
+
+inline __mmask32 tail_mask32(int64_t count) {
+  return count >= 32 ? static_cast<__mmask32>(0xffffffffu) : static_cast<__mmask32>((1u << count) - 1u);
+}
+
+// NR rows times NB batch rows of y, bf16 weights (expanded from the bitmask, or dense when DENSE).
+// Several rows at once give independent dependency chains: the next load address of a row waits on the
+// popcount of its current mask word.
+template <int NR, int NB, bool DENSE>
+void bf16_tile(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r, int64_t b0) {
+  const int64_t chunks = (w.cols + 31) / 32;
+  const uint32_t* m[NR];
+  const uint16_t* p[NR];
+  for (int i = 0; i < NR; ++i) {
+    if (DENSE) {
+      m[i] = nullptr;
+      p[i] = static_cast<const uint16_t*>(w.values) + (r + i) * w.cols;
+    } else {
+      m[i] = reinterpret_cast<const uint32_t*>(w.mask + (r + i) * w.words);
+      p[i] = static_cast<const uint16_t*>(w.values) + w.row_start[r + i];
+    }
+  }
+  const uint16_t* x = static_cast<const uint16_t*>(a.data) + b0 * a.stride;
+  __m512 acc[NR][NB];
+#pragma GCC unroll 8
+  for (int i = 0; i < NR; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+
+  for (int64_t k = 0; k < chunks; ++k) {
+    __m512i xv[NB];
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) xv[j] = _mm512_loadu_si512(x + j * a.stride + k * 32);
+#pragma GCC unroll 8
+    for (int i = 0; i < NR; ++i) {
+      __m512i wv;
+      if (DENSE) {
+        // Dense rows are not padded: the last chunk of a row loads only its own columns.
+        __mmask32 keep = tail_mask32(w.cols - k * 32);
+        wv = _mm512_maskz_loadu_epi16(keep, p[i] + k * 32);
+      } else {
+        const uint32_t bits = m[i][k];
+        const __m512i packed = load_opaque(p[i]);
+        p[i] += _mm_popcnt_u32(bits);
+        wv = _mm512_maskz_expand_epi16(bits, packed);
+      }
+#pragma GCC unroll 8
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)wv, (__m512bh)xv[j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < NR; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) store(o, b0 + j, r + i, _mm512_reduce_add_ps(acc[i][j]));
+}
+
+// int8 weights, uint8 activations (int8 + 128): vpdpbusd multiplies u8 by s8, so the sum carries an extra
+// 128 * sum(w) per row, removed with the precomputed row sum. Zeros expanded into the register add nothing.
+template <int NR, int NB>
+void int8_tile(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r, int64_t b0) {
+  const uint64_t* m[NR];
+  const int8_t* p[NR];
+  for (int i = 0; i < NR; ++i) {
+    m[i] = w.mask + (r + i) * w.words;
+    p[i] = static_cast<const int8_t*>(w.values) + w.row_start[r + i];
+  }
+  const uint8_t* x = static_cast<const uint8_t*>(a.data) + b0 * a.stride;
+  __m512i acc[NR][NB];
+#pragma GCC unroll 8
+  for (int i = 0; i < NR; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_si512();
+
+  for (int64_t k = 0; k < w.words; ++k) {
+    __m512i xv[NB];
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) xv[j] = _mm512_loadu_si512(x + j * a.stride + k * 64);
+#pragma GCC unroll 8
+    for (int i = 0; i < NR; ++i) {
+      const uint64_t bits = m[i][k];
+      const __m512i packed = load_opaque(p[i]);
+      p[i] += _mm_popcnt_u64(bits);
+      const __m512i wv = _mm512_maskz_expand_epi8(bits, packed);
+#pragma GCC unroll 8
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xv[j], wv);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < NR; ++i) {
+    const int64_t row = r + i;
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) {
+      const int64_t dot = static_cast<int64_t>(_mm512_reduce_add_epi32(acc[i][j])) - 128 * int64_t{w.rowsum[row]};
+      store(o, b0 + j, row, static_cast<float>(dot) * a.scale[b0 + j] * w.scale[row]);
+    }
+  }
+}
+
+template <int NR, int NB, int KIND>
+void tile(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r, int64_t b0) {
+  if constexpr (KIND == 0) bf16_tile<NR, NB, false>(w, a, o, r, b0);
+  if constexpr (KIND == 1) bf16_tile<NR, NB, true>(w, a, o, r, b0);
+  if constexpr (KIND == 2) int8_tile<NR, NB>(w, a, o, r, b0);
+}
+
+template <int NR, int KIND>
+void batch_tiles(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r) {
+  for (int64_t b0 = 0; b0 < a.batch; b0 += kMaxBatchTile) {
+    const int64_t nb = a.batch - b0 < kMaxBatchTile ? a.batch - b0 : kMaxBatchTile;
+    switch (nb) {
+      case 1: tile<NR, 1, KIND>(w, a, o, r, b0); break;
+      case 2: tile<NR, 2, KIND>(w, a, o, r, b0); break;
+      case 3: tile<NR, 3, KIND>(w, a, o, r, b0); break;
+      case 4: tile<NR, 4, KIND>(w, a, o, r, b0); break;
+      case 5: tile<NR, 5, KIND>(w, a, o, r, b0); break;
+      case 6: tile<NR, 6, KIND>(w, a, o, r, b0); break;
+      case 7: tile<NR, 7, KIND>(w, a, o, r, b0); break;
+      default: tile<NR, 8, KIND>(w, a, o, r, b0); break;
+    }
+  }
+}
+
+// Batch 1 takes four rows at a time (four independent chains), larger batches two (the batch rows already
+// give the multiply-adds enough independent work, and registers run out: 2 x 8 accumulators + 8 inputs).
+template <int KIND>
+void rows(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
+  int64_t r = r0;
+  if (a.batch == 1) {
+    for (; r + 4 <= r1; r += 4) batch_tiles<4, KIND>(w, a, o, r);
+  } else {
+    for (; r + 2 <= r1; r += 2) batch_tiles<2, KIND>(w, a, o, r);
+  }
+  for (; r < r1; ++r) batch_tiles<1, KIND>(w, a, o, r);
+}
+
+}  // namespace
+
+void bf16_avx512(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
+  rows<0>(w, a, o, r0, r1);
+}
+
+void dense_bf16_avx512(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
+  rows<1>(w, a, o, r0, r1);
+}
+
+void int8_avx512(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
+  rows<2>(w, a, o, r0, r1);
+}
+
+void quantize_avx512(const void* x, bool bf16, int64_t cols, uint8_t* out, float* scale_out, bool offset) {
+  const auto load16 = [&](int64_t c) {
+    if (bf16) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(x) + c));
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_loadu_ps(static_cast<const float*>(x) + c);
+  };
+  const auto scalar = [&](int64_t c) {
+    return bf16 ? bf16_to_f32(static_cast<const uint16_t*>(x)[c]) : static_cast<const float*>(x)[c];
+  };
+  const int64_t full = cols - cols % 16;
+  __m512 vmax = _mm512_setzero_ps();
+  for (int64_t c = 0; c < full; c += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load16(c)));
+  float absmax = _mm512_reduce_max_ps(vmax);
+  for (int64_t c = full; c < cols; ++c) absmax = absmax > std::fabs(scalar(c)) ? absmax : std::fabs(scalar(c));
+  const float scale = absmax / 127.0f;
+  *scale_out = scale;
+  if (scale == 0.0f) return;
+  // Division, not multiplication by 1/scale: it must round exactly as the reference's x / scale does.
+  const __m512 vscale = _mm512_set1_ps(scale);
+  const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+  const __m512i shift = _mm512_set1_epi32(offset ? 128 : 0);
+  for (int64_t c = 0; c < full; c += 16) {
+    __m512 q = _mm512_roundscale_ps(_mm512_div_ps(load16(c), vscale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm512_min_ps(_mm512_max_ps(q, lo), hi);
+    const __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(q), shift);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + c), _mm512_cvtepi32_epi8(v));  // keeps the low byte
+  }
+  for (int64_t c = full; c < cols; ++c) {
+    float q = std::nearbyint(scalar(c) / scale);
+    q = q < -127.0f ? -127.0f : (q > 127.0f ? 127.0f : q);
+    out[c] = static_cast<uint8_t>(static_cast<int>(q) + (offset ? 128 : 0));
+  }
+}
+
+void decompress_avx512(const SparseMatrix& w, bool int8, uint16_t* out, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    uint16_t* row = out + r * w.cols;
+    if (!int8) {
+      const uint32_t* m = reinterpret_cast<const uint32_t*>(w.mask + r * w.words);
+      const uint16_t* p = static_cast<const uint16_t*>(w.values) + w.row_start[r];
+      for (int64_t k = 0; k * 32 < w.cols; ++k) {
+        const __m512i packed = load_opaque(p);
+        p += _mm_popcnt_u32(m[k]);
+        _mm512_mask_storeu_epi16(row + k * 32, tail_mask32(w.cols - k * 32),
+                                 _mm512_maskz_expand_epi16(m[k], packed));
+      }
+      continue;
+    }
+    const uint64_t* m = w.mask + r * w.words;
+    const int8_t* p = static_cast<const int8_t*>(w.values) + w.row_start[r];
+    const __m512 scale = _mm512_set1_ps(w.scale[r]);
+    for (int64_t k = 0; k < w.words; ++k) {
+      const __m512i packed = load_opaque(p);
+      p += _mm_popcnt_u64(m[k]);
+      const __m512i q = _mm512_maskz_expand_epi8(m[k], packed);
+      for (int part = 0; part < 4; ++part) {
+        const int64_t col = k * 64 + part * 16;
+        if (col >= w.cols) break;
+        const __m128i lanes = part == 0   ? _mm512_extracti32x4_epi32(q, 0)
+                              : part == 1 ? _mm512_extracti32x4_epi32(q, 1)
+                              : part == 2 ? _mm512_extracti32x4_epi32(q, 2)
+                                          : _mm512_extracti32x4_epi32(q, 3);
+        const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lanes)), scale);
+        const int64_t count = w.cols - col < 16 ? w.cols - col : 16;
+        const __mmask16 keep = static_cast<__mmask16>((1u << count) - 1u);
+        _mm256_mask_storeu_epi16(row + col, keep, (__m256i)_mm512_cvtneps_pbh(f));
+      }
+    }
+  }
+}
+
+}  // namespace sparseft

@@ -1,0 +1,254 @@
+// The torch side of the CPU kernels: checks shapes, prepares the activations (bf16 or per-token int8, padded),
+// splits rows across torch's own thread pool (at::parallel_for, so no second OpenMP runtime competes with
+// torch for the cores) and calls the kernel of the requested instruction set.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <optional>
+#include <vector>
+
+#include "sparse.h"
+
+namespace sparseft {
+namespace {
+
+enum Isa : int64_t { kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
+
+int64_t best_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("avx512bf16") &&
+      __builtin_cpu_supports("avx512vnni"))
+    return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2"))
+    return kAvx2;
+  return kScalar;
+}
+
+void check_isa(int64_t isa) {
+  TORCH_CHECK(isa >= kScalar && isa <= best_isa(), "sparseft: instruction set level ", isa,
+              " is not available on this CPU (best: ", best_isa(), ")");
+}
+
+// Scratch for the prepared activations, reused across calls of the same thread.
+std::vector<uint8_t>& scratch() {
+  thread_local std::vector<uint8_t> buffer;
+  return buffer;
+}
+std::vector<float>& scratch_scales() {
+  thread_local std::vector<float> buffer;
+  return buffer;
+}
+
+float element(const at::Tensor& x, int64_t i) {
+  return x.scalar_type() == at::kBFloat16 ? bf16_to_f32(reinterpret_cast<const uint16_t*>(x.data_ptr())[i])
+                                          : x.data_ptr<float>()[i];
+}
+
+// bf16 activations, each row padded with zeros to stride elements.
+Activations prepare_bf16(const at::Tensor& x, int64_t batch, int64_t cols, int64_t stride) {
+  if (x.scalar_type() == at::kBFloat16 && cols == stride) return {x.data_ptr(), nullptr, batch, stride};
+  auto& buf = scratch();
+  buf.assign(static_cast<size_t>(batch * stride) * 2, 0);
+  uint16_t* out = reinterpret_cast<uint16_t*>(buf.data());
+  for (int64_t b = 0; b < batch; ++b) {
+    if (x.scalar_type() == at::kBFloat16) {
+      std::memcpy(out + b * stride, reinterpret_cast<const uint16_t*>(x.data_ptr()) + b * cols, cols * 2);
+    } else {
+      const float* src = x.data_ptr<float>() + b * cols;
+      for (int64_t c = 0; c < cols; ++c) out[b * stride + c] = f32_to_bf16(src[c]);
+    }
+  }
+  return {buf.data(), nullptr, batch, stride};
+}
+
+// Symmetric per-token int8: scale = max|x| / 127, q = round(x / scale) (ties to even, as torch.round).
+// With offset, q + 128 is stored as uint8 for vpdpbusd; the padding is then 128, which meets zero weights.
+Activations prepare_int8(const at::Tensor& x, int64_t batch, int64_t cols, int64_t stride, int64_t isa) {
+  const bool offset = isa == kAvx512;
+  auto& buf = scratch();
+  auto& scales = scratch_scales();
+  buf.assign(static_cast<size_t>(batch * stride), offset ? 128 : 0);
+  scales.assign(static_cast<size_t>(batch), 0.0f);
+  if (isa == kAvx512) {
+    const bool bf16 = x.scalar_type() == at::kBFloat16;
+    const char* src = static_cast<const char*>(x.data_ptr());
+    for (int64_t b = 0; b < batch; ++b)
+      quantize_avx512(src + b * cols * x.element_size(), bf16, cols, buf.data() + b * stride, &scales[b], true);
+    return {buf.data(), scales.data(), batch, stride};
+  }
+  for (int64_t b = 0; b < batch; ++b) {
+    float absmax = 0.0f;
+    for (int64_t c = 0; c < cols; ++c) absmax = std::max(absmax, std::fabs(element(x, b * cols + c)));
+    const float scale = absmax / 127.0f;
+    scales[b] = scale;
+    if (scale == 0.0f) continue;
+    for (int64_t c = 0; c < cols; ++c) {
+      const float q = std::nearbyint(element(x, b * cols + c) / scale);
+      const int v = static_cast<int>(std::min(127.0f, std::max(-127.0f, q)));
+      buf[b * stride + c] = static_cast<uint8_t>(offset ? v + 128 : v);
+    }
+  }
+  return {buf.data(), scales.data(), batch, stride};
+}
+
+// Row boundaries that give each part about the same number of bytes to read (mask words + values), so
+// threads finish together even when some rows are much denser than others.
+std::vector<int64_t> split_rows(const SparseMatrix& w, int64_t value_bytes, int64_t parts) {
+  const auto bytes_before = [&](int64_t r) {
+    return (w.mask ? w.row_start[r] * value_bytes + r * w.words * 8 : r * w.cols * value_bytes);
+  };
+  const int64_t total = bytes_before(w.rows);
+  std::vector<int64_t> bounds(parts + 1, w.rows);
+  bounds[0] = 0;
+  int64_t r = 0;
+  for (int64_t t = 1; t < parts; ++t) {
+    const int64_t target = total / parts * t;
+    while (r < w.rows && bytes_before(r) < target) ++r;
+    bounds[t] = r;
+  }
+  return bounds;
+}
+
+void run_parallel(const SparseMatrix& w, int64_t value_bytes, int64_t batch,
+                  const std::function<void(int64_t, int64_t)>& body) {
+  // Below ~64 KiB of weights the cost of waking threads exceeds the work.
+  const int64_t bytes = w.mask ? w.row_start[w.rows] * value_bytes + w.rows * w.words * 8 : w.rows * w.cols * 2;
+  const int64_t parts = bytes * batch < (int64_t{1} << 16) ? 1 : std::min<int64_t>(at::get_num_threads(), w.rows);
+  if (parts <= 1) {
+    body(0, w.rows);
+    return;
+  }
+  const std::vector<int64_t> bounds = split_rows(w, value_bytes, parts);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) body(bounds[t], bounds[t + 1]);
+  });
+}
+
+SparseMatrix matrix(const at::Tensor& mask, const at::Tensor& values, const at::Tensor& row_start,
+                    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& rowsum, int64_t cols) {
+  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kLong && mask.is_contiguous(), "sparseft: bad mask");
+  TORCH_CHECK(row_start.scalar_type() == at::kLong && row_start.numel() == mask.size(0) + 1,
+              "sparseft: bad row_start");
+  TORCH_CHECK(mask.size(1) == (cols + 63) / 64, "sparseft: mask has ", mask.size(1), " words per row for ", cols,
+              " columns");
+  const bool int8 = values.scalar_type() == at::kChar;
+  TORCH_CHECK(int8 || values.scalar_type() == at::kBFloat16, "sparseft: values must be bfloat16 or int8");
+  const int64_t vbytes = int8 ? 1 : 2;
+  TORCH_CHECK(values.numel() * vbytes >= row_start.data_ptr<int64_t>()[mask.size(0)] * vbytes + 64,
+              "sparseft: values must be padded by 64 bytes");
+  SparseMatrix w{reinterpret_cast<const uint64_t*>(mask.data_ptr<int64_t>()),
+                 values.data_ptr(),
+                 row_start.data_ptr<int64_t>(),
+                 mask.size(0),
+                 cols,
+                 mask.size(1),
+                 nullptr,
+                 nullptr};
+  if (int8) {
+    TORCH_CHECK(scale && rowsum, "sparseft: int8 values need scale and rowsum");
+    TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->numel() == w.rows, "sparseft: bad scale");
+    TORCH_CHECK(rowsum->scalar_type() == at::kInt && rowsum->numel() == w.rows, "sparseft: bad rowsum");
+    w.scale = scale->data_ptr<float>();
+    w.rowsum = rowsum->data_ptr<int32_t>();
+  }
+  return w;
+}
+
+at::Tensor output_for(const at::Tensor& x, int64_t rows) {
+  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
+  sizes.back() = rows;
+  return at::empty(sizes, x.options());
+}
+
+const float* bias_ptr(const std::optional<at::Tensor>& bias, int64_t rows) {
+  if (!bias) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == rows, "sparseft: bias must be fp32 of size ", rows);
+  return bias->data_ptr<float>();
+}
+
+void check_input(const at::Tensor& x, int64_t cols) {
+  TORCH_CHECK(x.device().is_cpu(), "sparseft: input must be on the CPU");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "sparseft: input must be float32 or bfloat16");
+  TORCH_CHECK(x.is_contiguous() && x.dim() >= 1 && x.size(-1) == cols, "sparseft: input must be contiguous with ",
+              cols, " features");
+}
+
+at::Tensor sparse_mm(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
+                     const at::Tensor& row_start, const std::optional<at::Tensor>& scale,
+                     const std::optional<at::Tensor>& rowsum, const std::optional<at::Tensor>& bias, int64_t cols,
+                     int64_t isa) {
+  check_isa(isa);
+  check_input(x, cols);
+  const SparseMatrix w = matrix(mask, values, row_start, scale, rowsum, cols);
+  const bool int8 = w.scale != nullptr;
+  const int64_t batch = cols ? x.numel() / cols : 0;
+  at::Tensor y = output_for(x, w.rows);
+  if (batch == 0 || w.rows == 0) return y;
+  const Output o{y.data_ptr(), y.scalar_type() == at::kBFloat16, w.rows, bias_ptr(bias, w.rows)};
+  const int64_t stride = w.words * 64;
+  const Activations a = int8 ? prepare_int8(x, batch, cols, stride, isa)
+                             : prepare_bf16(x, batch, cols, stride);
+  Kernel kernel = nullptr;
+  if (isa == kAvx512) kernel = int8 ? int8_avx512 : bf16_avx512;
+  if (isa == kAvx2) kernel = int8 ? int8_avx2 : bf16_avx2;
+  if (isa == kScalar) kernel = int8 ? int8_scalar : bf16_scalar;
+  run_parallel(w, int8 ? 1 : 2, batch, [&](int64_t r0, int64_t r1) { kernel(w, a, o, r0, r1); });
+  return y;
+}
+
+// The dense bf16 matrix of a compressed weight (int8 values are dequantized), for the large-batch path.
+at::Tensor decompress(const at::Tensor& mask, const at::Tensor& values, const at::Tensor& row_start,
+                      const std::optional<at::Tensor>& scale, int64_t cols, int64_t isa) {
+  check_isa(isa);
+  const bool int8 = values.scalar_type() == at::kChar;
+  std::optional<at::Tensor> rowsum;
+  if (int8) rowsum = at::zeros({mask.size(0)}, at::kInt);
+  const SparseMatrix w = matrix(mask, values, row_start, scale, rowsum, cols);
+  at::Tensor out = at::empty({w.rows, cols}, at::kBFloat16);
+  uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr());
+  run_parallel(w, int8 ? 1 : 2, 1, [&](int64_t r0, int64_t r1) {
+    if (isa == kAvx512)
+      decompress_avx512(w, int8, dst, r0, r1);
+    else
+      decompress_scalar(w, int8, dst, r0, r1);
+  });
+  return out;
+}
+
+// Dense bf16 y = W x with our own AVX-512 kernel (torch's CPU GEMV leaves bandwidth unused at small batch).
+at::Tensor dense_mm(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  check_isa(kAvx512);
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.is_contiguous(),
+              "sparseft: weight must be contiguous bfloat16 (rows, cols)");
+  const int64_t cols = weight.size(1);
+  check_input(x, cols);
+  SparseMatrix w{nullptr, weight.data_ptr(), nullptr, weight.size(0), cols, (cols + 63) / 64, nullptr, nullptr};
+  const int64_t batch = cols ? x.numel() / cols : 0;
+  at::Tensor y = output_for(x, w.rows);
+  if (batch == 0 || w.rows == 0) return y;
+  const Output o{y.data_ptr(), y.scalar_type() == at::kBFloat16, w.rows, bias_ptr(bias, w.rows)};
+  const Activations a = prepare_bf16(x, batch, cols, w.words * 64);
+  run_parallel(w, 2, batch, [&](int64_t r0, int64_t r1) { dense_bf16_avx512(w, a, o, r0, r1); });
+  return y;
+}
+
+}  // namespace
+}  // namespace sparseft
+
+TORCH_LIBRARY(sparseft_cpu, m) {
+  m.def("best_isa() -> int", &sparseft::best_isa);
+  m.def(
+      "sparse_mm(Tensor x, Tensor mask, Tensor values, Tensor row_start, Tensor? scale, Tensor? rowsum, "
+      "Tensor? bias, int cols, int isa) -> Tensor",
+      &sparseft::sparse_mm);
+  m.def("decompress(Tensor mask, Tensor values, Tensor row_start, Tensor? scale, int cols, int isa) -> Tensor",
+        &sparseft::decompress);
+  m.def("dense_mm(Tensor x, Tensor weight, Tensor? bias) -> Tensor", &sparseft::dense_mm);
+}

@@ -1,0 +1,87 @@
+// Shared types of the sparse CPU kernels. No torch here: the kernel files are plain C++ over pointers, each
+// compiled for one instruction set, and ops.cpp is the only file that talks to torch.
+//
+// Layout of a compressed weight W (rows x cols), the bitmask archive's own layout with each mask row padded:
+//   mask       rows x words uint64, words = ceil(cols / 64); column j of a row is bit j % 64 of word j / 64,
+//              least significant bit first (the archive's bytes read as little-endian words).
+//   values     the nonzeros in row-major order (bf16 bits or int8), followed by at least 64 bytes of zeros so
+//              that full-vector loads at the end of the last row never read past the buffer.
+//   row_start  rows + 1 offsets into values (the archive's row_offsets plus the total).
+// Activations are batch rows of words * 64 elements each, zero beyond cols (a zero weight times a garbage
+// activation could still be NaN, so the padding must really be zero).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace sparseft {
+
+struct SparseMatrix {
+  const uint64_t* mask;
+  const void* values;
+  const int64_t* row_start;
+  int64_t rows, cols, words;
+  const float* scale;     // int8 only: per-row dequantization scale
+  const int32_t* rowsum;  // int8 only: per-row sum of the int8 values (for the u8 x s8 zero-point correction)
+};
+
+struct Activations {
+  const void* data;    // bf16 bits, or int8 (uint8 = int8 + 128 for the VNNI kernel)
+  const float* scale;  // int8 only: per-row quantization scale
+  int64_t batch, stride;
+};
+
+struct Output {
+  void* data;  // y[b * stride + r], fp32 or bf16
+  bool bf16;
+  int64_t stride;
+  const float* bias;  // fp32 or null
+};
+
+// Kernels compute rows [r0, r1) of y = W x for every batch row; ops.cpp splits rows across threads.
+using Kernel = void (*)(const SparseMatrix&, const Activations&, const Output&, int64_t r0, int64_t r1);
+
+void bf16_scalar(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
+void int8_scalar(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
+void bf16_avx2(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
+void int8_avx2(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
+void bf16_avx512(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
+void int8_avx512(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
+
+// Dense bf16 y = W x (W rows x cols, row-major, unpadded): the strongest dense baseline we can write, also
+// used for dense layers of a sparse model (the LM head). W is passed as a SparseMatrix with mask = null.
+void dense_bf16_avx512(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
+
+// Symmetric per-token int8 of one activation row (fp32 or bf16 `x`): scale = max|x| / 127, q = round(x / scale)
+// (ties to even), stored as int8, or as uint8 q + 128 with `offset`. Leaves `out` untouched when x is all zero.
+void quantize_avx512(const void* x, bool bf16, int64_t cols, uint8_t* out, float* scale, bool offset);
+
+// Rows [r0, r1) of the dense bf16 matrix (rows x cols): W itself, or W * scale for int8 values.
+void decompress_scalar(const SparseMatrix&, bool int8, uint16_t* out, int64_t r0, int64_t r1);
+void decompress_avx512(const SparseMatrix&, bool int8, uint16_t* out, int64_t r0, int64_t r1);
+
+static inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Round to nearest even, as torch does; NaN stays NaN.
+static inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+static inline void store(const Output& o, int64_t b, int64_t r, float v) {
+  if (o.bias) v += o.bias[r];
+  if (o.bf16)
+    static_cast<uint16_t*>(o.data)[b * o.stride + r] = f32_to_bf16(v);
+  else
+    static_cast<float*>(o.data)[b * o.stride + r] = v;
+}
+
+}  // namespace sparseft

@@ -1,0 +1,172 @@
+"""Task data for fine-tuning: records -> token rows with labels -> padded or packed batches.
+
+Three layouts (see `DataConfig`): question-answer with the loss on the answer only (GSM8K: `question`, `answer`
+whose final result follows `####`), chat-style prompt/response with the loss on the response only, and plain
+text for causal LM. Prompt tokens and padding carry the label IGNORE_INDEX.
+
+Padding puts one example per row, right-padded to the longest row of the batch, with attention_mask 0 on pads.
+Packing fills each row with whole examples and restarts `position_ids` at every example: Hugging Face models
+that build their masks with `masking_utils` (Llama, Qwen2, Mistral, GPT-2, ... in transformers >= 4.56) then
+attend only within each example when no attention_mask and no cache are passed (`model_inputs`, and
+`use_cache=False` as training runs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+
+from sparseft import seq2seq_data
+from sparseft.data import load_records, random_windows
+from sparseft.distill import IGNORE_INDEX
+from sparseft.errors import SparseftError
+from sparseft.recipe import DataConfig
+
+
+@dataclass(frozen=True)
+class Row:
+    """One training row: token ids, their labels, and (packed rows only) positions restarting per example."""
+
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int] | None = None
+
+
+def required_fields(cfg: DataConfig) -> list[str]:
+    if cfg.format == "qa":
+        return [cfg.question_field, cfg.answer_field]
+    if cfg.format == "chat":
+        return [cfg.prompt_field, cfg.response_field]
+    return [cfg.text_field]
+
+
+def prompt_and_response(record: dict[str, Any], cfg: DataConfig, tokenizer: Any) -> tuple[str, str]:
+    """The text that carries no loss and the text that does."""
+    if cfg.format == "qa":
+        return cfg.prompt_template.format(question=record[cfg.question_field]), str(record[cfg.answer_field])
+    if cfg.format == "chat":
+        prompt = str(record[cfg.prompt_field])
+        if getattr(tokenizer, "chat_template", None):
+            messages = [{"role": "user", "content": prompt}]
+            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            prompt = prompt + "\n"
+        return prompt, str(record[cfg.response_field])
+    return "", str(record[cfg.text_field])
+
+
+def encode(tokenizer: Any, prompt: str, response: str) -> Row:
+    """Tokenize prompt + response + EOS together; label only the tokens that end inside the response.
+
+    Tokenizing the joined text (not the two parts) gives the tokens the model sees at inference, and the
+    character offsets tell which of them belong to the response, even when one token straddles the boundary.
+    """
+    text = prompt + response
+    if tokenizer.is_fast:
+        enc = tokenizer(text, return_offsets_mapping=True, verbose=False)
+        ids = list(enc["input_ids"])
+        in_response = [end > len(prompt) for _, end in enc["offset_mapping"]]
+    else:
+        head = tokenizer(prompt, verbose=False)["input_ids"] if prompt else []
+        tail = tokenizer(response, add_special_tokens=False, verbose=False)["input_ids"]
+        ids, in_response = list(head) + list(tail), [False] * len(head) + [True] * len(tail)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+        in_response.append(True)
+    labels = [i if keep else IGNORE_INDEX for i, keep in zip(ids, in_response, strict=True)]
+    return Row(ids, labels)
+
+
+def _split_long(row: Row, seqlen: int, keep_tail: bool) -> list[Row]:
+    if len(row.input_ids) <= seqlen:
+        return [row]
+    if not keep_tail:  # a QA or chat example cut to its first seqlen tokens
+        return [Row(row.input_ids[:seqlen], row.labels[:seqlen])]
+    # Plain text loses nothing: a long document becomes several rows.
+    return [
+        Row(row.input_ids[i : i + seqlen], row.labels[i : i + seqlen])
+        for i in range(0, len(row.input_ids), seqlen)
+    ]
+
+
+def pack(rows: list[Row], seqlen: int) -> list[Row]:
+    """Greedily fill rows of at most `seqlen` tokens with whole examples, positions restarting at each."""
+    packed: list[Row] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for row in rows:
+        if ids and len(ids) + len(row.input_ids) > seqlen:
+            packed.append(Row(ids, labels, positions))
+            ids, labels, positions = [], [], []
+        ids += row.input_ids
+        labels += row.labels
+        positions += list(range(len(row.input_ids)))
+    if ids:
+        packed.append(Row(ids, labels, positions))
+    return packed
+
+
+def build_rows(tokenizer: Any, cfg: DataConfig) -> list[Row]:
+    """Load, check and tokenize the task data. Fails before any training on missing fields or empty labels."""
+    records = load_records(cfg.dataset, cfg.dataset_config, cfg.split)
+    missing = [f for f in required_fields(cfg) if f not in records.column_names]
+    if missing:
+        raise SparseftError(
+            f"dataset {cfg.dataset} has no field {', '.join(repr(m) for m in missing)} needed by format "
+            f"{cfg.format!r}; its fields are {', '.join(records.column_names)} (set the *_field options or format)"
+        )
+    if cfg.max_examples is not None:
+        records = records.select(range(min(cfg.max_examples, len(records))))
+    rows: list[Row] = []
+    for record in records:
+        prompt, response = prompt_and_response(record, cfg, tokenizer)
+        rows += _split_long(encode(tokenizer, prompt, response), cfg.seqlen, keep_tail=cfg.format == "text")
+    rows = [r for r in rows if any(label != IGNORE_INDEX for label in r.labels[1:])]
+    if not rows:
+        raise SparseftError(
+            f"no example of {cfg.dataset} has a token to learn: every label is masked (empty "
+            f"{required_fields(cfg)[-1]!r} fields, or prompts longer than seqlen={cfg.seqlen}; raise --seqlen)"
+        )
+    return pack(rows, cfg.seqlen) if cfg.packing else rows
+
+
+def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad rows into a batch: input_ids, labels, attention_mask (1 on real tokens), and position_ids when
+    the rows are packed. Encoder-decoder examples batch as `sparseft.seq2seq_data.collate` does."""
+    if isinstance(rows[0], seq2seq_data.Example):
+        return seq2seq_data.collate(cast(list[seq2seq_data.Example], rows), pad_id)
+    width = max(len(r.input_ids) for r in rows)
+
+    def padded(values: list[int], fill: int) -> list[int]:
+        return values + [fill] * (width - len(values))
+
+    batch = {
+        "input_ids": torch.tensor([padded(r.input_ids, pad_id) for r in rows]),
+        "labels": torch.tensor([padded(r.labels, IGNORE_INDEX) for r in rows]),
+        "attention_mask": torch.tensor([padded([1] * len(r.input_ids), 0) for r in rows]),
+    }
+    if rows[0].position_ids is not None:
+        # Pads continue counting from 0 as one more "example", so they never join a real example's mask.
+        batch["position_ids"] = torch.tensor(
+            [r.position_ids + list(range(width - len(r.input_ids))) for r in rows]  # type: ignore[operator]
+        )
+    return batch
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model's forward gets: packed batches pass positions and no attention_mask (see module doc);
+    encoder-decoder batches pass everything but the labels (the decoder reads decoder_input_ids)."""
+    if "decoder_input_ids" in batch:
+        return {k: v for k, v in batch.items() if k != "labels"}
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def calibration_windows(rows: list[Row], num_samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Calibration samples for a prune stage: random windows of the task's token stream (all rows joined)."""
+    stream = torch.tensor([i for r in rows for i in r.input_ids], dtype=torch.long)
+    return random_windows(stream, num_samples, min(seqlen, stream.numel()), seed)

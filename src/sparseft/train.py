@@ -1,0 +1,608 @@
+"""The sparse fine-tuning loop, on accelerate: `accelerate launch` runs it on several processes (DDP) or sharded
+(FSDP); a plain `python` call runs it in one process.
+
+One optimizer step, in order:
+    every micro-batch: student forward (+ teacher forward without grad) -> loss terms -> backward
+    zero the gradients of pruned entries -> clip -> AdamW step -> LR schedule step -> re-apply the masks
+
+Data order is a seeded permutation per epoch; each step takes the next global batch from it and each process its
+own slice of that batch, so a step is fully described by its number: a checkpoint stores the step, the weights,
+the optimizer, the schedule and the RNG, and `--resume` continues from there. The loss of a step is the mean of
+the micro-batch losses over all micro-batches of all processes, so one process with `grad_accum` = k x n sees the
+same loss and gradient as n processes with `grad_accum` = k.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sparseft import seq2seq_data
+from sparseft.atomic import atomic_dir, write_json
+from sparseft.distill import LossWeights, distill_terms
+from sparseft.errors import SparseftError
+from sparseft.models import (
+    find_blocks,
+    find_targets,
+    load_model,
+    load_tokenizer,
+    max_positions,
+    weight_matrix,
+)
+from sparseft.pruning.sequential import prune_model
+from sparseft.recipe import FinetuneConfig, PruneConfig, TrainConfig
+from sparseft.sparsemask import SparseMasks, local, pruned_weights
+from sparseft.taskdata import Row, build_rows, calibration_windows, collate, model_inputs
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+REPORT_FILE = "finetune.json"
+
+
+@dataclass
+class Schedule:
+    """Which rows each process reads at each step."""
+
+    rows: int
+    micro_batch_size: int
+    grad_accum: int
+    processes: int
+    seed: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.grad_accum * self.processes
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.rows // self.global_batch  # the last partial batch of an epoch is dropped
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        epoch, index = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(self.rows, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        mine = order[index * self.global_batch : (index + 1) * self.global_batch]
+        per_process = self.micro_batch_size * self.grad_accum
+        mine = mine[rank * per_process : (rank + 1) * per_process]
+        return [mine[i : i + self.micro_batch_size] for i in range(0, per_process, self.micro_batch_size)]
+
+
+def total_steps(cfg: TrainConfig, schedule: Schedule) -> int:
+    if schedule.steps_per_epoch == 0:
+        raise SparseftError(
+            f"the task data has {schedule.rows} rows, fewer than one global batch of {schedule.global_batch} "
+            "(micro_batch_size x grad_accum x processes); use more data or a smaller batch"
+        )
+    return cfg.max_steps or max(1, math.ceil(cfg.epochs * schedule.steps_per_epoch))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (norms, biases and other vectors are not decayed)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
+
+
+def make_scheduler(optimizer: Any, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up for `warmup` steps, then linear decay to 0 at `total` (the paper's schedule)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def loss_terms(
+    model: nn.Module,
+    teacher: nn.Module | None,
+    batch: dict[str, torch.Tensor],
+    weights: LossWeights,
+    bf16: bool,
+) -> dict[str, torch.Tensor]:
+    """Forward the student (and the teacher, without grad) on one micro-batch and compute the loss terms.
+
+    Hidden states exist only inside this call: the teacher's are dropped when it returns, the student's once
+    backward has run.
+    """
+    inputs = model_inputs(batch)
+    hidden = weights.squarehead > 0
+    device = next(iter(batch.values())).device.type
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        out = model(**inputs, output_hidden_states=hidden, use_cache=False)
+        teacher_out = None
+        if teacher is not None and weights.needs_teacher:
+            # Without KD the teacher's logits are never read: its backbone alone gives the block outputs, which
+            # saves the (batch x tokens x vocabulary) logits, the largest tensor of its forward.
+            runner = teacher if weights.kd > 0 else getattr(teacher, "base_model", teacher)
+            with torch.no_grad():
+                teacher_out = runner(**inputs, output_hidden_states=hidden, use_cache=False)
+    return distill_terms(out, teacher_out, batch, weights)
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------------
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first (temporary directories start with a dot)."""
+    if not root.is_dir():
+        return []
+    done = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file()]
+    return sorted(done, key=lambda p: int(p.name.removeprefix("step-")))
+
+
+def save_checkpoint(
+    accelerator: Any,
+    model: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    root: Path,
+    state: dict[str, Any],
+    keep_last: int,
+) -> None:
+    """Write `root/step-N` atomically: weights (safetensors), optimizer + schedule + RNG (tensors only), and the
+    trainer state (step, expected zeros, history) as JSON; then drop all but the last `keep_last`.
+
+    The optimizer state is written once when every process holds the same (DDP), and once per process when each
+    holds its own shard (FSDP)."""
+    weights = accelerator.get_state_dict(model)  # every process takes part (FSDP gathers the shards)
+    main, sharded = accelerator.is_main_process, _is_sharded(accelerator)
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_dir(root / f"step-{state['step']}")) if main else None
+        shared = [str(tmp) if tmp else None]
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(shared)
+        where = Path(str(shared[0]))
+        torch.save(_rng_state(), where / f"rng-{accelerator.process_index}.pt")
+        if main or sharded:
+            name = f"optimizer-{accelerator.process_index}.pt" if sharded else OPTIMIZER_FILE
+            saved = {"optimizer": local_optimizer_state(optimizer), "scheduler": scheduler.state_dict()}
+            torch.save(saved, where / name)
+        if main:
+            accelerator.unwrap_model(model).save_pretrained(
+                where, state_dict=weights, safe_serialization=True
+            )
+            write_json(where / STATE_FILE, state)
+        accelerator.wait_for_everyone()
+    if main:
+        for old in checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(path: Path, optimizer: Any, scheduler: Any, process_index: int) -> dict[str, Any]:
+    """Restore optimizer, schedule and RNG from `path` (weights are loaded with the model); return the state."""
+    own = path / f"optimizer-{process_index}.pt"
+    saved = torch.load(own if own.is_file() else path / OPTIMIZER_FILE, weights_only=True)  # no pickled code
+    load_local_optimizer_state(optimizer, saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    rng = path / f"rng-{process_index}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=True))
+    state: dict[str, Any] = json.loads((path / STATE_FILE).read_text())
+    return state
+
+
+def local_optimizer_state(optimizer: Any) -> dict[str, Any]:
+    """The optimizer's state dict with sharded (DTensor) entries replaced by this process's shard, so that it
+    holds plain tensors only and reads back with `torch.load(weights_only=True)`."""
+    saved = optimizer.state_dict()
+    saved["state"] = {i: {k: local(v) for k, v in entry.items()} for i, entry in saved["state"].items()}
+    return saved
+
+
+def load_local_optimizer_state(optimizer: Any, saved: dict[str, Any]) -> None:
+    """Inverse of `local_optimizer_state`: shards go back into DTensors laid out like their parameters."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, entry in saved["state"].items():
+        param = params[int(index)]
+        mesh = getattr(param, "device_mesh", None)
+        if mesh is None:
+            continue
+        from torch.distributed.tensor import DTensor
+
+        for key, value in entry.items():
+            if value.shape == local(param.data).shape and value.ndim > 0:
+                entry[key] = DTensor.from_local(
+                    value, mesh, param.placements, shape=param.shape, stride=param.stride()
+                )
+    optimizer.load_state_dict(saved)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# --- the loop -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageResult:
+    model: nn.Module  # as prepared by accelerate (wrapped under DDP/FSDP)
+    steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    sparsity: float = 0.0
+
+
+def _reduce_mean(accelerator: Any, values: dict[str, float]) -> dict[str, float]:
+    if accelerator.num_processes == 1:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], device=accelerator.device)
+    tensor = accelerator.reduce(tensor, reduction="mean")
+    return dict(zip(keys, tensor.tolist(), strict=True))
+
+
+def _reduce_sum(accelerator: Any, value: int) -> int:
+    if accelerator.num_processes == 1:
+        return value
+    return int(accelerator.reduce(torch.tensor([value], device=accelerator.device), reduction="sum").item())
+
+
+def _is_sharded(accelerator: Any) -> bool:
+    return "FSDP" in str(accelerator.distributed_type)
+
+
+def check_sparsity(accelerator: Any, masks: SparseMasks, expected_zeros: int, where: str) -> float:
+    """Fail loudly unless every pruned entry is exactly zero and the masks still cover every pruned entry;
+    return the sparsity of the masked weights."""
+    violations = _reduce_sum(accelerator, masks.violations())
+    zeros = masks.zeros()
+    numel = sum(m.numel() for m in masks.keep)
+    if _is_sharded(accelerator):
+        zeros, numel = _reduce_sum(accelerator, zeros), _reduce_sum(accelerator, numel)
+    if violations or zeros != expected_zeros:
+        raise SparseftError(
+            f"sparsity dropped {where}: {violations} pruned weights are no longer zero and the masks cover "
+            f"{zeros} of {expected_zeros} pruned entries; the masks are not acting on the trained parameters"
+        )
+    return zeros / numel if numel else 0.0
+
+
+def train_stage(
+    accelerator: Any,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    rows: list[Row],
+    pad_id: int,
+    weights: LossWeights,
+    cfg: TrainConfig,
+    checkpoint_root: Path,
+    resume_from: Path | None = None,
+    progress: bool = True,
+    writer: Any = None,
+    label: str = "finetune",
+) -> StageResult:
+    """Fine-tune `student` in place with its zeros fixed. `resume_from`: a checkpoint whose weights `student`
+    already holds; its optimizer, schedule, RNG and step are restored here."""
+    expected = pruned_weights(student)
+    schedule = Schedule(len(rows), cfg.micro_batch_size, cfg.grad_accum, accelerator.num_processes, cfg.seed)
+    total = total_steps(cfg, schedule)
+    student.train()
+    model, optimizer = accelerator.prepare(student, make_optimizer(student, cfg))
+    scheduler = make_scheduler(optimizer, cfg.warmup_steps, total)
+    masks = SparseMasks.build(model, optimizer, expected, sharded=_is_sharded(accelerator))
+    expected_zeros = sum(expected.values())
+    sparsity = check_sparsity(accelerator, masks, expected_zeros, "before training")  # shown until re-checked
+    if teacher is not None:
+        teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
+        teacher.eval()
+        teacher.requires_grad_(False)
+
+    start, history = 0, []
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, optimizer, scheduler, accelerator.process_index)
+        if state["expected_zeros"] != expected_zeros:
+            raise SparseftError(
+                f"checkpoint {resume_from} has {expected_zeros} zeros in pruned weights, its state says "
+                f"{state['expected_zeros']}; it was written by another run"
+            )
+        start, history = state["step"], state["history"]
+
+    bf16 = cfg.mixed_precision == "bf16"
+    bar = tqdm(total=total, initial=start, desc=label, disable=not (progress and accelerator.is_main_process))
+    for step in range(start, total):
+        micro = schedule.micro_batches(step, accelerator.process_index)
+        sums: dict[str, float] = {}
+        for k, indices in enumerate(micro):
+            batch = {
+                key: t.to(accelerator.device)
+                for key, t in collate([rows[i] for i in indices], pad_id).items()
+            }
+            sync = k == len(micro) - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                terms = loss_terms(model, teacher, batch, weights, bf16)
+                accelerator.backward(terms["loss"] / len(micro))
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach()) / len(micro)
+            del terms, batch
+        masks.zero_grads()  # before clipping: pruned entries must not count in the gradient norm
+        grad_norm = None
+        if cfg.max_grad_norm is not None:
+            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        masks.apply()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total:
+            record = {
+                "stage": label,
+                "step": done,
+                **_reduce_mean(accelerator, sums),
+                "lr": scheduler.get_last_lr()[0],
+            }
+            if grad_norm is not None:
+                record["grad_norm"] = grad_norm
+            history.append(record)
+            shown = {k: f"{v:.4g}" for k, v in record.items() if k not in ("stage", "step")}
+            bar.set_postfix({**shown, "sparsity": f"{sparsity:.2%}"}, refresh=False)
+            if writer is not None:
+                for key, scalar in record.items():
+                    if key not in ("stage", "step"):
+                        writer.add_scalar(f"{label}/{key}", scalar, done)
+        if done % cfg.save_every == 0 or done == total:
+            sparsity = check_sparsity(accelerator, masks, expected_zeros, f"at step {done}")
+            state = {"step": done, "total_steps": total, "expected_zeros": expected_zeros, "history": history}
+            save_checkpoint(accelerator, model, optimizer, scheduler, checkpoint_root, state, cfg.keep_last)
+        bar.update(1)
+    bar.close()
+    sparsity = check_sparsity(accelerator, masks, expected_zeros, "at the end")
+    return StageResult(model, total, history, sparsity)
+
+
+def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
+    """A loss-curve PNG: one line per logged term, against the step counted across stages."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    names = [k for k in ("loss", "ce", "kd", "squarehead") if any(k in r for r in history)]
+    offsets: list[int] = []
+    base, last_stage = 0, None
+    for record in history:
+        if record["stage"] != last_stage and offsets:
+            base = offsets[-1]
+        last_stage = record["stage"]
+        offsets.append(base + record["step"])
+    for name in names:
+        points = [(x, r[name]) for x, r in zip(offsets, history, strict=True) if name in r]
+        ax.plot([p[0] for p in points], [p[1] for p in points], label=name)
+    ax.set_xlabel("optimizer step (all stages)")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --- the stages -----------------------------------------------------------------------------------------------
+
+
+def check_teacher(student: nn.Module, teacher: nn.Module, weights: LossWeights) -> None:
+    """The teacher must speak the student's vocabulary (KD) and have its blocks and width (SquareHead)."""
+    s_type, t_type = student.config.model_type, teacher.config.model_type  # type: ignore[union-attr]
+    if s_type != t_type:
+        raise SparseftError(
+            f"teacher is a {t_type} model but the student is {s_type}; distil from the same architecture"
+        )
+    s_vocab = student.get_output_embeddings().weight.shape[0]  # type: ignore[operator]
+    t_vocab = teacher.get_output_embeddings().weight.shape[0]  # type: ignore[operator]
+    if s_vocab != t_vocab:
+        raise SparseftError(
+            f"teacher has a vocabulary of {t_vocab} tokens, the student {s_vocab}; they must match"
+        )
+    if weights.squarehead > 0:
+        s_blocks, t_blocks = len(find_blocks(student)[1]), len(find_blocks(teacher)[1])
+        s_width = student.get_input_embeddings().weight.shape[1]  # type: ignore[operator]
+        t_width = teacher.get_input_embeddings().weight.shape[1]  # type: ignore[operator]
+        if (s_blocks, s_width) != (t_blocks, t_width):
+            raise SparseftError(
+                f"SquareHead compares block outputs, but the teacher has {t_blocks} blocks of width {t_width} and the "
+                f"student {s_blocks} of width {s_width}; use the dense model the student was pruned from"
+            )
+
+
+def prune_stage(model: nn.Module, cfg: PruneConfig, rows: list[Row], device: Any, progress: bool) -> None:
+    """One-shot prune `model` in place, calibrated on random windows of the task data."""
+    settings = cfg.settings()
+    targets = find_targets(model, cfg.targets or None, cfg.ignore)
+    if settings.structure is not None:
+        for name, module in targets.items():
+            settings.structure.check_columns(weight_matrix(module).shape[1], name)
+    samples: Any = None
+    if settings.method != "magnitude":
+        if isinstance(rows[0], seq2seq_data.Example):  # encoder-decoder: whole examples, not token windows
+            examples = cast(list[seq2seq_data.Example], rows)
+            samples = seq2seq_data.calibration_samples(examples, cfg.num_samples, cfg.seed)
+        else:
+            samples = calibration_windows(rows, cfg.num_samples, cfg.seqlen, cfg.seed)
+    prune_model(model, targets, settings, samples, device=device, progress=progress)
+
+
+def _check_lengths(model: nn.Module, cfg: FinetuneConfig) -> None:
+    limit = max_positions(model.config)
+    if limit is None:
+        return
+    if cfg.data.seqlen > limit:
+        raise SparseftError(
+            f"data seqlen {cfg.data.seqlen} is longer than the model allows ({limit}); use --seqlen {limit}"
+        )
+    for stage in cfg.stages:
+        if stage.prune is not None and stage.prune.seqlen > limit:
+            raise SparseftError(
+                f"stage {stage.name}: calibration seqlen {stage.prune.seqlen} is longer than the model allows ({limit})"
+            )
+
+
+def _tensorboard(output: Path, wanted: bool, main: bool) -> Any:
+    if not (wanted and main):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SparseftError(
+            "TensorBoard logging needs the tensorboard package: pip install tensorboard"
+        ) from None
+    return SummaryWriter(str(output / "tensorboard"))
+
+
+def run_finetune(
+    cfg: FinetuneConfig,
+    output: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run every stage of `cfg` (prune, then fine-tune with the mask fixed) and write into `output`:
+    `model/` (the last stage's model), `stage-<i>-<name>/` (earlier stages), `checkpoints/`, `metrics.json` and
+    `loss.png`. Everything that can be checked is checked before the first step."""
+    from accelerate import Accelerator
+
+    if cfg.model is None:
+        raise SparseftError("no student model: pass --model (a hub id or a local directory)")
+    output = Path(output)
+    if output.exists() and not resume and not overwrite:
+        raise SparseftError(
+            f"output {output} already exists; pass --resume to continue its run, --overwrite to start again, "
+            "or choose another --output"
+        )
+    # Without a GPU, accelerate only forms a process group (gloo) when told it runs on CPU.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    trains = [cfg.stage_train(stage) for stage in cfg.stages]
+    weights = cfg.loss.weights()
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    config = seq2seq_data.read_config(cfg.model, cfg.trust_remote_code)
+    auto = seq2seq_data.auto_class(config)  # causal LM, or T5 / Whisper
+    if cfg.data.format in seq2seq_data.SEQ2SEQ_FORMATS:  # T5 translation, Whisper speech
+        # Examples batch through `taskdata.collate` and calibrate prune stages like rows do.
+        examples = seq2seq_data.finetune_examples(cfg.model, tokenizer, cfg.data, cfg.trust_remote_code)
+        rows = cast(list[Row], examples)
+    else:
+        rows = build_rows(tokenizer, cfg.data)
+    student: nn.Module | None = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, auto)
+    assert student is not None
+    _check_lengths(student, cfg)
+    teacher = None
+    if (
+        weights.needs_teacher and cfg.teacher is not None
+    ):  # the config requires a teacher for KD and SquareHead
+        teacher = load_model(cfg.teacher, cfg.dtype, cfg.trust_remote_code, auto)
+        check_teacher(student, teacher, weights)
+    for train_cfg in trains:
+        total_steps(
+            train_cfg,
+            Schedule(
+                len(rows),
+                train_cfg.micro_batch_size,
+                train_cfg.grad_accum,
+                accelerator.num_processes,
+                train_cfg.seed,
+            ),
+        )
+    if overwrite and not resume and accelerator.is_main_process and output.exists():
+        shutil.rmtree(output)
+    accelerator.wait_for_everyone()
+    output.mkdir(parents=True, exist_ok=True)
+    writer = _tensorboard(output, any(t.tensorboard for t in trains), accelerator.is_main_process)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    reports: list[dict[str, Any]] = []
+    previous = cfg.model
+    names = [s.name for s in cfg.stages]
+    for i, (stage, train_cfg) in enumerate(zip(cfg.stages, trains, strict=True)):
+        target = output / ("model" if i == len(names) - 1 else f"stage-{i}-{stage.name}")
+        if resume and (target / REPORT_FILE).is_file():  # finished before the run was stopped
+            reports.append(json.loads((target / REPORT_FILE).read_text()))
+            previous, student = str(target), None
+            continue
+        found = checkpoints(output / "checkpoints" / f"{i}-{stage.name}") if resume else []
+        if found:
+            student = load_model(str(found[-1]), cfg.dtype, cfg.trust_remote_code, auto)
+        else:
+            if student is None:
+                student = load_model(previous, cfg.dtype, cfg.trust_remote_code, auto)
+            if stage.prune is not None:
+                prune_stage(student, stage.prune, rows, accelerator.device, progress)
+        result = train_stage(
+            accelerator,
+            student,
+            teacher,
+            rows,
+            pad_id,
+            weights,
+            train_cfg,
+            output / "checkpoints" / f"{i}-{stage.name}",
+            found[-1] if found else None,
+            progress,
+            writer,
+            stage.name,
+        )
+        report = {
+            "stage": stage.name,
+            "index": i,
+            "steps": result.steps,
+            "sparsity": result.sparsity,
+            "loss_weights": asdict(weights),
+            "train": train_cfg.model_dump(mode="json"),
+            "prune": stage.prune.model_dump(mode="json") if stage.prune else None,
+            "history": result.history,
+        }
+        state_dict = accelerator.get_state_dict(result.model)
+        if accelerator.is_main_process:
+            with atomic_dir(target) as tmp:
+                accelerator.unwrap_model(result.model).save_pretrained(
+                    tmp, state_dict=state_dict, safe_serialization=True
+                )
+                tokenizer.save_pretrained(tmp)
+                seq2seq_data.save_feature_extractor(cfg.model, config, tmp, cfg.trust_remote_code)
+                write_json(tmp / REPORT_FILE, report)
+        accelerator.wait_for_everyone()
+        reports.append(report)
+        previous, student = str(target), None
+        del result, state_dict
+        accelerator.free_memory()
+
+    history = [record for report in reports for record in report["history"]]
+    summary = {
+        "model": str(output / "model"),
+        "teacher": cfg.teacher,
+        "data": cfg.data.model_dump(mode="json"),
+        "stages": [{k: v for k, v in r.items() if k != "history"} for r in reports],
+        "history": history,
+    }
+    if accelerator.is_main_process:
+        write_json(output / "metrics.json", summary)
+        if history:
+            plot_losses(history, output / "loss.png")
+    if writer is not None:
+        writer.close()
+    return summary

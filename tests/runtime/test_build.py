@@ -1,0 +1,66 @@
+"""A failed or interrupted kernel build leaves nothing half-written and the package still works (portable path)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils import cpp_extension
+
+from sparseft.runtime import SparseLinear, build, dispatch
+
+
+@pytest.fixture
+def fresh_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """An empty kernel cache and no kernels loaded yet in this process (as far as sparseft knows)."""
+    monkeypatch.setenv("SPARSEFT_CACHE", str(tmp_path))
+    monkeypatch.setattr(build, "_state", {})
+    dispatch.best_isa.cache_clear()
+    yield tmp_path
+    dispatch.best_isa.cache_clear()
+
+
+def test_cache_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SPARSEFT_CACHE", str(tmp_path / "c"))
+    assert build.cache_root() == tmp_path / "c"
+    monkeypatch.delenv("SPARSEFT_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert build.cache_root() == tmp_path / "x" / "sparseft"
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("Error building extension"), OSError("no compiler")])
+def test_failed_build_falls_back_to_torch(
+    fresh_build: Path, monkeypatch: pytest.MonkeyPatch, failure: Exception
+) -> None:
+    def broken_build(**kwargs: object) -> None:
+        Path(str(kwargs["build_directory"]), build.LIBRARY).write_bytes(b"half a library")
+        raise failure
+
+    monkeypatch.setattr(cpp_extension, "load", broken_build)
+    with pytest.warns(RuntimeWarning, match="portable torch path"):
+        assert build.load_extension() is False
+    assert build.load_extension() is False  # decided once, warned once
+    assert list(fresh_build.rglob(build.LIBRARY)) == []  # nothing half-written stays in the cache
+    assert dispatch.best_isa() == "torch"
+
+    torch.manual_seed(0)
+    linear = nn.Linear(40, 9)
+    with torch.no_grad():
+        linear.weight[:, ::2] = 0
+    x = torch.randn(3, 40)
+    expected = nn.functional.linear(x.bfloat16().float(), linear.weight.bfloat16().float(), linear.bias)
+    torch.testing.assert_close(SparseLinear.from_linear(linear)(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_interrupted_build_leaves_no_library(fresh_build: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(**kwargs: object) -> None:
+        Path(str(kwargs["build_directory"]), build.LIBRARY).write_bytes(b"half a library")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cpp_extension, "load", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build.load_extension()
+    assert [p for p in fresh_build.rglob("*") if p.is_file()] == []

@@ -1,0 +1,129 @@
+"""Converted models generate like their dense source; archives load straight into SparseLinear."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from sparseft import formats
+from sparseft.errors import SparseftError
+from sparseft.models import find_targets
+from sparseft.quant import QuantSpec, rtn_quantize
+from sparseft.runtime import DenseLinear, SparseLinear, load, sparsify_
+from sparseft.runtime.bench import model_bytes
+
+PROMPT = torch.tensor([[5, 17, 250, 3, 99, 42, 7]])
+
+
+@torch.inference_mode()
+def _greedy(model: torch.nn.Module, tokens: int = 24) -> list[int]:
+    out = model.generate(
+        PROMPT, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0
+    )
+    return out[0, PROMPT.shape[1] :].tolist()
+
+
+@torch.inference_mode()
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    return model(PROMPT).logits.float()
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _write_archive(model: torch.nn.Module, path: Path, int8: bool = False) -> Path:
+    targets = find_targets(model)
+    quantized = (
+        {n: rtn_quantize(m.weight.detach(), QuantSpec(8)) for n, m in targets.items()} if int8 else None
+    )
+    path.mkdir()
+    formats.write_bitmask(model, targets, path, quantized, QuantSpec(8).describe() if int8 else None)
+    return path
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_sparsify_bf16_generates_like_dense(arch: str, pruned_model: Callable[..., torch.nn.Module]) -> None:
+    dense = pruned_model(arch)
+    sparse = copy.deepcopy(dense)
+    summary = sparsify_(sparse)
+    assert summary["layers"] == len(find_targets(dense))
+    assert summary["sparse_bytes"] < 0.45 * summary["dense_bytes"]
+    assert isinstance(sparse.get_output_embeddings(), DenseLinear)
+    assert _greedy(sparse) == _greedy(dense)
+
+
+def test_sparsify_int8_logits_are_close(pruned_model: Callable[..., torch.nn.Module]) -> None:
+    dense = pruned_model()
+    sparse = copy.deepcopy(dense)
+    sparsify_(sparse, "int8")
+    assert all(m.kind == "int8" for m in sparse.modules() if isinstance(m, SparseLinear))
+    assert _relative(_logits(sparse), _logits(dense)) < 0.05
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_load_archive_generates_like_dense(
+    tmp_path: Path, tied: bool, pruned_model: Callable[..., torch.nn.Module]
+) -> None:
+    dense = pruned_model(tie_word_embeddings=tied)
+    if tied:
+        dense.tie_weights()
+    archive = _write_archive(dense, tmp_path / "archive")
+    sparse = load(archive)
+    linears = [m for m in sparse.modules() if isinstance(m, SparseLinear)]
+    assert len(linears) == len(find_targets(dense))
+    assert not any(p.device.type == "meta" for p in sparse.parameters())
+    if tied:
+        assert sparse.get_output_embeddings().weight is sparse.get_input_embeddings().weight
+    assert model_bytes(sparse) < 0.75 * model_bytes(dense)  # embeddings dominate at this toy size
+    assert _greedy(sparse) == _greedy(dense)
+
+
+def test_load_int8_archive(tmp_path: Path, pruned_model: Callable[..., torch.nn.Module]) -> None:
+    dense = pruned_model()
+    archive = _write_archive(dense, tmp_path / "archive", int8=True)
+    sparse = load(archive)
+    assert all(m.kind == "int8" for m in sparse.modules() if isinstance(m, SparseLinear))
+    dequantized = formats.load_dir(archive, torch.bfloat16)
+    assert _relative(_logits(sparse), _logits(dequantized)) < 0.05
+    assert load(archive, values="bf16").model.layers[0].mlp.up_proj.kind == "bf16"
+
+
+def _edit_config(archive: Path, **changes: object) -> None:
+    meta = json.loads((archive / "config.json").read_text())
+    meta["model_config"].update(changes)
+    (archive / "config.json").write_text(json.dumps(meta))
+
+
+def test_archive_of_a_different_model_is_refused(
+    tmp_path: Path, pruned_model: Callable[..., torch.nn.Module]
+) -> None:
+    dense = pruned_model()
+    wider = _write_archive(dense, tmp_path / "wider")
+    _edit_config(wider, intermediate_size=dense.config.intermediate_size + 8)
+    with pytest.raises(SparseftError, match="different model"):
+        load(wider)
+    shallower = _write_archive(dense, tmp_path / "shallower")
+    _edit_config(shallower, num_hidden_layers=1)
+    with pytest.raises(SparseftError, match="different model"):
+        load(shallower)
+    bigger_vocab = _write_archive(dense, tmp_path / "vocab")
+    _edit_config(bigger_vocab, vocab_size=dense.config.vocab_size + 1)
+    with pytest.raises(SparseftError, match="does not fit"):
+        load(bigger_vocab)
+    with pytest.raises(SparseftError, match="values must be"):
+        load(wider, values="fp8")  # type: ignore[arg-type]
+
+
+def test_sparsify_refuses_models_not_on_the_cpu(pruned_model: Callable[..., torch.nn.Module]) -> None:
+    model = transformers.AutoModelForCausalLM.from_config(pruned_model().config, dtype=torch.bfloat16).to(
+        "meta"
+    )
+    with pytest.raises(SparseftError, match="CPU"):
+        sparsify_(model)

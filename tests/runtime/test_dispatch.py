@@ -1,0 +1,137 @@
+"""Every kernel path agrees with its plain-torch reference: each instruction-set level this CPU has, forced;
+bf16 and int8 values; batch 1..32; odd sizes; empty and fully dense rows; one and several threads."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from sparseft.errors import SparseftError
+from sparseft.runtime import dispatch, reference
+from sparseft.runtime.packing import pack_dense
+
+KERNEL_ISAS = [name for name in dispatch.available_isas() if name != "torch"]
+SHAPES = [(1, 1), (5, 31), (37, 100), (64, 64), (70, 130), (33, 257)]
+BATCHES = [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 32]
+
+
+def _assert_close(y: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, kind: str) -> None:
+    """`bound` is |x| . |W|^T, the scale of the rounding error of a dot product."""
+    assert y.dtype == ref.dtype and y.shape == ref.shape
+    rel = 1e-6 if kind == "int8" else 1e-4  # int8 sums are exact integers; only the final scaling rounds
+    tol = rel * bound + 1e-6
+    if y.dtype == torch.bfloat16:  # both sides round to bf16 last: one bf16 step apart at most
+        tol = tol + ref.float().abs() * 2**-7
+    err = (y.float() - ref.float()).abs()
+    assert bool((err <= tol).all()), f"max error {err.max().item()} (tolerance {tol.max().item()})"
+
+
+@pytest.mark.skipif(not KERNEL_ISAS, reason="the C++ kernels are not built here")
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_sparse_mm_matches_reference(
+    isa: str, kind: str, shape: tuple[int, int], awkward_weight: Callable[..., torch.Tensor]
+) -> None:
+    rows, cols = shape
+    weight = awkward_weight(rows, cols)
+    packed = pack_dense(weight, kind)  # type: ignore[arg-type]
+    bound_w = reference.unpack(packed).abs().T
+    g = torch.Generator().manual_seed(1)
+    for batch in BATCHES:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(batch, cols, generator=g).to(dtype)
+            bias = torch.randn(rows, generator=g) if batch % 2 else None
+            y = dispatch.sparse_mm(x, packed, bias, isa)
+            ref = reference.sparse_mm(x, packed, bias)
+            _assert_close(y, ref, x.float().abs() @ bound_w * (1 + 1 / 64), kind)
+
+
+@pytest.mark.skipif(not KERNEL_ISAS, reason="the C++ kernels are not built here")
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+def test_int8_agrees_with_dequantized_product(isa: str, awkward_weight: Callable[..., torch.Tensor]) -> None:
+    weight = awkward_weight(40, 200)
+    packed = pack_dense(weight, "int8")
+    x = torch.randn(3, 200)
+    q, scale = reference.quantize_activations(x)
+    dequantized = (q * scale) @ reference.unpack(packed).T
+    y = dispatch.sparse_mm(x, packed, None, isa)
+    torch.testing.assert_close(y, dequantized, rtol=1e-4, atol=1e-4)
+    # and both stay close to the exact float product: the int8 error is small, not a different function
+    exact = x @ weight.T
+    assert ((y - exact).norm() / exact.norm()).item() < 0.02
+
+
+@pytest.mark.skipif(not KERNEL_ISAS, reason="the C++ kernels are not built here")
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+def test_threads_split_uneven_rows(isa: str, kind: str) -> None:
+    # dense first half, nearly empty second half: the split by bytes must still cover every row once
+    weight = torch.randn(301, 515)
+    weight[150:][torch.rand(151, 515) < 0.97] = 0
+    packed = pack_dense(weight, kind)  # type: ignore[arg-type]
+    x = torch.randn(4, 515)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = dispatch.sparse_mm(x, packed, None, isa)
+        torch.set_num_threads(max(before, 2))
+        many = dispatch.sparse_mm(x, packed, None, isa)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(many, one, rtol=0, atol=0)
+    torch.testing.assert_close(one, reference.sparse_mm(x, packed), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif(not KERNEL_ISAS, reason="the C++ kernels are not built here")
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+def test_decompress_matches_reference(
+    isa: str, kind: str, awkward_weight: Callable[..., torch.Tensor]
+) -> None:
+    for rows, cols in SHAPES:
+        packed = pack_dense(awkward_weight(rows, cols), kind)  # type: ignore[arg-type]
+        assert torch.equal(dispatch.decompress(packed, isa), reference.decompress(packed))
+
+
+@pytest.mark.skipif("avx512" not in KERNEL_ISAS, reason="no AVX-512 BF16 on this CPU")
+def test_dense_gemv_matches_reference() -> None:
+    for rows, cols in [(7, 33), (64, 64), (129, 200)]:
+        weight = torch.randn(rows, cols).bfloat16()
+        for batch in (1, 3, 9):
+            x = torch.randn(batch, cols)
+            bias = torch.randn(rows)
+            torch.testing.assert_close(
+                dispatch.dense_mm(x, weight, bias), reference.dense_mm(x, weight, bias), rtol=1e-4, atol=1e-4
+            )
+
+
+def test_large_batches_take_the_dense_path(
+    monkeypatch: pytest.MonkeyPatch, awkward_weight: Callable[..., torch.Tensor]
+) -> None:
+    packed = pack_dense(awkward_weight(30, 70), "bf16")
+    x = torch.randn(2, 5, 70, dtype=torch.bfloat16)
+    monkeypatch.setenv("SPARSEFT_DENSE_ABOVE", "4")
+    y = dispatch.linear(x, packed, None)
+    expected = torch.nn.functional.linear(x, reference.decompress(packed))
+    assert y.shape == (2, 5, 30)
+    torch.testing.assert_close(y, expected)
+
+
+def test_isa_is_forced_by_setting_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPARSEFT_ISA", "torch")
+    assert dispatch.current_isa() == "torch"
+    monkeypatch.setenv("SPARSEFT_ISA", "sse9")
+    with pytest.raises(SparseftError, match="SPARSEFT_ISA"):
+        dispatch.current_isa()
+    monkeypatch.delenv("SPARSEFT_ISA")
+    assert dispatch.current_isa() == dispatch.best_isa()
+    try:
+        dispatch.set_isa("torch")
+        assert dispatch.current_isa() == "torch"
+    finally:
+        dispatch.set_isa(None)
+    with pytest.raises(SparseftError, match="unknown instruction set"):
+        dispatch.set_isa("neon")

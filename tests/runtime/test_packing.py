@@ -1,0 +1,80 @@
+"""The runtime layout is the archive's layout reframed: same bits, same value order, checked on the way in."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from sparseft import formats
+from sparseft.errors import SparseftError
+from sparseft.runtime import reference
+from sparseft.runtime.packing import bitmask_of, pack_bitmask, pack_dense, quantize_rows
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 8), (9, 63), (17, 130)])
+def test_bitmask_matches_the_archive_writer(
+    shape: tuple[int, int], awkward_weight: Callable[..., torch.Tensor]
+) -> None:
+    weight = awkward_weight(*shape)
+    ours = bitmask_of(weight)
+    theirs = formats.compress(weight)
+    for part in ("shape", "bitmask", "row_offsets", "compressed"):
+        assert torch.equal(ours[part], theirs[part]), part
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 31), (9, 64), (17, 130)])
+def test_bf16_round_trip(shape: tuple[int, int], awkward_weight: Callable[..., torch.Tensor]) -> None:
+    weight = awkward_weight(*shape)
+    packed = pack_dense(weight, "bf16")
+    assert packed.values.dtype == torch.bfloat16
+    assert packed.values.numel() * 2 >= packed.nnz * 2 + 64  # padded for full-vector loads
+    assert packed.mask.shape == (shape[0], -(-shape[1] // 64))
+    assert torch.equal(reference.unpack(packed), weight.bfloat16().float())
+    assert torch.equal(reference.unpack_mask(packed), weight != 0)
+
+
+def test_int8_per_row_scales(awkward_weight: Callable[..., torch.Tensor]) -> None:
+    weight = awkward_weight(12, 90)
+    packed = pack_dense(weight, "int8")
+    assert packed.scale is not None and packed.rowsum is not None
+    torch.testing.assert_close(packed.scale, weight.abs().amax(1) / 127)
+    assert packed.scale[0] == 0  # the empty row
+    err = (reference.unpack(packed) - weight).abs()
+    assert bool((err <= packed.scale[:, None] / 2 + 1e-7).all())
+    assert torch.equal(packed.rowsum.long(), reference.unpack(packed, integer=True).sum(1).long())
+
+
+def test_int8_archive_values_are_used_as_stored(awkward_weight: Callable[..., torch.Tensor]) -> None:
+    weight = awkward_weight(6, 40)
+    parts = bitmask_of(weight)
+    q, scale = quantize_rows(
+        parts["compressed"], torch.cat([parts["row_offsets"], torch.tensor([weight.count_nonzero()])])
+    )
+    packed = pack_bitmask(parts["shape"], q, parts["bitmask"], parts["row_offsets"], "int8", scale[:, None])
+    assert torch.equal(packed.values[: packed.nnz], q)
+    as_bf16 = pack_bitmask(parts["shape"], q, parts["bitmask"], parts["row_offsets"], "bf16", scale[:, None])
+    torch.testing.assert_close(reference.unpack(as_bf16), reference.unpack(packed), rtol=1e-2, atol=1e-3)
+
+
+def test_damaged_parts_are_refused(awkward_weight: Callable[..., torch.Tensor]) -> None:
+    parts = bitmask_of(awkward_weight(6, 40))
+    shape, values, bitmask, offsets = (
+        parts["shape"],
+        parts["compressed"],
+        parts["bitmask"],
+        parts["row_offsets"],
+    )
+    with pytest.raises(SparseftError, match="bitmask must be uint8"):
+        pack_bitmask(shape, values, bitmask[:, :-1], offsets)
+    with pytest.raises(SparseftError, match="row_offsets has"):
+        pack_bitmask(shape, values, bitmask, offsets[:-1])
+    with pytest.raises(SparseftError, match="do not match the bitmask"):
+        pack_bitmask(shape, values[:-1], bitmask, offsets)
+    with pytest.raises(SparseftError, match="one scale per output row"):
+        pack_bitmask(shape, values.to(torch.int8), bitmask, offsets, "int8")
+    with pytest.raises(SparseftError, match="values must be"):
+        pack_bitmask(shape, values, bitmask, offsets, "fp8")  # type: ignore[arg-type]
+    with pytest.raises(SparseftError, match="2-D floating-point"):
+        pack_dense(torch.ones(3, 4, dtype=torch.int32))

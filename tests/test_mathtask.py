@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import json
+import re
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+from sparseft import mathtask
+from sparseft.data import load_records
+from sparseft.errors import SparseftError
+
+CALC = re.compile(r"(\d+)([+\-*/])(\d+) = <<(\d+)([+\-*/])(\d+)=(-?\d+)>>(-?\d+)")
+OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
+
+
+@pytest.fixture(scope="module")
+def problems() -> dict[str, list[dict[str, str]]]:
+    return {"train": mathtask.generate(1500, "train", seed=0), "test": mathtask.generate(500, "test", seed=0)}
+
+
+def test_generation_is_deterministic_for_a_seed() -> None:
+    first = mathtask.generate(40, "train", seed=7)
+    assert first == mathtask.generate(40, "train", seed=7)
+    assert first[:10] == mathtask.generate(10, "train", seed=7)  # a smaller set is a prefix
+    assert first != mathtask.generate(40, "train", seed=8)
+
+
+def test_every_calculation_and_final_answer_is_correct(problems: dict[str, list[dict[str, str]]]) -> None:
+    for record in problems["train"] + problems["test"]:
+        *steps, final = record["answer"].split("\n")
+        assert 2 <= len(steps) <= 4, record["answer"]
+        results = []
+        for line in steps:
+            (calc,) = CALC.findall(line)  # exactly one annotated calculation per line
+            a, op, b, a2, op2, b2, c, shown = calc
+            assert (a, op, b) == (a2, op2, b2)  # the text repeats the annotation's calculation
+            value = OPS[op](Fraction(a), Fraction(b))
+            assert value == int(c) == int(shown) and value >= 0, line
+            results.append(int(c))
+        assert final == f"#### {results[-1]}"
+
+
+def test_all_templates_and_operations_are_used(problems: dict[str, list[dict[str, str]]]) -> None:
+    answers = "\n".join(r["answer"] for r in problems["train"])
+    assert {op for *_, op, _b, _c, _s in CALC.findall(answers)} == {"+", "-", "*", "/"}
+    openings = {r["question"].split()[1] for r in problems["train"]}
+    assert len(openings) >= 6  # varied phrasing, not one template
+    assert all("?" in r["question"] for r in problems["train"])
+
+
+def test_splits_do_not_overlap_whatever_the_seeds(problems: dict[str, list[dict[str, str]]]) -> None:
+    train = {r["question"] for r in problems["train"] + mathtask.generate(500, "train", seed=1)}
+    test = {r["question"] for r in problems["test"] + mathtask.generate(300, "test", seed=1)}
+    assert not train & test
+    assert len(problems["train"]) == len(
+        {r["question"] for r in problems["train"]}
+    )  # distinct within a split
+    assert all(mathtask.split_of(q) == "test" for q in test)
+
+
+def test_bad_arguments_are_clear_errors() -> None:
+    with pytest.raises(SparseftError, match="unknown split 'validation'"):
+        mathtask.generate(5, "validation")
+    with pytest.raises(SparseftError, match="at least 0"):
+        mathtask.generate(-1)
+
+
+def test_write_dataset_gives_gsm8k_style_jsonl(tmp_path: Path) -> None:
+    paths = mathtask.write_dataset(tmp_path / "math", n_train=30, n_test=10, seed=2)
+    lines = paths["test"].read_text().splitlines()
+    assert [json.loads(line) for line in lines] == mathtask.generate(10, "test", seed=2)
+    records = load_records(str(paths["train"]))
+    assert records.column_names == ["question", "answer"] and len(records) == 30
+
+
+def test_shipped_tokenizer_is_small_lossless_and_splits_digits(
+    problems: dict[str, list[dict[str, str]]],
+) -> None:
+    assert mathtask.TOKENIZER_FILE.stat().st_size < 200_000
+    tok = mathtask.load_task_tokenizer()
+    assert (
+        tok.pad_token_id is not None and tok.eos_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    )
+    for record in problems["test"][:200]:
+        text = f"Question: {record['question']}\nAnswer: {record['answer']}"
+        ids = tok(text)["input_ids"]
+        assert tok.decode(ids) == text
+        assert len(ids) < 200  # words are merged: far fewer tokens than characters
+        tokens = tok.convert_ids_to_tokens(ids)
+        assert all(len(t.lstrip("Ġ")) == 1 for t in tokens if any(ch.isdigit() for ch in t))

@@ -1,0 +1,89 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sparseft.distill import LossWeights
+from sparseft.errors import SparseftError
+from sparseft.recipe import FinetuneConfig, build, finetune_config, prune_config, read_yaml
+
+RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+
+
+def _is_accelerate_config(path: Path) -> bool:
+    return path.name.startswith("fsdp")
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if not _is_accelerate_config(p)], ids=lambda p: p.name)
+def test_every_recipe_validates(path):
+    data = read_yaml(path)
+    if "data" in data or "stages" in data:
+        cfg = build(FinetuneConfig, data, f"recipe {path.name}")
+        for stage in cfg.stages:
+            cfg.stage_train(stage)
+            if stage.prune is not None:
+                stage.prune.settings()
+    else:
+        prune_config(path)
+
+
+def test_paper_recipes_carry_the_paper_hyper_parameters():
+    expected = {  # DESIGN.md section 3, MPT-7B GSM8K: sparsity -> (lr, epochs)
+        "40": (0.4, 3e-5, 2), "50": (0.5, 3e-5, 2), "60": (0.6, 1e-4, 2), "70": (0.7, 8e-5, 4),
+        "80": (0.8, 1e-4, 4), "2of4": (0.5, 1e-4, 4),
+    }  # fmt: skip
+    for name, (sparsity, lr, epochs) in expected.items():
+        cfg = build(FinetuneConfig, read_yaml(RECIPES[0].parent / f"mpt7b_gsm8k_{name}.yaml"), name)
+        (stage,) = cfg.stages
+        train = cfg.stage_train(stage)
+        assert (train.lr, train.epochs, train.warmup_steps, train.weight_decay) == (lr, epochs, 20, 0.0)
+        assert train.micro_batch_size * train.grad_accum * 8 == 32 and train.mixed_precision == "bf16"
+        assert stage.prune is not None and stage.prune.settings().sparsity == pytest.approx(sparsity)
+        assert cfg.loss.weights() == LossWeights(ce=1.0, squarehead=1.0, eps=0.0078125)
+        assert cfg.data.seqlen == 512 and cfg.data.format == "qa"
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if _is_accelerate_config(p)], ids=lambda p: p.name)
+def test_fsdp_config_is_an_accelerate_fsdp_config(path):
+    data = yaml.safe_load(path.read_text())
+    assert data["distributed_type"] == "FSDP" and data["fsdp_config"]["fsdp_version"] == 2
+    assert data["fsdp_config"]["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # checkpoints gather full weights
+
+
+def test_stage_overrides_merge_and_are_validated():
+    data = {
+        "teacher": "t",
+        "data": {"dataset": "d.jsonl"},
+        "train": {"lr": 1e-3, "micro_batch_size": 4},
+        "stages": [{"name": "a", "train": {"lr": 5e-4}}, {"name": "b", "train": {"grad_accum": 0}}],
+    }
+    with pytest.raises(SparseftError, match="stage b.*grad_accum"):
+        build(FinetuneConfig, data, "recipe")
+    data["stages"][1]["train"] = {}
+    cfg = build(FinetuneConfig, data, "recipe")
+    assert [cfg.stage_train(s).lr for s in cfg.stages] == [5e-4, 1e-3]
+    assert cfg.stage_train(cfg.stages[0]).micro_batch_size == 4
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"loss.name": "mse"}, "unknown loss 'mse'"),
+        ({"loss.kd": -0.5}, "loss weights must be >= 0"),
+        ({"loss.name": "kd", "teacher": None}, "distills from a teacher"),
+        ({"loss.name": "ce", "loss.ce": 0.0}, "every loss weight is 0"),
+        ({"train.lr": 0}, "train.lr: must be positive"),
+        ({"data.format": "qa", "data.prompt_template": "Q:"}, "must contain {question}"),
+    ],
+)
+def test_bad_finetune_settings_are_one_line_errors(overrides, message):
+    args = {"teacher": "t", "data.dataset": "d.jsonl", **overrides}
+    with pytest.raises(SparseftError, match=message) as info:
+        finetune_config(**{k: v for k, v in args.items() if v is not None})
+    assert "\n" not in str(info.value)
+
+
+def test_loss_presets_and_explicit_weights():
+    cfg = finetune_config(**{"data.dataset": "d.jsonl", "teacher": "t", "loss.name": "kd", "loss.kd": 0.5})
+    assert cfg.loss.weights() == LossWeights(ce=1.0, kd=0.5, squarehead=0.0)
+    assert finetune_config(**{"data.dataset": "d.jsonl", "loss.name": "ce"}).loss.weights() == LossWeights()

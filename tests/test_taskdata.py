@@ -1,0 +1,108 @@
+import json
+
+import pytest
+import torch
+import transformers
+
+from sparseft.distill import IGNORE_INDEX
+from sparseft.errors import SparseftError
+from sparseft.recipe import DataConfig
+from sparseft.taskdata import build_rows, calibration_windows, collate, model_inputs
+from sparseft.tiny import python_corpus, tiny_config, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(python_corpus(100_000), 400)
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def _labelled_text(tok, row):
+    return tok.decode([i for i, lab in zip(row.input_ids, row.labels, strict=True) if lab != IGNORE_INDEX])
+
+
+def test_qa_loss_on_answer_only(tok, tmp_path):
+    data = _write_jsonl(
+        tmp_path / "qa.jsonl", [{"question": "How many legs?", "answer": "4 + 4 = 8\n#### 8"}]
+    )
+    (row,) = build_rows(tok, DataConfig(dataset=data))
+    assert tok.decode(row.input_ids).startswith("Question: How many legs?\nAnswer:")
+    assert _labelled_text(tok, row).strip() == "4 + 4 = 8\n#### 8" + tok.eos_token
+    assert row.labels[0] == IGNORE_INDEX
+
+
+def test_chat_uses_prompt_and_response_fields(tok, tmp_path):
+    data = _write_jsonl(tmp_path / "chat.jsonl", [{"prompt": "say hi", "response": "hi there"}])
+    (row,) = build_rows(tok, DataConfig(dataset=data, format="chat"))
+    assert "say hi" in tok.decode(row.input_ids)
+    assert _labelled_text(tok, row) == "hi there" + tok.eos_token
+
+
+def test_text_splits_long_documents_and_labels_everything(tok, tmp_path):
+    text = "def f(x):\n    return x + 1\n" * 20
+    data = _write_jsonl(tmp_path / "t.jsonl", [{"text": text}])
+    rows = build_rows(tok, DataConfig(dataset=data, format="text", seqlen=32))
+    assert len(rows) > 1 and all(len(r.input_ids) <= 32 for r in rows)
+    assert tok.decode([i for r in rows for i in r.input_ids]) == text + tok.eos_token
+    assert all(r.labels == r.input_ids for r in rows)
+
+
+def test_collate_pads_with_masked_labels(tok, tmp_path):
+    data = _write_jsonl(
+        tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}, {"question": "qq " * 5, "answer": "b"}]
+    )
+    rows = build_rows(tok, DataConfig(dataset=data))
+    batch = collate(rows, tok.pad_token_id)
+    short = min(range(2), key=lambda i: len(rows[i].input_ids))
+    n = len(rows[short].input_ids)
+    assert batch["attention_mask"][short, :n].all() and not batch["attention_mask"][short, n:].any()
+    assert (batch["labels"][short, n:] == IGNORE_INDEX).all()
+    assert set(model_inputs(batch)) == {"input_ids", "attention_mask"}
+
+
+def test_packing_keeps_examples_apart(tok, tmp_path):
+    records = [{"question": f"what is {i}?", "answer": f"it is {i}"} for i in range(6)]
+    data = _write_jsonl(tmp_path / "qa.jsonl", records)
+    single = build_rows(tok, DataConfig(dataset=data))
+    packed = build_rows(tok, DataConfig(dataset=data, packing=True, seqlen=64))
+    assert len(packed) < len(single)
+    assert sum(r.labels.count(IGNORE_INDEX) for r in packed) == sum(
+        r.labels.count(IGNORE_INDEX) for r in single
+    )
+    # A model given the packed row must produce, for each example inside it, the logits it gives that example alone.
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=len(tok))).eval()
+    batch = collate(packed[:1], tok.pad_token_id)
+    assert set(model_inputs(batch)) == {"input_ids", "position_ids"}
+    with torch.no_grad():
+        together = model(**model_inputs(batch), use_cache=False).logits[0]
+        start = 0
+        for row in single[: packed[0].position_ids.count(0)]:
+            alone = model(input_ids=torch.tensor([row.input_ids])).logits[0]
+            end = start + len(row.input_ids)
+            torch.testing.assert_close(together[start:end], alone, atol=1e-4, rtol=1e-4)
+            start = end
+
+
+def test_missing_field_is_one_clear_error(tok, tmp_path):
+    data = _write_jsonl(tmp_path / "qa.jsonl", [{"q": "x", "a": "y"}])
+    with pytest.raises(SparseftError, match="no field 'question', 'answer'.*fields are q, a"):
+        build_rows(tok, DataConfig(dataset=data))
+
+
+def test_all_labels_masked_is_an_error(tok, tmp_path):
+    data = _write_jsonl(tmp_path / "qa.jsonl", [{"question": "a long question " * 20, "answer": "x"}] * 3)
+    with pytest.raises(SparseftError, match="every label is masked"):
+        build_rows(tok, DataConfig(dataset=data, seqlen=8))
+
+
+def test_calibration_windows_come_from_the_task_tokens(tok, tmp_path):
+    data = _write_jsonl(tmp_path / "qa.jsonl", [{"question": f"q{i}", "answer": f"a{i}"} for i in range(20)])
+    rows = build_rows(tok, DataConfig(dataset=data))
+    windows = calibration_windows(rows, 4, 16, seed=0)
+    assert windows.shape == (4, 16)
+    assert set(windows.flatten().tolist()) <= {i for r in rows for i in r.input_ids}

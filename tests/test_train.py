@@ -1,0 +1,272 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sparseft
+from sparseft import cli
+from sparseft.errors import SparseftError
+from sparseft.models import load_model
+from sparseft.sparsemask import SparseMasks, pruned_weights
+from sparseft.train import check_sparsity
+
+SMALL = {"train__micro_batch_size": 2, "train__warmup_steps": 1, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory, tokenizer):
+    """A made-up QA task: add two small numbers."""
+    path = tmp_path_factory.mktemp("task") / "add.jsonl"
+    lines = [
+        json.dumps({"question": f"{a} + {b} =", "answer": f"{a + b}\n#### {a + b}"})
+        for a in range(8)
+        for b in range(8)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory, make_model_dir):
+    """The tiny llama teacher pruned to 80% by magnitude."""
+    path = tmp_path_factory.mktemp("student") / "pruned"
+    sparseft.prune(str(make_model_dir("llama")), path, method="magnitude", sparsity=0.8, progress=False)
+    return str(path)
+
+
+def _weights(path):
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def test_pruned_entries_stay_exactly_zero_and_the_rest_moves(tmp_path, task, student, make_model_dir):
+    summary = sparseft.finetune(
+        student,
+        tmp_path / "run",
+        teacher=str(make_model_dir("llama")),
+        dataset=task,
+        loss__kd=1.0,  # all three terms on
+        train__max_steps=20,
+        train__grad_accum=2,
+        train__lr=3e-2,
+        train__weight_decay=0.1,
+        train__max_grad_norm=0.5,
+        train__mixed_precision="bf16",
+        train__save_every=10,
+        **SMALL,
+    )
+    before, after = _weights(student), _weights(tmp_path / "run" / "model")
+    pruned = [k for k in before if (before[k] == 0).any() and before[k].ndim == 2]
+    assert len(pruned) == 14  # 7 linears in each of the 2 blocks
+    for key in pruned:
+        zero = before[key] == 0
+        assert (after[key][zero] == 0).all(), key
+        assert (after[key][~zero] != before[key][~zero]).float().mean() > 0.9, key
+    assert summary["stages"][0]["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    history = summary["history"]
+    assert len(history) == 20 and {"ce", "kd", "squarehead", "loss", "lr", "grad_norm"} <= set(history[0])
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["history"] == history
+    assert len(list((tmp_path / "run" / "checkpoints" / "0-finetune").glob("step-*"))) == 2
+
+
+def test_masks_on_a_stale_copy_fail_loudly(student):
+    model = load_model(student)
+    expected = pruned_weights(model)
+    copy = load_model(student)
+    optimizer = torch.optim.AdamW(copy.parameters())  # holds other parameter objects than `model`
+    with pytest.raises(SparseftError, match="stale copy"):
+        SparseMasks.build(model, optimizer, expected, sharded=False)
+
+    class Single:  # just what check_sparsity asks of an accelerator
+        num_processes = 1
+        distributed_type = "NO"
+
+    masks = SparseMasks.build(model, torch.optim.AdamW(model.parameters()), expected, sharded=False)
+    total = sum(expected.values())
+    assert check_sparsity(Single(), masks, total, "now") == pytest.approx(0.8, abs=1e-3)
+    name = next(iter(expected))
+    weight = dict(model.named_parameters())[name]
+    with torch.no_grad():
+        weight[weight == 0] = 1.0  # what an unmasked update would do
+    with pytest.raises(SparseftError, match="sparsity dropped"):
+        check_sparsity(Single(), masks, total, "at step 3")
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(
+    tmp_path, task, student, make_model_dir, monkeypatch
+):
+    settings = dict(
+        teacher=str(make_model_dir("llama")),
+        dataset=task,
+        train__max_steps=6,
+        train__save_every=2,
+        train__lr=1e-2,
+        train__weight_decay=0.1,
+        **SMALL,
+    )
+    sparseft.finetune(student, tmp_path / "whole", **settings)
+
+    calls = {"n": 0}
+    apply = SparseMasks.apply
+
+    def killed_in_step_5(self):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        apply(self)
+
+    monkeypatch.setattr(SparseMasks, "apply", killed_in_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        sparseft.finetune(student, tmp_path / "killed", **settings)
+    monkeypatch.setattr(SparseMasks, "apply", apply)
+    assert not (tmp_path / "killed" / "model").exists()
+    summary = sparseft.finetune(student, tmp_path / "killed", resume=True, **settings)
+
+    whole, resumed = _weights(tmp_path / "whole" / "model"), _weights(tmp_path / "killed" / "model")
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], rtol=1e-5, atol=1e-6)
+    assert [h["step"] for h in summary["history"]] == [1, 2, 3, 4, 5, 6]
+
+
+DDP = dict(
+    train__max_steps=2,
+    train__micro_batch_size=2,
+    train__lr=3e-2,
+    train__warmup_steps=0,
+    train__weight_decay=0.1,
+)
+DRIVER = f"""
+import json, os, sys
+import sparseft
+summary = sparseft.finetune(sys.argv[2], sys.argv[1], teacher=sys.argv[3], dataset=sys.argv[4], progress=False,
+                            train__grad_accum=1, **{DDP!r})
+with open(sys.argv[1] + "-losses-" + os.environ["RANK"], "w") as f:  # one file per rank: stdout interleaves
+    json.dump([h["loss"] for h in summary["history"]], f)
+"""
+
+
+def test_two_processes_match_one_on_the_same_global_batch(tmp_path, task, student, make_model_dir):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    teacher = str(make_model_dir("llama"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+         str(driver), str(tmp_path / "two"), student, teacher, task],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    # One process, two micro-batches per step: the same global batch of 4 rows.
+    one = sparseft.finetune(student, tmp_path / "one", teacher=teacher, dataset=task, progress=False,
+                            train__grad_accum=2, **DDP)  # fmt: skip
+
+    # both ranks report the loss reduced over the two processes
+    reported = [json.loads((tmp_path / f"two-losses-{rank}").read_text()) for rank in range(2)]
+    for losses in reported:
+        assert losses == pytest.approx([h["loss"] for h in one["history"]], rel=1e-5)
+    before, a, b = (
+        _weights(student),
+        _weights(tmp_path / "two" / "model"),
+        _weights(tmp_path / "one" / "model"),
+    )
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+        if before[key].ndim == 2 and (before[key] == 0).any():
+            assert (a[key][before[key] == 0] == 0).all()
+
+
+def test_stages_from_a_recipe_through_the_cli(tmp_path, task, make_model_dir, capsys):
+    recipe = tmp_path / "stages.yaml"
+    recipe.write_text(
+        f"""
+model: {make_model_dir("llama")}
+teacher: {make_model_dir("llama")}
+data: {{dataset: {task}, seqlen: 64, packing: true}}
+loss: {{name: squarehead}}
+train: {{max_steps: 2, micro_batch_size: 2, warmup_steps: 0, lr: 1.0e-3}}
+stages:
+  - {{name: s50, prune: {{method: sparsegpt, sparsity: 0.5, num_samples: 4, seqlen: 32}}}}
+  - {{name: s75, prune: {{method: wanda, sparsity: 0.75, num_samples: 4, seqlen: 32}}, train: {{max_steps: 3}}}}
+"""
+    )
+    assert cli.main(["finetune", "--recipe", str(recipe), "--output", str(tmp_path / "run")]) == 0
+    assert "sparsity 75.00%" in capsys.readouterr().out
+    first = json.loads((tmp_path / "run" / "stage-0-s50" / "finetune.json").read_text())
+    last = json.loads((tmp_path / "run" / "model" / "finetune.json").read_text())
+    assert first["sparsity"] == pytest.approx(0.5) and last["sparsity"] == pytest.approx(0.75)
+    assert [first["steps"], last["steps"]] == [2, 3]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [h["stage"] for h in metrics["history"]] == ["s50"] * 2 + ["s75"] * 3
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("arch", "teacher is a gpt2 model but the student is llama"),
+        ("vocab", "vocabulary of"),
+        ("blocks", "3 blocks of width 64"),
+        ("fields", "no field 'question'"),
+        ("labels", "every label is masked"),
+        ("negative", "loss weights must be >= 0"),
+        ("loss", "unknown loss 'squarehed'"),
+    ],
+)
+def test_bad_input_is_one_clear_error_before_training(case, message, tmp_path, task, student, make_model_dir):
+    kwargs = {"teacher": str(make_model_dir("llama")), "dataset": task, "train__max_steps": 1}
+    if case == "arch":
+        kwargs["teacher"] = str(make_model_dir("gpt2"))
+    elif case == "vocab":
+        import transformers
+
+        from sparseft.tiny import tiny_config
+
+        model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=100))
+        model.save_pretrained(tmp_path / "small-vocab")
+        kwargs["teacher"] = str(tmp_path / "small-vocab")
+    elif case == "blocks":
+        kwargs["teacher"] = str(make_model_dir("llama", layers=3))
+    elif case == "fields":
+        (tmp_path / "bad.jsonl").write_text('{"prompt": "x", "completion": "y"}\n')
+        kwargs["dataset"] = str(tmp_path / "bad.jsonl")
+    elif case == "labels":
+        kwargs["data__seqlen"] = 4  # every prompt is longer than that
+    elif case == "negative":
+        kwargs["loss__squarehead"] = -1.0
+    else:
+        kwargs["loss"] = "squarehed"
+    with pytest.raises(SparseftError, match=message) as info:
+        sparseft.finetune(student, tmp_path / "run", progress=False, **kwargs)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_distillation_pulls_the_pruned_student_toward_the_teacher(tmp_path, task, student, make_model_dir):
+    # What we saw on a made-up addition task at 80% sparsity (hidden 128, 4 blocks, a teacher trained 300 steps):
+    # after 150 steps the student's task CE was 0.18 (CE alone), 0.20 (CE + KD) and 0.20 (CE + SquareHead), from
+    # 0.75 one-shot; the tiny teacher was no better than the CE student, so distillation could not win there.
+    # This test checks what the terms must do: trained on alone, KD and SquareHead both fall.
+    summary = sparseft.finetune(
+        student,
+        tmp_path / "run",
+        teacher=str(make_model_dir("llama")),
+        dataset=task,
+        loss="kd",
+        loss__ce=0.0,
+        loss__squarehead=1.0,
+        train__max_steps=12,
+        train__lr=1e-2,
+        **SMALL,
+    )
+    history = summary["history"]
+    assert "ce" not in history[0]
+
+    def mean(rows, key):
+        return sum(r[key] for r in rows) / len(rows)
+
+    for key in ("kd", "squarehead"):
+        assert mean(history[-3:], key) < 0.5 * mean(history[:3], key), key
