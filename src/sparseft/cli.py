@@ -19,17 +19,21 @@ def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2))
 
 
-PAIR_FIELDS = ("source_lang", "target_lang", "source_field", "target_field", "source_prefix", "audio_field")
+# Flags of encoder-decoder data (T5 translation, Whisper speech), with their help; see `sparseft.seq2seq_data`.
+PAIR_FIELDS = {
+    "source_lang": "translation: source language code in translation records (e.g. en)",
+    "target_lang": "translation: target language code (e.g. de); speech: Whisper's language (e.g. hi)",
+    "source_field": "translation: source column when not by language (default source)",
+    "target_field": "translation: target column when not by language (default target)",
+    "source_prefix": "translation: text before each source (default: T5's task prefix)",
+    "audio_field": "speech: column of audio paths or datasets audio (default audio)",
+}
 
 
-def _add_pair_fields(p: argparse.ArgumentParser) -> None:
-    """Flags of encoder-decoder data (T5 translation, Whisper speech); see `sparseft.seq2seq_data`."""
-    p.add_argument("--source-lang", help="translation: source language code in translation records (e.g. en)")
-    p.add_argument("--target-lang", help="translation: target language code (e.g. de)")
-    p.add_argument("--source-field", help="translation: source column when not by language (default source)")
-    p.add_argument("--target-field", help="translation: target column when not by language (default target)")
-    p.add_argument("--source-prefix", help="translation: text before each source (default: T5's task prefix)")
-    p.add_argument("--audio-field", help="speech: column of audio paths or datasets audio (default audio)")
+def _add_pair_fields(p: argparse.ArgumentParser, section: str = "") -> None:
+    """Add PAIR_FIELDS; `section` ("data.") files them under a recipe section."""
+    for name, text in PAIR_FIELDS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=section + name, help=text)
 
 
 def _pair_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -37,8 +41,8 @@ def _pair_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_prune(sub: Any) -> None:
-    p = sub.add_parser("prune", help="one-shot prune a causal LM (magnitude, wanda, sparsegpt)")
-    p.add_argument("model", help="hub id or local directory of a Hugging Face causal LM")
+    p = sub.add_parser("prune", help="one-shot prune a causal LM, T5 or Whisper (magnitude/wanda/sparsegpt)")
+    p.add_argument("model", help="hub id or local directory of a Hugging Face causal LM, T5 or Whisper")
     p.add_argument("--output", "-o", required=True, help="directory for the pruned checkpoint")
     p.add_argument("--recipe", help="YAML file with the same settings (flags override it)")
     p.add_argument("--method", choices=["magnitude", "wanda", "sparsegpt"])
@@ -50,7 +54,8 @@ def add_prune(sub: Any) -> None:
     )
     p.add_argument("--ignore", help="comma-separated module names, class names or re:regex to leave dense")
     p.add_argument(
-        "--dataset", help="calibration text: a .txt/.jsonl/.json/.csv/.parquet file or a datasets name"
+        "--dataset",
+        help="calibration text (T5: translation pairs; Whisper: speech): a local file or a datasets name",
     )
     p.add_argument("--dataset-config")
     p.add_argument("--split")
@@ -211,16 +216,24 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def add_demo(sub: Any) -> None:
-    p = sub.add_parser("demo", help="run the main job offline on the bundled default")
+    p = sub.add_parser(
+        "demo",
+        help="the whole pipeline offline: train a teacher on the bundled math task, prune 70%%, fine-tune with "
+        "SquareHead, export bitmask int8, benchmark the runtime; prints a table, writes OUTPUT/report.md",
+    )
     p.add_argument("--output", "-o", default="runs/demo", help="where the demo writes its models and report")
-    p.add_argument("--quick", action="store_true", help="a reduced run that finishes in seconds")
+    p.add_argument("--quick", action="store_true", help="the same pipeline at toy size (under a minute)")
+    p.add_argument("--model", help="start from this model (hub id or directory) instead of a tiny one")
+    p.add_argument(
+        "--dataset", help="GSM8K-style question/answer dataset with train and test splits (with --model)"
+    )
     p.set_defaults(run=run_demo)
 
 
 def run_demo(args: argparse.Namespace) -> None:
     from sparseft.demo import run_demo as demo
 
-    demo(args.output, quick=args.quick)
+    demo(args.output, quick=args.quick, model=args.model, dataset=args.dataset)
 
 
 def add_finetune(sub: Any) -> None:
@@ -237,12 +250,18 @@ def add_finetune(sub: Any) -> None:
     p.add_argument("--dataset", help="task data: .jsonl/.json/.csv/.parquet file or a datasets name")
     p.add_argument("--dataset-config", dest="data.dataset_config")
     p.add_argument("--split", dest="data.split")
-    p.add_argument("--format", dest="data.format", choices=["qa", "chat", "text"], help="default qa (GSM8K)")
+    p.add_argument(
+        "--format",
+        dest="data.format",
+        choices=["qa", "chat", "text", "translation", "speech"],
+        help="default qa (GSM8K); translation (T5) and speech (Whisper) for encoder-decoders",
+    )
     p.add_argument("--question-field", dest="data.question_field")
     p.add_argument("--answer-field", dest="data.answer_field")
     p.add_argument("--prompt-field", dest="data.prompt_field")
     p.add_argument("--response-field", dest="data.response_field")
     p.add_argument("--text-field", dest="data.text_field")
+    _add_pair_fields(p, "data.")
     p.add_argument("--seqlen", type=int, dest="data.seqlen", help="longest row in tokens (default 512)")
     p.add_argument("--packing", action="store_const", const=True, dest="data.packing")
     p.add_argument("--max-examples", type=int, dest="data.max_examples")
@@ -458,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sparseft: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("sparseft: interrupted; no partial output was kept", file=sys.stderr)
+        print("sparseft: interrupted (outputs are written atomically; fine-tuning resumes with --resume)", file=sys.stderr)
         return 130
     return 0
 
