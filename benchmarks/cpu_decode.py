@@ -97,6 +97,14 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (VmHWM). Not ru_maxrss: that survives fork + exec, so a child would
+    report the parent's peak when the parent was larger."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
 def memory_child(name: str, workdir: Path) -> None:
     """Run in a fresh process: load one model, generate, print the peak memory as JSON."""
     # Import transformers' Llama and generation code first (a tiny model does it): those ~250 MB of code and
@@ -113,7 +121,7 @@ def memory_child(name: str, workdir: Path) -> None:
     ids = torch.randint(0, 32000, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)  # type: ignore[operator]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     print(json.dumps({"peak_rss": peak, "before_load": before, "peak_minus_before": peak - before}))
 
 
@@ -151,6 +159,7 @@ def outside_linears(model: nn.Module, new_tokens: int, runs: int) -> float:
 
 
 def main() -> None:
+    transformers.utils.logging.disable_progress_bar()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="/tmp/sparseft-decode")
     parser.add_argument("--new-tokens", type=int, default=128)

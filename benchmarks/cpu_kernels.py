@@ -30,7 +30,7 @@ from sparseft.runtime.packing import Packed, pack_dense
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 SPARSITIES = [0.5, 0.7, 0.8, 0.9]
 BATCHES = [1, 4, 16]
-WORKING_SET = 640 * 2**20  # bytes each variant cycles through: about twice this machine's 300 MiB L3
+WORKING_SET = 400 * 2**20  # bytes each variant cycles through: more than this machine's 300 MiB L3
 
 
 def copies_of(nbytes: int) -> int:
@@ -61,12 +61,10 @@ class Variant:
         return statistics.median(self.times)
 
 
-def dense_variants(weight: torch.Tensor, batch: int, isa: str) -> list[Variant]:
-    rows, cols = weight.shape
+def dense_variants(fp32: list[torch.Tensor], bf16: list[torch.Tensor], batch: int, isa: str) -> list[Variant]:
+    rows, cols = fp32[0].shape
     x32 = torch.randn(batch, cols)
     x16 = x32.bfloat16()
-    fp32 = [weight.clone() for _ in range(copies_of(weight.numel() * 4))]
-    bf16 = [weight.bfloat16() for _ in range(copies_of(weight.numel() * 2))]
     out = [
         Variant("torch fp32", rows * cols * 4, len(fp32), lambda i: torch.nn.functional.linear(x32, fp32[i])),
         Variant("torch bf16", rows * cols * 2, len(bf16), lambda i: torch.nn.functional.linear(x16, bf16[i])),
@@ -78,14 +76,21 @@ def dense_variants(weight: torch.Tensor, batch: int, isa: str) -> list[Variant]:
     return out
 
 
-def sparse_variants(weight: torch.Tensor, batch: int, isa: str) -> list[Variant]:
-    x16 = torch.randn(batch, weight.shape[1]).bfloat16()
-    out = []
+def packed_copies(weight: torch.Tensor) -> dict[str, list[Packed]]:
+    """Enough copies of the packed weight (bf16 and int8 values) to read past the cache."""
+    out = {}
     for kind in ("bf16", "int8"):
         first = pack_dense(weight, kind)  # type: ignore[arg-type]
-        packs = [first] + [clone_packed(first) for _ in range(copies_of(first.nbytes()) - 1)]
-        run = (lambda ps: lambda i: dispatch.sparse_mm(x16, ps[i], None, isa))(packs)
-        out.append(Variant(f"sparse {kind}", first.nbytes(), len(packs), run))
+        out[kind] = [first] + [clone_packed(first) for _ in range(copies_of(first.nbytes()) - 1)]
+    return out
+
+
+def sparse_variants(packs: dict[str, list[Packed]], batch: int, isa: str) -> list[Variant]:
+    x16 = torch.randn(batch, packs["bf16"][0].shape[1]).bfloat16()
+    out = []
+    for kind, copies in packs.items():
+        run = (lambda ps: lambda i: dispatch.sparse_mm(x16, ps[i], None, isa))(copies)
+        out.append(Variant(f"sparse {kind}", copies[0].nbytes(), len(copies), run))
     return out
 
 
@@ -107,11 +112,14 @@ def bench_shape(
     shape: tuple[int, int], sparsities: list[float], batches: list[int], reps: int, isa: str
 ) -> list[dict[str, Any]]:
     weight = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    fp32 = [weight.clone() for _ in range(copies_of(weight.numel() * 4))]
+    bf16 = [weight.bfloat16() for _ in range(copies_of(weight.numel() * 2))]
+    packs = {s: packed_copies(prune(weight, s)) for s in sparsities}
     rows: list[dict[str, Any]] = []
     for batch in batches:
         before = copy_bandwidth()
-        dense = dense_variants(weight, batch, isa)
-        sparse = {s: sparse_variants(prune(weight, s), batch, isa) for s in sparsities}
+        dense = dense_variants(fp32, bf16, batch, isa)
+        sparse = {s: sparse_variants(packs[s], batch, isa) for s in sparsities}
         time_round_robin(dense + [v for vs in sparse.values() for v in vs], reps)
         after = copy_bandwidth()
         bandwidth = statistics.median([before, after])

@@ -257,7 +257,7 @@ def kernel_table(
 
 SWEEP = [
     LaunchConfig(row_tiles=rt, num_warps=nw, split=0)
-    for rt, nw in [(1, 4), (2, 2), (2, 4), (4, 2), (4, 4), (8, 4), (4, 8)]
+    for rt, nw in [(1, 4), (2, 1), (2, 2), (2, 4), (4, 1), (4, 2), (4, 4), (8, 4)]
 ]
 
 

@@ -1,17 +1,56 @@
 import json
 from pathlib import Path
 
+import pytest
+
+from sparseft import demo, formats
 from sparseft.cli import main
 
 
-def test_quick_demo_runs_end_to_end_and_caches_the_dense_model(tmp_path: Path) -> None:
-    assert main(["demo", "--quick", "--output", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / "demo.json").read_text())
-    methods = {(r["method"], r["setting"]) for r in result["rows"]}
-    assert ("dense", "-") in methods and ("sparsegpt", "70%") in methods and ("wanda", "2:4") in methods
-    assert all(r["perplexity"] > 1 for r in result["rows"])
-    assert "| sparsegpt | 70% |" in (tmp_path / "report.md").read_text()
-    weights = tmp_path / "dense" / "model.safetensors"
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--quick", "--output", str(output)]) == 0
+    return output
+
+
+def test_quick_demo_runs_the_whole_pipeline(quick_run: Path) -> None:
+    result = json.loads((quick_run / "demo.json").read_text())
+    assert set(result["accuracy"]) == {"dense", "pruned", "recovered", "runtime"}
+    assert all(0.0 <= a <= 1.0 for a in result["accuracy"].values())
+    assert all(speed > 0 for speed in result["decode_tok_s"].values())
+    assert set(result["seconds"]) == {"teacher", "prune", "finetune", "export", "evaluate", "benchmark"}
+    # One-shot SparseGPT to 70%, and fine-tuning kept every pruned weight at zero.
+    pruned = json.loads((quick_run / "pruned" / "sparsity.json").read_text())
+    assert pruned["method"] == "sparsegpt" and pruned["targets_sparsity"] == pytest.approx(0.7, abs=0.01)
+    student = json.loads((quick_run / "student" / "metrics.json").read_text())
+    assert student["stages"][-1]["sparsity"] >= pruned["targets_sparsity"] - 1e-6
+    assert {"ce", "squarehead"} <= set(student["history"][-1])
+    # The shipped artefact is the int8 bitmask archive, smaller on disk than the dense teacher.
+    assert formats.detect(quick_run / "export") == "bitmask"
+    export = json.loads((quick_run / "export" / "export.json").read_text())
+    assert export["quantization"]["bits"] == 8
+    assert result["size_on_disk"]["export"] < result["size_on_disk"]["dense"]
+
+
+def test_quick_demo_writes_the_report_with_its_table_and_plots(quick_run: Path) -> None:
+    report = (quick_run / "report.md").read_text()
+    assert "| model | accuracy | decode tokens/s | size on disk |" in report
+    assert "| SparseGPT 70% one-shot |" in report
+    for plot in ("loss.png", "accuracy.png", "speed.png"):
+        assert (quick_run / plot).read_bytes()[:4] == b"\x89PNG"
+        assert f"]({plot})" in report
+
+
+def test_the_teacher_is_cached_while_its_inputs_stay_the_same(quick_run: Path) -> None:
+    weights = quick_run / "teacher" / "model" / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
-    assert main(["demo", "--quick", "--output", str(tmp_path)]) == 0
-    assert weights.stat().st_mtime_ns == stamp  # the trained model was reused, not retrained
+    data = demo.bundled_data(quick_run, demo.QUICK)
+    start = demo.initial_model(quick_run, demo.QUICK)
+    assert demo.teacher(quick_run, start, data, demo.QUICK, progress=False) == str(weights.parent)
+    assert weights.stat().st_mtime_ns == stamp  # reused, not retrained
+
+
+def test_dataset_without_model_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--quick", "--output", str(tmp_path), "--dataset", "gsm8k"]) == 2
+    assert "--dataset needs --model" in capsys.readouterr().err

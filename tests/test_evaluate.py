@@ -195,3 +195,14 @@ def test_dataset_missing_its_answer_field_fails_before_the_model_loads(tmp_path:
     data = _write_jsonl(tmp_path / "qa.jsonl", [{"question": "How many?", "solution": "#### 3"}])
     with pytest.raises(SparseftError, match="no field 'answer'.*--answer-field"):
         api.evaluate(str(tmp_path / "no-such-model"), "gsm8k", dataset=str(data))
+
+
+def test_gsm8k_on_the_sparse_cpu_runtime(math_model: MathModel, tmp_path: Path) -> None:
+    _, _, records, model_dir = math_model
+    exported = tmp_path / "bitmask"
+    api.export(str(model_dir), exported, format="bitmask", progress=False)
+    result = api.evaluate(str(exported), "gsm8k", runtime=True, limit=8, max_new_tokens=120, progress=False)
+    assert result["runtime"] is True and result["dataset"]["dataset"] == "mathtask"
+    memorised = [r["question"] for r in records]
+    assert [s["question"] for s in result["samples"]] == memorised
+    assert result["accuracy"] == 1.0

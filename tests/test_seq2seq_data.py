@@ -15,10 +15,10 @@ import transformers
 
 from sparseft.distill import IGNORE_INDEX
 from sparseft.errors import SparseftError
+from sparseft.models import model_class
 from sparseft.seq2seq_data import (
     Encoding,
     PairSource,
-    auto_class,
     calibration_samples,
     check_rate,
     collate,
@@ -122,9 +122,9 @@ def test_kinds_and_auto_classes(t5_dir: Path, whisper_dir: Path) -> None:
     assert (model_kind(t5), model_kind(whisper)) == ("translation", "speech")
     assert model_kind(transformers.GPT2Config()) == "causal"
     assert isinstance(
-        auto_class(whisper).from_pretrained(whisper_dir), transformers.WhisperForConditionalGeneration
+        model_class(whisper).from_pretrained(whisper_dir), transformers.WhisperForConditionalGeneration
     )
-    assert isinstance(auto_class(t5).from_pretrained(t5_dir), transformers.T5ForConditionalGeneration)
+    assert isinstance(model_class(t5).from_pretrained(t5_dir), transformers.T5ForConditionalGeneration)
 
 
 def test_translation_examples_have_prefix_labels_and_shifted_decoder_inputs(

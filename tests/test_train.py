@@ -131,6 +131,8 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(
     for key in whole:
         torch.testing.assert_close(resumed[key], whole[key], rtol=1e-5, atol=1e-6)
     assert [h["step"] for h in summary["history"]] == [1, 2, 3, 4, 5, 6]
+    kept = sorted(p.name for p in (tmp_path / "whole" / "checkpoints" / "0-finetune").iterdir())
+    assert kept == ["step-4", "step-6"]  # every 2 steps, the last 2 kept
 
 
 DDP = dict(
@@ -246,10 +248,11 @@ def test_bad_input_is_one_clear_error_before_training(case, message, tmp_path, t
 
 
 def test_distillation_pulls_the_pruned_student_toward_the_teacher(tmp_path, task, student, make_model_dir):
-    # What we saw on a made-up addition task at 80% sparsity (hidden 128, 4 blocks, a teacher trained 300 steps):
-    # after 150 steps the student's task CE was 0.18 (CE alone), 0.20 (CE + KD) and 0.20 (CE + SquareHead), from
-    # 0.75 one-shot; the tiny teacher was no better than the CE student, so distillation could not win there.
-    # This test checks what the terms must do: trained on alone, KD and SquareHead both fall.
+    # What we saw on a made-up addition task (300 train / 100 held-out sums; llama hidden 128, 4 blocks; 80%
+    # magnitude; 150 steps, one seed), held-out answer CE: teacher 0.035, one-shot 1.09, then CE alone 0.038,
+    # CE + KD 0.035, CE + SquareHead 0.035. With a weaker teacher (300 steps, held-out 0.28) CE alone won (0.22
+    # against 0.24). The margins are small at this scale, so the test checks what the terms must do instead:
+    # trained on alone, KD and SquareHead both fall.
     summary = sparseft.finetune(
         student,
         tmp_path / "run",

@@ -78,7 +78,7 @@ def prune(
     started = time.perf_counter()
     tokenizer = load_tokenizer(model, trust_remote_code)
     config = seq2seq_data.read_config(model, trust_remote_code)
-    net = load_model(model, dtype, trust_remote_code, seq2seq_data.auto_class(config))
+    net = load_model(model, dtype, trust_remote_code)
     settings_ = cfg.settings()
     targets = find_targets(net, cfg.targets or None, cfg.ignore)
     if settings_.structure is not None:
@@ -87,9 +87,7 @@ def prune(
     samples: Any = None
     calibration = None
     if cfg.method != "magnitude" and seq2seq_data.model_kind(config) != "causal":
-        samples, calibration = seq2seq_data.prune_calibration(
-            model, tokenizer, config, cfg, trust_remote_code
-        )
+        samples, calibration = seq2seq_data.prune_calibration(model, tokenizer, net, cfg, trust_remote_code)
     elif cfg.method != "magnitude":
         assert cfg.dataset is not None
         _check_seqlen(net, cfg.seqlen)
@@ -176,9 +174,8 @@ def _eval_model(
         if tokenizer is None:
             raise SparseftError("evaluating a loaded model needs its tokenizer: pass tokenizer=...")
         return model, tokenizer
-    tokenizer = tokenizer or load_tokenizer(
-        model, trust_remote_code
-    )  # first: fails fast without a model load
+    # The tokenizer first: a directory without one fails in a second, not after the model has loaded.
+    tokenizer = tokenizer or load_tokenizer(model, trust_remote_code)
     if runtime:
         net = load_sparse(model, trust_remote_code=trust_remote_code)
     elif Path(model).is_dir():
@@ -263,6 +260,7 @@ def eval_gsm8k(
             "fewshot_dataset": fewshot_dataset,
         },
         "seed": seed,
+        "runtime": runtime,
         **result,
     }
 
@@ -302,6 +300,7 @@ def eval_lm_eval(
         "task": ",".join(lmeval.PREFIX + t for t in tasks),
         "model": model if isinstance(model, str) else type(model).__name__,
         "seed": seed,
+        "runtime": runtime,
         "protocol": {
             "harness": "lm-evaluation-harness",
             "num_fewshot": num_fewshot,
@@ -314,7 +313,7 @@ def eval_lm_eval(
 
 def _load_seq2seq(model: str, config: Any, dtype: str, runtime: bool, trust_remote_code: bool) -> Any:
     """An encoder-decoder (T5, Whisper) from a hub id, an HF directory or any export; with `runtime`, its pruned
-    linears on sparseft's CPU kernels. (`load_model` picks causal LMs unless told the auto class.)"""
+    linears on sparseft's CPU kernels."""
     from sparseft import formats
     from sparseft import runtime as sparse_runtime
     from sparseft.models import parse_dtype
@@ -325,9 +324,7 @@ def _load_seq2seq(model: str, config: Any, dtype: str, runtime: bool, trust_remo
     if exported:
         net = formats.load_dir(model, torch.bfloat16 if runtime else parse_dtype(dtype), trust_remote_code)
     else:
-        net = load_model(
-            model, "bfloat16" if runtime else dtype, trust_remote_code, seq2seq_data.auto_class(config)
-        )
+        net = load_model(model, "bfloat16" if runtime else dtype, trust_remote_code)
     if runtime:
         sparse_runtime.sparsify_(net, "bf16")
     return net

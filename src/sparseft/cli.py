@@ -477,7 +477,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sparseft: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("sparseft: interrupted (outputs are written atomically; fine-tuning resumes with --resume)", file=sys.stderr)
+        print(
+            "sparseft: interrupted (outputs are written atomically; fine-tuning resumes with --resume)",
+            file=sys.stderr,
+        )
         return 130
     return 0
 

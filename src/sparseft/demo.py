@@ -1,130 +1,413 @@
-"""`sparseft demo`: the main job, offline, on the bundled default.
+"""`sparseft demo`: the whole pipeline of DESIGN.md section 1, offline, on the bundled math task.
 
-Trains a small Llama-architecture model on text every Python install carries (its standard library's source),
-prunes it one-shot with magnitude, Wanda and SparseGPT, and compares held-out perplexity. The trained model is
-cached in the output directory, so later runs skip training.
+    train a small dense model on the task (the teacher; cached) -> SparseGPT one-shot to 70% -> evaluate
+    -> sparse fine-tune with SquareHead from the teacher -> evaluate -> export bitmask + int8
+    -> decode speed of the runtime (SparseLinear) against dense bf16, side by side
+
+Every step is the public API (`sparseft.api`), so this file is also the worked example of using it. The teacher
+is trained from scratch with `finetune` (CE, no pruning): DESIGN.md's "sparseft can produce the teacher itself".
+With `model`/`dataset` the same pipeline starts from a real model and a GSM8K-style dataset instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 
-from sparseft import api
+from sparseft import api, mathtask
 from sparseft.atomic import atomic_dir, write_json
-from sparseft.data import token_stream
-from sparseft.tiny import pretrain, python_corpus, tiny_config, train_tokenizer
+from sparseft.errors import SparseftError
 
 
 @dataclass(frozen=True)
 class DemoSize:
+    """Model size and budgets. The default fits the first run in about 15 minutes on 2 cores (see docs/DEMO.md)."""
+
     hidden: int = 128
     layers: int = 4
-    vocab: int = 1024
-    corpus_chars: int = 1_500_000
-    steps: int = 300
-    seqlen: int = 128
+    train_problems: int = 20_000
+    test_problems: int = 200
+    teacher_steps: int = 800
+    teacher_lr: float = 3e-3
+    finetune_steps: int = 150
+    finetune_lr: float = 3e-4
     batch_size: int = 16
-    calib_samples: int = 32
+    seqlen: int = 256
+    calib_samples: int = 64
+    sparsity: float = 0.7
+    max_new_tokens: int = 144  # the longest worked answer is about 125 tokens
+    bench_prompt: int = 64
+    bench_tokens: int = 64
+    bench_runs: int = 3
+    bf16: bool = True  # bf16 autocast for training: about half the time of float32 on this class of CPU
 
 
 QUICK = DemoSize(
-    hidden=64, layers=2, vocab=384, corpus_chars=100_000, steps=10, seqlen=64, batch_size=8, calib_samples=4
+    hidden=64,
+    layers=2,
+    train_problems=300,
+    test_problems=16,
+    teacher_steps=8,
+    finetune_steps=4,
+    batch_size=8,
+    calib_samples=4,
+    max_new_tokens=16,
+    bench_prompt=8,
+    bench_tokens=4,
+    bench_runs=1,
+    bf16=False,  # at toy size, creating bf16 kernels for each new batch shape costs more than it saves
 )
 
-SETTINGS: list[tuple[str, dict[str, Any]]] = [
-    ("50%", {"sparsity": 0.5}),
-    ("2:4", {"structure": "2:4"}),
-    ("70%", {"sparsity": 0.7}),
-]
+
+@dataclass(frozen=True)
+class TaskData:
+    """Where the task's records come from: train and test as (dataset, split) pairs for `finetune`/`evaluate`."""
+
+    train: tuple[str, str]
+    test: tuple[str, str]
+    describe: str
 
 
-def prepare_text(output: Path, size: DemoSize) -> tuple[Path, Path]:
-    """Split the corpus by file into train (90%) and held-out (10%) text files."""
-    texts = python_corpus(size.corpus_chars)
-    cut = max(1, len(texts) // 10)
-    train, test = output / "train.txt", output / "heldout.txt"
-    if not train.exists():
-        train.write_text("\n\n".join(texts[cut:]))
-        test.write_text("\n\n".join(texts[:cut]))
-    return train, test
+def bundled_data(output: Path, size: DemoSize) -> TaskData:
+    """The bundled generator's train and test splits, written once as JSONL (seeded, so always the same)."""
+    data = output / "data"
+    meta = {"train": size.train_problems, "test": size.test_problems, "seed": 0}
+    if not (data / "meta.json").is_file() or json.loads((data / "meta.json").read_text()) != meta:
+        mathtask.write_dataset(data, size.train_problems, size.test_problems, seed=0)
+        write_json(data / "meta.json", meta)
+    return TaskData(
+        (str(data / "train.jsonl"), "train"),
+        (str(data / "test.jsonl"), "test"),
+        f"bundled math task ({size.train_problems} train / {size.test_problems} test problems)",
+    )
 
 
-def train_dense(model_dir: Path, train_text: Path, size: DemoSize, progress: bool = True) -> None:
-    """Train the dense model once; a finished model directory is reused as a cache."""
-    if (model_dir / "config.json").exists():
-        return
-    text = train_text.read_text()
-    tokenizer = train_tokenizer([text], size.vocab)
-    config = tiny_config("llama", vocab_size=len(tokenizer), hidden=size.hidden, layers=size.layers)
+def initial_model(output: Path, size: DemoSize) -> str:
+    """A randomly initialised small Llama with the task's shipped tokenizer, saved as the teacher's start."""
+    import transformers
+
+    from sparseft.tiny import tiny_config
+
+    directory = output / "init"
+    if (directory / "config.json").is_file():
+        return str(directory)
+    tokenizer = mathtask.load_task_tokenizer()
+    config = tiny_config(
+        "llama",
+        vocab_size=len(tokenizer),
+        hidden=size.hidden,
+        layers=size.layers,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config)
-    losses = pretrain(
-        model, token_stream(tokenizer, [text]), size.steps, size.seqlen, size.batch_size, progress=progress
-    )
-    with atomic_dir(model_dir) as tmp:
+    with atomic_dir(directory) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        write_json(tmp / "train_losses.json", losses)
+    return str(directory)
+
+
+def finetune(
+    model: str, output: Path, data: TaskData, steps: int, lr: float, size: DemoSize, **options: Any
+) -> dict[str, Any]:
+    """One `sparseft finetune` run with the demo's settings (no intermediate checkpoints)."""
+    return api.finetune(
+        model,
+        output,
+        dataset=data.train[0],
+        data__split=data.train[1],
+        data__seqlen=size.seqlen,
+        train__max_steps=steps,
+        train__lr=lr,
+        train__micro_batch_size=size.batch_size,
+        train__warmup_steps=max(1, steps // 20),
+        train__mixed_precision="bf16" if size.bf16 else "no",
+        train__save_every=steps,
+        train__keep_last=1,
+        overwrite=True,
+        **options,
+    )
+
+
+def teacher(output: Path, start: str, data: TaskData, size: DemoSize, progress: bool) -> str:
+    """The dense teacher: `start` fine-tuned on the task with CE. Cached: reused while its inputs are the same."""
+    run = output / "teacher"
+    key = {"start": start, "data": data.describe, "size": asdict(size)}
+    key_file = run / "demo_key.json"
+    cached = (run / "model" / "config.json").is_file() and key_file.is_file()
+    if cached and json.loads(key_file.read_text()) == key:
+        return str(run / "model")
+    lr = size.teacher_lr if start == str(output / "init") else size.finetune_lr  # from scratch vs pretrained
+    finetune(start, run, data, size.teacher_steps, lr, size, loss="ce", progress=progress)
+    write_json(key_file, key)
+    return str(run / "model")
+
+
+def calibration_text(output: Path, data: TaskData, size: DemoSize) -> str:
+    """Task problems laid out as the model sees them, as a text file for `prune --dataset`."""
+    from sparseft.recipe import DataConfig
+
+    template = DataConfig(dataset=data.train[0]).prompt_template
+    records = api.qa_records(data.train[0], split=data.train[1], limit=max(64, 4 * size.calib_samples))
+    path = output / "data" / "calibration.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(template.format(question=r["question"]) + r["answer"] for r in records))
+    return str(path)
+
+
+def accuracy(model: str, data: TaskData, size: DemoSize, progress: bool, **options: Any) -> float:
+    result = api.eval_gsm8k(
+        model,
+        data.test[0],
+        split=data.test[1],
+        limit=size.test_problems,
+        batch_size=64,  # few large batches: decoding this small a model is per-step overhead
+        max_new_tokens=size.max_new_tokens,
+        progress=progress,
+        **options,
+    )
+    return float(result["accuracy"])
+
+
+def size_on_disk(directory: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(directory).glob("*.safetensors"))
 
 
 def run_demo(
-    output: str | Path = "runs/demo", quick: bool = False, progress: bool = True, size: DemoSize | None = None
+    output: str | Path = "runs/demo",
+    quick: bool = False,
+    model: str | None = None,
+    dataset: str | None = None,
+    progress: bool = True,
+    size: DemoSize | None = None,
 ) -> dict[str, Any]:
-    """Train (or reuse) the dense model, prune it every way, print and save the perplexity table."""
+    """Run the pipeline into `output`; print the table; write demo.json, report.md and the plots."""
+    import transformers
+
+    if dataset is not None and model is None:
+        raise SparseftError("--dataset needs --model: the bundled tiny model is trained for the bundled task")
     transformers.utils.logging.disable_progress_bar()
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     size = size or (QUICK if quick else DemoSize())
-    train_text, heldout = prepare_text(output, size)
-    dense_dir = output / "dense"
-    started = time.perf_counter()
-    train_dense(dense_dir, train_text, size, progress)
+    seconds: dict[str, float] = {}
 
-    def ppl(model_dir: Path) -> float:
-        return float(
-            api.eval_ppl(str(model_dir), str(heldout), seqlen=size.seqlen, batch_size=8, progress=False)[
-                "perplexity"
-            ]
-        )
+    def timed(name: str, step: Callable[[], Any]) -> Any:
+        started = time.perf_counter()
+        if progress:
+            print(f"[demo] {name} ...", flush=True)
+        value = step()
+        seconds[name] = round(time.perf_counter() - started, 1)
+        return value
 
-    rows: list[dict[str, Any]] = [
-        {"method": "dense", "setting": "-", "perplexity": ppl(dense_dir), "seconds": 0.0}
-    ]
-    for label, setting in SETTINGS:
-        for method in ("magnitude", "wanda", "sparsegpt"):
-            out = output / f"{method}-{label.replace(':', 'of').replace('%', '')}"
-            report = api.prune(
-                str(dense_dir),
-                out,
-                method=method,
-                dataset=str(train_text),
-                num_samples=size.calib_samples,
-                seqlen=size.seqlen,
-                overwrite=True,
-                progress=False,
-                **setting,
-            )
-            rows.append(
-                {"method": method, "setting": label, "perplexity": ppl(out), "seconds": report["seconds"]}
-            )
-
-    lines = ["| method | sparsity | held-out perplexity | prune time (s) |", "|---|---|---|---|"]
-    lines += [
-        f"| {r['method']} | {r['setting']} | {r['perplexity']:.2f} | {r['seconds']:.1f} |" for r in rows
-    ]
-    table = "\n".join(lines)
-    print(table)
-    result = {"size": asdict(size), "rows": rows, "total_seconds": round(time.perf_counter() - started, 1)}
-    write_json(output / "demo.json", result)
-    (output / "report.md").write_text(
-        "# sparseft demo\n\nA small Llama-architecture model trained on Python's standard library source, pruned "
-        f"one-shot; perplexity on held-out files.\n\n{table}\n\n```\n{json.dumps(asdict(size))}\n```\n"
+    if dataset is None or dataset == mathtask.NAME:
+        data = bundled_data(output, size)
+    else:
+        data = TaskData((dataset, "train"), (dataset, "test"), f"{dataset} (train / test splits)")
+    start = model or initial_model(output, size)
+    dense = timed("teacher", lambda: teacher(output, start, data, size, progress))
+    pruned = str(output / "pruned")
+    calibration = calibration_text(output, data, size)
+    timed(
+        "prune",
+        lambda: api.prune(
+            dense,
+            pruned,
+            method="sparsegpt",
+            sparsity=size.sparsity,
+            dataset=calibration,
+            num_samples=size.calib_samples,
+            seqlen=size.seqlen,
+            overwrite=True,
+            progress=progress,
+        ),
     )
+    student_run = output / "student"
+    timed(
+        "finetune",
+        lambda: finetune(
+            pruned,
+            student_run,
+            data,
+            size.finetune_steps,
+            size.finetune_lr,
+            size,
+            teacher=dense,
+            loss="squarehead",
+            progress=progress,
+        ),
+    )
+    recovered = str(student_run / "model")
+    exported = output / "export"
+    timed(
+        "export",
+        lambda: api.export(
+            recovered, exported, "bitmask", quantize="int8", overwrite=True, progress=progress
+        ),
+    )
+    acc = timed(
+        "evaluate",
+        lambda: {
+            "dense": accuracy(dense, data, size, progress),
+            "pruned": accuracy(pruned, data, size, progress),
+            "recovered": accuracy(recovered, data, size, progress),
+            "runtime": accuracy(str(exported), data, size, progress, runtime=True),
+        },
+    )
+    bench = timed(
+        "benchmark",
+        lambda: api.bench(exported, size.bench_prompt, size.bench_tokens, size.bench_runs)["results"],
+    )
+    sparse_key = next(k for k in bench if k.startswith("sparse"))
+    result = {
+        "data": data.describe,
+        "model": model or "bundled tiny Llama trained from scratch",
+        "size": asdict(size),
+        "accuracy": acc,
+        "decode_tok_s": {
+            "dense bf16": bench["dense bf16"]["decode_tok_s"],
+            sparse_key: bench[sparse_key]["decode_tok_s"],
+        },
+        "bench": bench,
+        "size_on_disk": {"dense": size_on_disk(dense), "export": size_on_disk(exported)},
+        "dense_dtype": _stored_dtype(dense),
+        "seconds": seconds,
+        "machine": _machine(bench),
+    }
+    table = summary_table(result)
+    print(table)
+    write_json(output / "demo.json", result)
+    write_report(output, result, table)
     return result
+
+
+def _stored_dtype(model_dir: str) -> str:
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
+
+
+def _machine(bench: dict[str, Any]) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration):  # /proc/cpuinfo names the CPU on Linux only
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    return {"cpu": cpu, **bench.get("_machine", {})}
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def summary_table(result: dict[str, Any]) -> str:
+    """The one table: accuracy of each model, decode speed and size of the dense and the shipped sparse one."""
+    acc, speed, disk = result["accuracy"], result["decode_tok_s"], result["size_on_disk"]
+    sparsity = f"{result['size']['sparsity']:.0%}"
+    sparse_key = next(k for k in speed if k.startswith("sparse"))
+    rows = [
+        (
+            "dense teacher",
+            acc["dense"],
+            f"{speed['dense bf16']:.1f} (bf16)",
+            f"{_mb(disk['dense'])} ({result['dense_dtype']})",
+        ),
+        (f"SparseGPT {sparsity} one-shot", acc["pruned"], "", ""),
+        ("+ SquareHead fine-tuning", acc["recovered"], "", ""),
+        (
+            "exported bitmask int8, runtime",
+            acc["runtime"],
+            f"{speed[sparse_key]:.1f} ({sparse_key.removeprefix('sparse ')})",
+            _mb(disk["export"]),
+        ),
+    ]
+    lines = ["| model | accuracy | decode tokens/s | size on disk |", "|---|---|---|---|"]
+    lines += [f"| {name} | {a:.1%} | {s} | {d} |" for name, a, s, d in rows]
+    ratio = speed[sparse_key] / speed["dense bf16"]
+    lines.append(
+        f"\nsparse/dense decode speed {ratio:.2f}x; size {disk['dense'] / disk['export']:.1f}x smaller"
+    )
+    return "\n".join(lines)
+
+
+def write_plots(output: Path, result: dict[str, Any]) -> list[str]:
+    """loss.png (teacher training and sparse fine-tuning), accuracy.png, speed.png; returns the file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, run, title in zip(
+        axes, ("teacher", "student"), ("teacher (CE)", "sparse fine-tuning"), strict=True
+    ):
+        history = json.loads((output / run / "metrics.json").read_text())["history"]
+        for name in ("loss", "ce", "squarehead"):
+            points = [(r["step"], r[name]) for r in history if name in r]
+            if points and (name != "loss" or run == "student"):
+                ax.plot([p[0] for p in points], [p[1] for p in points], label=name)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(output / "loss.png", dpi=100)
+    plt.close(fig)
+
+    acc = result["accuracy"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = ["dense", "one-shot", "fine-tuned", "int8 runtime"]
+    ax.bar(labels, [100 * acc[k] for k in ("dense", "pruned", "recovered", "runtime")])
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"held-out accuracy, {result['size']['sparsity']:.0%} sparse")
+    fig.tight_layout()
+    fig.savefig(output / "accuracy.png", dpi=100)
+    plt.close(fig)
+
+    speed = result["decode_tok_s"]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.bar(list(speed), list(speed.values()))
+    ax.set_ylabel("decode tokens/s (batch 1)")
+    fig.tight_layout()
+    fig.savefig(output / "speed.png", dpi=100)
+    plt.close(fig)
+    return ["loss.png", "accuracy.png", "speed.png"]
+
+
+def write_report(output: Path, result: dict[str, Any], table: str) -> None:
+    plots = write_plots(output, result)
+    machine = result["machine"]
+    phases = ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items())
+    text = [
+        "# sparseft demo",
+        "",
+        f"Model: {result['model']}. Task: {result['data']}; accuracy is GSM8K-style exact match of the final "
+        "number, greedy, zero-shot, on the test split.",
+        "",
+        table,
+        "",
+        f"Machine: {machine['cpu']}, {machine.get('threads')} threads, copy bandwidth {machine.get('copy_gb_s')} "
+        f"GB/s. Time per phase: {phases}. Decode speed: medians of alternating runs (prompt "
+        f"{result['size']['bench_prompt']} tokens, {result['size']['bench_tokens']} new tokens).",
+        "",
+        *[f"![{p.removesuffix('.png')}]({p})" for p in plots],
+        "",
+        "Settings:",
+        "",
+        "```",
+        json.dumps(result["size"], indent=2),
+        "```",
+        "",
+    ]
+    (output / "report.md").write_text("\n".join(text))

@@ -220,9 +220,18 @@ def gsm8k_accuracy(
 NORMALIZERS = ("basic", "english", "none")
 
 
+def _metric_package(name: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise SparseftError(f"this metric needs {name}: pip install 'sparseft[eval]'") from None
+
+
 def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
     """Corpus BLEU of `hypotheses` against one reference each, with sacreBLEU's signature."""
-    import sacrebleu
+    sacrebleu = _metric_package("sacrebleu")
 
     if len(hypotheses) != len(references) or not references:
         raise SparseftError(
@@ -249,7 +258,7 @@ def text_normalizer(name: str) -> Any:
 def wer(hypotheses: Sequence[str], references: Sequence[str], normalizer: str = "basic") -> dict[str, Any]:
     """Word error rate over the corpus after normalising both sides; pairs whose reference normalises to
     nothing are left out (WER is undefined there) and counted."""
-    import jiwer
+    jiwer = _metric_package("jiwer")
 
     if len(hypotheses) != len(references) or not references:
         raise SparseftError(

@@ -59,7 +59,7 @@ from torch import nn
 
 from sparseft.atomic import write_json
 from sparseft.errors import SparseftError
-from sparseft.models import Conv1D, find_targets, weight_matrix
+from sparseft.models import Conv1D, find_targets, model_class, weight_matrix
 from sparseft.quant import QuantizedWeight, QuantSpec, dequantize
 
 FORMAT = "sparseft-bitmask"
@@ -72,6 +72,7 @@ SCALE_SUFFIX = "_scale"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 INT_DTYPES = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 _BITS = torch.arange(8, dtype=torch.uint8)
+_POPCOUNT = torch.tensor([bin(byte).count("1") for byte in range(256)], dtype=torch.int64)
 
 
 # ---- bit packing -------------------------------------------------------------------------------------------
@@ -381,7 +382,7 @@ def _check_parts(name: str, parts: dict[str, Any], dtype: torch.dtype) -> None:
         raise bad(f"row_offsets is {offsets.dtype} {tuple(offsets.shape)}, expected int64 ({rows},)")
     if columns % 8 and bool((bitmask[:, -1] >> (columns % 8)).any()):
         raise bad(f"the bitmask sets bits beyond column {columns}")
-    counts = unpack_bitmask(bitmask, columns).sum(dim=1)
+    counts = _POPCOUNT[bitmask.long()].sum(dim=1)  # set bits per row, without unpacking the mask
     if not torch.equal(offsets, torch.cumsum(counts, 0) - counts):
         raise bad("row_offsets do not match the bitmask")
     stored = int(counts.sum())
@@ -623,10 +624,10 @@ def _build_model(config_dict: dict[str, Any], dtype: torch.dtype, trust_remote_c
         )
     config = transformers.CONFIG_MAPPING[model_type].from_dict(config_dict)
     architectures = config_dict.get("architectures") or []
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    arch_class = getattr(transformers, architectures[0], None) if architectures else None
     with no_init_weights():
-        if model_class is not None:
-            model = model_class._from_config(config, dtype=dtype)
+        if arch_class is not None:
+            model = arch_class._from_config(config, dtype=dtype)
         else:
             model = transformers.AutoModelForCausalLM.from_config(
                 config, dtype=dtype, trust_remote_code=trust_remote_code
@@ -832,10 +833,9 @@ def _default_targets(config: dict[str, Any]) -> list[str]:
     model_type = str(config.get("model_type"))
     if model_type not in transformers.CONFIG_MAPPING:
         return []
+    model_config = transformers.CONFIG_MAPPING[model_type].from_dict(config)
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(
-            transformers.CONFIG_MAPPING[model_type].from_dict(config)
-        )
+        model = model_class(model_config).from_config(model_config)
     try:
         return list(find_targets(model))
     except SparseftError:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -51,6 +51,37 @@ def _check_source(name_or_path: str) -> None:
             raise SparseftError(f"{name_or_path} has no config.json; pass a Hugging Face model directory")
 
 
+def model_kind(config: Any) -> Literal["causal", "translation", "speech"]:
+    """ "speech" for speech encoder-decoders (Whisper), "translation" for text ones (T5), else "causal"."""
+    if not getattr(config, "is_encoder_decoder", False):
+        return "causal"
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES
+
+    return "speech" if config.model_type in MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES else "translation"
+
+
+def read_config(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    import transformers
+
+    try:
+        return transformers.AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise SparseftError(
+            f"cannot read the config of {name_or_path}: {str(e).strip().splitlines()[0]}"
+        ) from e
+
+
+def model_class(config: Any) -> Any:
+    """The transformers Auto class that loads a model of `config` (for `sparseft.models.load_model`)."""
+    import transformers
+
+    return {
+        "causal": transformers.AutoModelForCausalLM,
+        "translation": transformers.AutoModelForSeq2SeqLM,
+        "speech": transformers.AutoModelForSpeechSeq2Seq,
+    }[model_kind(config)]
+
+
 def load_model(
     name_or_path: str,
     dtype: str | torch.dtype = "float32",
@@ -58,10 +89,10 @@ def load_model(
     auto_class: Any = None,
 ) -> Any:
     """Load a Hugging Face model from a local directory or hub id, weights from safetensors only."""
-    import transformers
 
     _check_source(name_or_path)
-    auto_class = auto_class or transformers.AutoModelForCausalLM
+    if auto_class is None:  # the class follows the config: causal LM, T5-style seq2seq, or speech seq2seq
+        auto_class = model_class(read_config(name_or_path, trust_remote_code))
     try:
         model = auto_class.from_pretrained(
             name_or_path,

@@ -11,7 +11,8 @@ Sources: a local jsonl/csv/json/parquet file or a `datasets` name.
   languages, chosen with `source_lang`/`target_lang`; else the `source_field`/`target_field` columns. T5 reads a
   task prefix before the source ("translate English to German: "), added by default for its languages.
 - Speech: the `audio_field` column holds a file path (relative paths from the data file's folder), or a
-  `datasets` Audio value; `text_field` holds the transcript. Audio is decoded with soundfile (wav, flac, ogg,
+  `datasets` Audio value; `text_field` holds the transcript; `target_lang` (optional) is the language a
+  multilingual Whisper transcribes in (its labels then start with <|lang|><|transcribe|>). Audio is decoded with soundfile (wav, flac, ogg,
   ...), mixed to mono and resampled to the feature extractor's rate with a polyphase filter.
 """
 
@@ -30,6 +31,7 @@ import torch
 from sparseft.data import check_local, is_local, load_records
 from sparseft.distill import IGNORE_INDEX
 from sparseft.errors import SparseftError
+from sparseft.models import model_kind, read_config
 
 Kind = Literal["causal", "translation", "speech"]
 SEQ2SEQ_FORMATS = ("translation", "speech")
@@ -38,37 +40,6 @@ T5_LANGUAGES = {"en": "English", "de": "German", "fr": "French", "ro": "Romanian
 
 
 # --- which kind of model, and how to load it -------------------------------------------------------------------
-
-
-def model_kind(config: Any) -> Kind:
-    """ "speech" for speech encoder-decoders (Whisper), "translation" for text ones (T5), else "causal"."""
-    if not getattr(config, "is_encoder_decoder", False):
-        return "causal"
-    from transformers.models.auto.modeling_auto import MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES
-
-    return "speech" if config.model_type in MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES else "translation"
-
-
-def read_config(name_or_path: str, trust_remote_code: bool = False) -> Any:
-    import transformers
-
-    try:
-        return transformers.AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise SparseftError(
-            f"cannot read the config of {name_or_path}: {str(e).strip().splitlines()[0]}"
-        ) from e
-
-
-def auto_class(config: Any) -> Any:
-    """The transformers Auto class that loads a model of `config` (for `sparseft.models.load_model`)."""
-    import transformers
-
-    return {
-        "causal": transformers.AutoModelForCausalLM,
-        "translation": transformers.AutoModelForSeq2SeqLM,
-        "speech": transformers.AutoModelForSpeechSeq2Seq,
-    }[model_kind(config)]
 
 
 def load_feature_extractor(name_or_path: str, trust_remote_code: bool = False) -> Any:
@@ -126,7 +97,12 @@ class PairSource:
     def describe(self, kind: Kind) -> dict[str, Any]:
         where = {"dataset": self.dataset, "config": self.config, "split": self.split}
         if kind == "speech":
-            return {**where, "audio_field": self.audio_field, "text_field": self.text_field}
+            return {
+                **where,
+                "audio_field": self.audio_field,
+                "text_field": self.text_field,
+                "language": self.target_lang,
+            }
         if self.source_lang or self.target_lang:
             return {**where, "source_lang": self.source_lang, "target_lang": self.target_lang}
         return {**where, "source_field": self.source_field, "target_field": self.target_field}
@@ -398,10 +374,11 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def calibration_samples(
-    examples: list[Example], num_samples: int, seed: int
+    examples: list[Example], num_samples: int, seed: int, dtype: torch.dtype | None = None
 ) -> list[dict[str, torch.Tensor]]:
     """Calibration inputs for `sparseft.pruning.sequential.prune_model`: one batch-1 model-input dict per
-    example (encoder input + decoder_input_ids), `num_samples` of them drawn with `seed`."""
+    example (encoder input + decoder_input_ids), `num_samples` of them drawn with `seed`; audio features in
+    `dtype` (the model's: a bf16 Whisper's convolution stem refuses float32 input)."""
     if num_samples < 1:
         raise SparseftError(f"num_samples must be at least 1, got {num_samples}")
     chosen = random.Random(seed).sample(examples, min(num_samples, len(examples)))
@@ -410,19 +387,22 @@ def calibration_samples(
         batch = collate([example], pad_id=0)  # batch of one: nothing is padded
         batch.pop("labels")
         batch.pop("attention_mask", None)
+        if dtype is not None and "input_features" in batch:
+            batch["input_features"] = batch["input_features"].to(dtype)
         samples.append(batch)
     return samples
 
 
 def prune_calibration(
-    model: str, tokenizer: Any, config: Any, cfg: Any, trust_remote_code: bool = False
+    model: str, tokenizer: Any, net: torch.nn.Module, cfg: Any, trust_remote_code: bool = False
 ) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
-    """Calibration samples for pruning an encoder-decoder from a `PruneConfig` (its dataset, `PairFields`,
-    num_samples, seed; seqlen caps the tokens of each side), and their description for the report."""
+    """Calibration samples for pruning `net` (loaded from `model`) from a `PruneConfig` (its dataset,
+    `PairFields`, num_samples, seed; seqlen caps the tokens of each side), and their description for the report."""
     source = PairSource.from_config(cfg)
-    encoding = Encoding.for_model(model, tokenizer, source, cfg.seqlen, trust_remote_code, config)
+    encoding = Encoding.for_model(model, tokenizer, source, cfg.seqlen, trust_remote_code, net.config)
     examples = load_examples(source, encoding, cfg.num_samples, cfg.seed)
-    return calibration_samples(examples, cfg.num_samples, cfg.seed), source.describe(encoding.kind)
+    dtype = next(net.parameters()).dtype
+    return calibration_samples(examples, cfg.num_samples, cfg.seed, dtype), source.describe(encoding.kind)
 
 
 def save_feature_extractor(model: str, config: Any, directory: Path, trust_remote_code: bool = False) -> None:

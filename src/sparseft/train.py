@@ -36,6 +36,7 @@ from sparseft.models import (
     load_model,
     load_tokenizer,
     max_positions,
+    read_config,
     weight_matrix,
 )
 from sparseft.pruning.sequential import prune_model
@@ -441,7 +442,8 @@ def prune_stage(model: nn.Module, cfg: PruneConfig, rows: list[Row], device: Any
     if settings.method != "magnitude":
         if isinstance(rows[0], seq2seq_data.Example):  # encoder-decoder: whole examples, not token windows
             examples = cast(list[seq2seq_data.Example], rows)
-            samples = seq2seq_data.calibration_samples(examples, cfg.num_samples, cfg.seed)
+            dtype = next(model.parameters()).dtype
+            samples = seq2seq_data.calibration_samples(examples, cfg.num_samples, cfg.seed, dtype)
         else:
             samples = calibration_windows(rows, cfg.num_samples, cfg.seqlen, cfg.seed)
     prune_model(model, targets, settings, samples, device=device, progress=progress)
@@ -500,22 +502,21 @@ def run_finetune(
     trains = [cfg.stage_train(stage) for stage in cfg.stages]
     weights = cfg.loss.weights()
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    config = seq2seq_data.read_config(cfg.model, cfg.trust_remote_code)
-    auto = seq2seq_data.auto_class(config)  # causal LM, or T5 / Whisper
+    student_config = read_config(cfg.model, cfg.trust_remote_code)
     if cfg.data.format in seq2seq_data.SEQ2SEQ_FORMATS:  # T5 translation, Whisper speech
         # Examples batch through `taskdata.collate` and calibrate prune stages like rows do.
         examples = seq2seq_data.finetune_examples(cfg.model, tokenizer, cfg.data, cfg.trust_remote_code)
         rows = cast(list[Row], examples)
     else:
         rows = build_rows(tokenizer, cfg.data)
-    student: nn.Module | None = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code, auto)
+    student: nn.Module | None = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code)
     assert student is not None
     _check_lengths(student, cfg)
     teacher = None
     if (
         weights.needs_teacher and cfg.teacher is not None
     ):  # the config requires a teacher for KD and SquareHead
-        teacher = load_model(cfg.teacher, cfg.dtype, cfg.trust_remote_code, auto)
+        teacher = load_model(cfg.teacher, cfg.dtype, cfg.trust_remote_code)
         check_teacher(student, teacher, weights)
     for train_cfg in trains:
         total_steps(
@@ -546,10 +547,10 @@ def run_finetune(
             continue
         found = checkpoints(output / "checkpoints" / f"{i}-{stage.name}") if resume else []
         if found:
-            student = load_model(str(found[-1]), cfg.dtype, cfg.trust_remote_code, auto)
+            student = load_model(str(found[-1]), cfg.dtype, cfg.trust_remote_code)
         else:
             if student is None:
-                student = load_model(previous, cfg.dtype, cfg.trust_remote_code, auto)
+                student = load_model(previous, cfg.dtype, cfg.trust_remote_code)
             if stage.prune is not None:
                 prune_stage(student, stage.prune, rows, accelerator.device, progress)
         result = train_stage(
@@ -583,7 +584,7 @@ def run_finetune(
                     tmp, state_dict=state_dict, safe_serialization=True
                 )
                 tokenizer.save_pretrained(tmp)
-                seq2seq_data.save_feature_extractor(cfg.model, config, tmp, cfg.trust_remote_code)
+                seq2seq_data.save_feature_extractor(cfg.model, student_config, tmp, cfg.trust_remote_code)
                 write_json(tmp / REPORT_FILE, report)
         accelerator.wait_for_everyone()
         reports.append(report)

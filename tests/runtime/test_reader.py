@@ -44,3 +44,14 @@ def test_damaged_files_are_refused(tmp_path: Path) -> None:
     (tmp_path / "bad.safetensors").write_bytes(b"\x05\x00")
     with pytest.raises(SparseftError, match="cannot read"):
         TensorReader(tmp_path, {"x": "bad.safetensors"}).read("x")
+
+
+def test_mapped_tensors_match_and_are_private(tmp_path: Path) -> None:
+    tensors = {"w": torch.randn(64, 33).bfloat16(), "i": torch.arange(5)}
+    save_file(tensors, tmp_path / "m.safetensors")
+    reader = TensorReader(tmp_path, dict.fromkeys(tensors, "m.safetensors"))
+    assert reader.dtype("w") == torch.bfloat16
+    mapped = reader.map("w")
+    assert torch.equal(mapped, tensors["w"]) and torch.equal(reader.map("i"), tensors["i"])
+    mapped.zero_()  # copy-on-write: the file keeps its values
+    assert torch.equal(TensorReader(tmp_path, {"w": "m.safetensors"}).read("w"), tensors["w"])

@@ -4,8 +4,11 @@ Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, float
 one, compiled on it for every value type and batch 1..16.
 
 Triton picks interpreted or compiled when a function is defined, its own helpers (tl.zeros, tl.cumsum) included,
-so on a machine without a GPU the variable is set here before triton is first imported and stays set for the
-rest of the session (nothing else in sparseft runs Triton on the CPU).
+so the interpreter must be switched on before triton is first imported. Without a GPU, if this module is the
+first to import triton it sets TRITON_INTERPRET=1 and runs the interpreter tests here (the variable stays set:
+nothing else in sparseft runs Triton on the CPU). In a full test run something else (transformers, through
+torch) has usually imported triton already; then one test reruns this file in a fresh process with the variable
+set.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import gc
 import importlib
 import os
+import subprocess
 import sys
 from types import ModuleType, SimpleNamespace
 
@@ -37,8 +41,17 @@ interpreter_only = pytest.mark.skipif(
     CUDA or not INTERPRETED,
     reason="a GPU is present (kernels tested compiled instead)"
     if CUDA
-    else "triton was imported before TRITON_INTERPRET could be set; run this file on its own",
+    else "triton was imported before TRITON_INTERPRET could be set: test_interpreter_in_a_fresh_process runs these",
 )
+
+
+@pytest.mark.skipif(CUDA or INTERPRETED, reason="the interpreter tests run in this process")
+def test_interpreter_in_a_fresh_process() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-rs"]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "TRITON_INTERPRET could be set" not in run.stdout, run.stdout[-3000:]
 
 
 @triton.jit

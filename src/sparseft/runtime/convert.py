@@ -182,7 +182,8 @@ def load(
 
     state = {}
     for name in tensor_names:
-        tensor = reader.read(name)
+        # Tensors already in the model's dtype are mapped, not read: see TensorReader.map.
+        tensor = reader.map(name) if reader.dtype(name) == dtype else reader.read(name)
         state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     try:
         result = model.load_state_dict(state, strict=False, assign=True)

@@ -64,8 +64,9 @@ def current_isa() -> str:
 
 # Above this many tokens per call, decompress and use the dense matmul. The expand kernel's cost grows with
 # every token (one multiply-add per 32 or 64 weights per token), the dense path's barely does. The crossover
-# section of benchmarks/cpu_kernels.py put it near 50 tokens (bf16) and 60 (int8) for 4096x4096 at 70%.
-DENSE_ABOVE = {"bf16": 48, "int8": 56}
+# section of benchmarks/cpu_kernels.py put it between 16 and 50 tokens (bf16) and 32 and 64 (int8) for
+# 4096x4096 at 70% on a busy machine; retune from a quiet one.
+DENSE_ABOVE = {"bf16": 24, "int8": 48}
 
 
 def dense_above(kind: str) -> int:

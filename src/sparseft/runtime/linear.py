@@ -28,6 +28,9 @@ class SparseLinear(nn.Module):
     scale: torch.Tensor | None
     rowsum: torch.Tensor | None
     bias: torch.Tensor | None
+    # There is no dense weight. Model code that peeks at `layer.weight` (T5 checks `wo.weight.dtype` when it is a
+    # tensor) then takes its path for layers without one.
+    weight = None
 
     def __init__(self, packed: Packed, bias: torch.Tensor | None = None) -> None:
         super().__init__()

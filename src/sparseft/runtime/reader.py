@@ -10,6 +10,7 @@ data_offsets: [begin, end]}} (offsets relative to the end of the header), then t
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ class TensorReader:
         self.directory = directory
         self.weight_map = weight_map
         self._headers: dict[str, tuple[int, dict[str, Any]]] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
 
     def _header(self, file: str) -> tuple[int, dict[str, Any]]:
         if file not in self._headers:
@@ -51,9 +53,8 @@ class TensorReader:
             self._headers[file] = (8 + length, header)
         return self._headers[file]
 
-    def read(self, name: str, pad_bytes: int = 0) -> torch.Tensor:
-        """Tensor `name`; with `pad_bytes`, its 1-D buffer is followed by that many zero bytes (not in the result's
-        shape, but in its storage, where the kernels' full-vector loads may reach)."""
+    def _locate(self, name: str) -> tuple[Path, torch.dtype, list[int], int, int]:
+        """File, dtype, shape, element count and byte offset of tensor `name`, checked against each other."""
         file = self.weight_map.get(name)
         if file is None:
             raise SparseftError(f"{self.directory} lacks tensor {name}")
@@ -67,17 +68,38 @@ class TensorReader:
         count = 1
         for s in shape:
             count *= s
-        size = torch.tensor([], dtype=dtype).element_size()
-        if end - begin != count * size:
+        if end - begin != count * torch.tensor([], dtype=dtype).element_size():
             raise SparseftError(
                 f"{self.directory / file}: tensor {name} has {end - begin} bytes for shape {shape}"
             )
-        pad = -(-pad_bytes // size)
-        buffer = torch.empty(count + pad, dtype=dtype)
+        return self.directory / file, dtype, shape, count, start + begin
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._locate(name)[1]
+
+    def read(self, name: str, pad_bytes: int = 0) -> torch.Tensor:
+        """Tensor `name`; with `pad_bytes`, its 1-D buffer is followed by that many zero bytes (not in the result's
+        shape, but in its storage, where the kernels' full-vector loads may reach)."""
+        path, dtype, shape, count, offset = self._locate(name)
+        size = torch.tensor([], dtype=dtype).element_size()
+        buffer = torch.empty(count + -(-pad_bytes // size), dtype=dtype)
         buffer[count:] = 0
-        with open(self.directory / file, "rb") as f:
-            f.seek(start + begin)
-            view = buffer.view(torch.uint8).numpy().data[: end - begin]
-            if f.readinto(view) != end - begin:
-                raise SparseftError(f"{self.directory / file} is truncated (tensor {name}); copy it again")
+        with open(path, "rb") as f:
+            f.seek(offset)
+            view = buffer.view(torch.uint8).numpy().data[: count * size]
+            if f.readinto(view) != count * size:
+                raise SparseftError(f"{path} is truncated (tensor {name}); copy it again")
         return buffer[:count].view(shape)
+
+    def map(self, name: str) -> torch.Tensor:
+        """Tensor `name` mapped from its file (private, copy-on-write): pages enter memory only when read, so
+        the rows of an embedding table that no token looks up never do (transformers maps its weights too)."""
+        path, dtype, shape, count, offset = self._locate(name)
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        if path not in self._maps:
+            with open(path, "rb") as f:
+                self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        if offset + count * torch.tensor([], dtype=dtype).element_size() > len(self._maps[path]):
+            raise SparseftError(f"{path} is truncated (tensor {name}); copy it again")
+        return torch.frombuffer(self._maps[path], dtype=dtype, count=count, offset=offset).view(shape)

@@ -51,7 +51,7 @@ MAX_SPARSE_BATCH = 16  # larger batches (prefill) take the dense path
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """How the sparse kernel is launched; the defaults come from `default_config`, the benchmark sweeps them."""
+    """How the sparse kernels are launched. Calls without one use `default_config`; the benchmark sweeps them."""
 
     row_tiles: int = 1  # 16-row tiles per program (power of two)
     split: int = 0  # programs sharing one row block's columns; 0 = enough to fill the GPU
@@ -157,11 +157,11 @@ def _sparse_gemv_kernel(
             for k in tl.static_range(8):
                 count += (mask_byte >> k) & 1
         base = tl.load(offsets_ptr + t, mask=tile_ok, other=0)
-        pos = base[:, None] + tl.cumsum(count, axis=1) - count
+        value_ptr = values_ptr + (base[:, None] + tl.cumsum(count, axis=1) - count)
         col = tc * 64 + (byte_idx % 8) * 8
         for k in tl.static_range(8):
             is_set = (mask_byte & (1 << k)) != 0
-            v = tl.load(values_ptr + pos.to(tl.uint32), mask=is_set, other=0)
+            v = tl.load(value_ptr, mask=is_set, other=0)
             if FP8:
                 v = v.to(tl.float8e4nv, bitcast=True)
             c = col + k
@@ -171,7 +171,7 @@ def _sparse_gemv_kernel(
                 other=0,
             )  # [128, BB]
             acc += v.to(tl.float32)[:, :, None] * xk.to(tl.float32)[None, :, :]
-            pos += is_set.to(tl.int32)
+            value_ptr += is_set.to(tl.int32)  # the next set bit's value follows this one
     y = tl.sum(tl.reshape(acc, (RT * 16, 8, BB)), axis=1)
     r = pid_r * RT * 16 + tl.arange(0, RT * 16)
     if HAS_SCALE:
@@ -248,7 +248,8 @@ def _unpack_kernel(
     c = tc * 64 + tl.arange(0, 64)
     if HAS_SCALE:
         w = w * tl.load(scale_ptr + r, mask=r < R, other=0)[:, None]
-    tl.store(out_ptr + r[:, None] * C + c[None, :], w, mask=(r[:, None] < R) & (c[None, :] < C))
+    out = out_ptr + r[:, None].to(tl.int64) * C + c[None, :]  # R * C may pass 2**31 (vocabulary-sized W)
+    tl.store(out, w, mask=(r[:, None] < R) & (c[None, :] < C))
 
 
 def triton_sparse_linear(
