@@ -109,9 +109,12 @@ def prune_study(output: Path, size: StudySize) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="runs/bench-prune-quality")
+    parser.add_argument(
+        "--steps", type=int, default=StudySize.steps, help="training steps of the dense model"
+    )
     args = parser.parse_args()
     transformers.utils.logging.disable_progress_bar()
-    result = prune_study(Path(args.output), StudySize())
+    result = prune_study(Path(args.output), StudySize(steps=args.steps))
     print("| method | sparsity | held-out perplexity | prune time (s) |\n|---|---|---|---|")
     for r in result["rows"]:
         print(f"| {r['method']} | {r['setting']} | {r['perplexity']:.2f} | {r['seconds']:.1f} |")
