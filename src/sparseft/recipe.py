@@ -266,16 +266,9 @@ class TrainConfig(BaseModel):
             raise ValueError(f"must be at least 1, got {value}")
         return value
 
-    @field_validator("warmup_steps")
+    @field_validator("warmup_steps", "weight_decay")
     @classmethod
-    def _non_negative(cls, value: int) -> int:
-        if value < 0:
-            raise ValueError(f"must be >= 0, got {value}")
-        return value
-
-    @field_validator("weight_decay")
-    @classmethod
-    def _wd_non_negative(cls, value: float) -> float:
+    def _non_negative(cls, value: float) -> float:
         if value < 0:
             raise ValueError(f"must be >= 0, got {value}")
         return value
