@@ -672,26 +672,59 @@ def bench(
     runs: int = 3,
     values: str | None = None,
     trust_remote_code: bool = False,
+    *,
+    sentences: int = 32,
+    source_tokens: int = 32,
+    num_beams: int | None = None,
 ) -> dict[str, Any]:
-    """Prefill and decode tokens/s and model memory, sparse (sparseft kernels) vs dense bf16 (transformers),
-    measured side by side in one process, alternating run by run."""
-    from sparseft import formats
-    from sparseft.runtime import current_isa
-    from sparseft.runtime.bench import measure_generation
+    """Speed and memory, sparse (sparseft kernels) vs dense bf16 (transformers), measured side by side in one
+    process, alternating run by run.
 
-    if prompt_tokens < 1 or new_tokens < 2 or runs < 1:
-        raise SparseftError("bench needs prompt_tokens >= 1, new_tokens >= 2 and runs >= 1")
-    sparse = load_sparse(model, values, trust_remote_code=trust_remote_code)
-    kind = next((m.kind for m in sparse.modules() if hasattr(m, "kind")), "bf16")
-    dense = formats.load_dir(model, torch.bfloat16, trust_remote_code)
-    result = measure_generation(
-        {f"sparse {kind}": sparse, "dense bf16": dense}, prompt_tokens, new_tokens, runs
-    )
-    result["_machine"]["kernels"] = current_isa()
-    return {
-        "model": str(model),
-        "prompt_tokens": prompt_tokens,
-        "new_tokens": new_tokens,
-        "runs": runs,
-        "results": result,
+    A decoder-only model: prefill and decode tokens/s of a `prompt_tokens` prompt and `new_tokens` new tokens.
+    An encoder-decoder: encoder latency, decoder tokens/s and job time (`runtime.bench.measure_seq2seq`) of
+    `new_tokens` new tokens per input, with `num_beams` beams (default 5 for translation, as the paper; greedy
+    for speech). T5 translates `sentences` random sentences of `source_tokens` tokens, one at a time; Whisper
+    transcribes one 30 s window of random features."""
+    from sparseft import formats
+    from sparseft.models import model_kind
+    from sparseft.runtime import current_isa
+    from sparseft.runtime.bench import measure_generation, measure_seq2seq, seq2seq_inputs
+
+    at_least = {
+        "prompt_tokens": (prompt_tokens, 1),
+        "new_tokens": (new_tokens, 2),
+        "runs": (runs, 1),
+        "sentences": (sentences, 1),
+        "source_tokens": (source_tokens, 1),
+        "num_beams": (1 if num_beams is None else num_beams, 1),
     }
+    for name, (value, least) in at_least.items():
+        if value < least:
+            raise SparseftError(f"bench needs {name} >= {least}, got {value}")
+    sparse = load_sparse(model, values, trust_remote_code=trust_remote_code)
+    kind = model_kind(sparse.config)
+    if kind == "speech":
+        _check_transcript_length(sparse.config, new_tokens)
+    stored = next((m.kind for m in sparse.modules() if hasattr(m, "kind")), "bf16")
+    dense = formats.load_dir(model, torch.bfloat16, trust_remote_code)
+    models = {f"sparse {stored}": sparse, "dense bf16": dense}
+    if kind == "causal":
+        workload: dict[str, Any] = {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens}
+        result = measure_generation(models, prompt_tokens, new_tokens, runs)
+    else:
+        beams = num_beams or (5 if kind == "translation" else 1)
+        inputs, workload = seq2seq_inputs(sparse.config, sentences, source_tokens)
+        workload |= {"new_tokens": new_tokens, "num_beams": beams}
+        result = measure_seq2seq(models, inputs, new_tokens, beams, runs)
+    result["_machine"]["kernels"] = current_isa()
+    return {"model": str(model), "kind": kind, **workload, "runs": runs, "results": result}
+
+
+def _check_transcript_length(config: Any, new_tokens: int) -> None:
+    # Whisper refuses to generate past its longest label sequence, start tokens included (up to 4).
+    longest = int(config.max_target_positions) - 4
+    if new_tokens > longest:
+        raise SparseftError(
+            f"{config.model_type} writes at most {longest} new tokens (max_target_positions "
+            f"{config.max_target_positions} less its start tokens), got new_tokens={new_tokens}; ask for fewer"
+        )

@@ -424,11 +424,18 @@ def run_generate(args: argparse.Namespace) -> None:
 
 
 def add_bench(sub: Any) -> None:
-    p = sub.add_parser("bench", help="tokens/s and memory: sparse CPU runtime vs dense bf16, side by side")
+    p = sub.add_parser(
+        "bench",
+        help="speed and memory, sparse CPU runtime vs dense bf16 side by side: prefill/decode tok/s; "
+        "for T5 and Whisper encoder latency and decoder tok/s",
+    )
     p.add_argument("model", help="a bitmask archive (sparseft export) or a pruned HF checkpoint")
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompt-tokens", type=int, default=128, help="decoder-only: tokens of the prompt")
+    p.add_argument("--new-tokens", type=int, default=64, help="new tokens (T5: per sentence)")
     p.add_argument("--runs", type=int, default=3, help="alternating runs per model; medians are reported")
+    p.add_argument("--sentences", type=int, default=32, help="T5: sentences translated one at a time")
+    p.add_argument("--source-tokens", type=int, default=32, help="T5: tokens per source sentence")
+    p.add_argument("--num-beams", type=int, help="encoder-decoder: beams (default: 5 for T5, 1 for Whisper)")
     p.add_argument(
         "--values", choices=["bf16", "int8"], help="weight values in memory (default: as exported)"
     )
@@ -442,17 +449,29 @@ def run_bench(args: argparse.Namespace) -> None:
     from sparseft.atomic import write_json
 
     report = api.bench(
-        args.model, args.prompt_tokens, args.new_tokens, args.runs, args.values, args.trust_remote_code
-    )
+        args.model, args.prompt_tokens, args.new_tokens, args.runs, args.values, args.trust_remote_code,
+        sentences=args.sentences, source_tokens=args.source_tokens, num_beams=args.num_beams,
+    )  # fmt: skip
     if args.output:
         write_json(args.output, report)
     results = dict(report["results"])
     machine = results.pop("_machine")
-    print(f"{'model':<14} {'prefill tok/s':>14} {'decode tok/s':>13} {'memory MB':>10}")
-    for name, row in results.items():
+    if report["kind"] == "causal":
+        print(f"{'model':<14} {'prefill tok/s':>14} {'decode tok/s':>13} {'memory MB':>10}")
+        for name, row in results.items():
+            print(
+                f"{name:<14} {row['prefill_tok_s']:>14.1f} {row['decode_tok_s']:>13.1f} {row['model_bytes'] / 1e6:>10.1f}"
+            )
+    else:
         print(
-            f"{name:<14} {row['prefill_tok_s']:>14.1f} {row['decode_tok_s']:>13.1f} {row['model_bytes'] / 1e6:>10.1f}"
+            f"{'model':<14} {'encoder ms':>11} {'decode tok/s':>13} {'job s':>8} {'memory MB':>10} {'peak MB':>8}"
         )
+        for name, row in results.items():
+            peak = f"{row['peak_bytes'] / 1e6:.1f}" if row["peak_bytes"] is not None else "n/a"
+            print(
+                f"{name:<14} {row['encoder_ms']:>11.1f} {row['decode_tok_s']:>13.1f} {row['job_s']:>8.2f} "
+                f"{row['model_bytes'] / 1e6:>10.1f} {peak:>8}"
+            )
     print(
         f"{machine['threads']} threads, kernels {machine['kernels']}, copy bandwidth {machine['copy_gb_s']} GB/s"
     )

@@ -1,4 +1,5 @@
-"""Measuring helpers, and `sparseft generate` / `sparseft bench` end to end on a pruned, exported tiny model."""
+"""Measuring helpers, and `sparseft generate` / `sparseft bench` end to end on pruned, exported tiny models:
+a Llama, a T5 and a Whisper."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from test_seq2seq_data import save_t5, save_whisper
 
 from sparseft import api
 from sparseft.cli import main
-from sparseft.runtime.bench import copy_bandwidth, measure_generation, model_bytes
+from sparseft.errors import SparseftError
+from sparseft.runtime.bench import copy_bandwidth, measure_generation, model_bytes, seq2seq_inputs
 
 
 def test_model_bytes_counts_shared_tensors_once(pruned_model: Callable[..., torch.nn.Module]) -> None:
@@ -72,3 +76,80 @@ def test_bad_arguments(exported: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert main(["bench", str(exported), "--new-tokens", "1"]) == 2
     assert main(["generate", str(exported.parent / "missing"), "--prompt", "x"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+# --- encoder-decoders: T5 and Whisper ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def encdec(
+    tmp_path_factory: pytest.TempPathFactory, tokenizer: transformers.PreTrainedTokenizerFast
+) -> dict[str, Path]:
+    """Tiny T5 and Whisper pruned to 70% by magnitude and exported as bitmask archives."""
+    root = tmp_path_factory.mktemp("encdec-bench")
+    archives = {}
+    for family, save in (("t5", save_t5), ("whisper", save_whisper)):
+        save(root / family, tokenizer)
+        api.prune(str(root / family), root / f"{family}-70", method="magnitude", sparsity=0.7, progress=False)
+        api.export(str(root / f"{family}-70"), root / f"{family}-archive", dtype="bfloat16", progress=False)
+        archives[family] = root / f"{family}-archive"
+    return archives
+
+
+def test_seq2seq_inputs_are_made_once_in_the_model_shape() -> None:
+    t5 = transformers.T5Config(vocab_size=50)
+    whisper = transformers.WhisperConfig(num_mel_bins=80, max_source_positions=1500)
+    inputs, described = seq2seq_inputs(t5, sentences=3, source_tokens=5)
+    assert described == {"sentences": 3, "source_tokens": 5}
+    assert [x["input_ids"].shape for x in inputs] == [(1, 5)] * 3
+    assert len({x["input_ids"].untyped_storage().data_ptr() for x in inputs}) == 1  # views of one tensor
+    inputs, described = seq2seq_inputs(whisper)
+    assert described == {"audio_seconds": 30.0}
+    (features,) = (x["input_features"] for x in inputs)
+    assert features.shape == (1, 80, 3000) and features.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("family", ["t5", "whisper"])
+def test_bench_encoder_decoder(encdec: dict[str, Path], family: str) -> None:
+    report = api.bench(encdec[family], new_tokens=3, runs=1, sentences=2, source_tokens=6)
+    assert report["kind"] == {"t5": "translation", "whisper": "speech"}[family]
+    assert report["num_beams"] == {"t5": 5, "whisper": 1}[family] and report["new_tokens"] == 3
+    results = report["results"]
+    assert set(results) == {"sparse bf16", "dense bf16", "_machine"}
+    for row in (results["sparse bf16"], results["dense bf16"]):
+        assert row["encoder_ms"] > 0 and row["decode_tok_s"] > 0 and row["job_s"] > 0
+        assert row["peak_bytes"] is None or row["peak_bytes"] >= row["model_bytes"]
+    assert results["sparse bf16"]["model_bytes"] < results["dense bf16"]["model_bytes"]
+    assert results["_machine"]["copy_gb_s"] > 0
+
+
+def test_bench_command_on_whisper_with_beams(
+    encdec: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bench.json"
+    args = ["bench", str(encdec["whisper"]), "--new-tokens", "2", "--runs", "1", "--num-beams", "2"]
+    assert main([*args, "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "encoder ms" in printed and "sparse bf16" in printed and "dense bf16" in printed
+    report = json.loads(out.read_text())
+    assert report["num_beams"] == 2 and report["audio_seconds"] == 2.0
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"num_beams": 0}, "num_beams >= 1, got 0"),
+        ({"sentences": 0}, "sentences >= 1, got 0"),
+        ({"new_tokens": 61}, "at most 60 new tokens"),
+    ],
+)
+def test_bench_rejects_bad_encoder_decoder_settings(
+    encdec: dict[str, Path], options: dict[str, int], message: str
+) -> None:
+    with pytest.raises(SparseftError, match=message):
+        api.bench(encdec["whisper"], runs=1, **options)
+
+
+def test_bench_rejects_a_missing_model(tmp_path: Path) -> None:
+    with pytest.raises(SparseftError, match="not a directory"):
+        api.bench(tmp_path / "missing")

@@ -64,3 +64,20 @@ def test_interrupted_build_leaves_no_library(fresh_build: Path, monkeypatch: pyt
     with pytest.raises(KeyboardInterrupt):
         build.load_extension()
     assert [p for p in fresh_build.rglob("*") if p.is_file()] == []
+
+
+def test_kernels_run_on_torchs_threads_with_one_openmp_runtime() -> None:
+    if not build.load_extension():
+        pytest.skip("no C++ kernels on this machine")
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.ops.sparseft_cpu.parallel_threads() == 2  # parallel_for really splits the rows
+        torch.set_num_threads(1)
+        assert torch.ops.sparseft_cpu.parallel_threads() == 1  # and follows torch's setting
+    finally:
+        torch.set_num_threads(previous)
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        runtimes = {line.split()[-1] for line in maps.read_text().splitlines() if "libgomp" in line}
+        assert len(runtimes) <= 1, f"two OpenMP runtimes loaded: {runtimes}"

@@ -1,4 +1,5 @@
-"""Measuring generation: prefill and decode tokens per second, the bytes a model holds, the memory bandwidth.
+"""Measuring generation: prefill and decode tokens per second of decoder-only models; encoder latency and decoder
+tokens per second of encoder-decoders (T5, Whisper); the bytes a model holds, its peak memory, the memory bandwidth.
 
 Timings on a shared or throttled machine drift, so callers compare models side by side in one process,
 alternating them run by run, and report medians with a copy-bandwidth probe beside them.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -78,3 +81,147 @@ def measure_generation(
     } | {
         "_machine": {"threads": torch.get_num_threads(), "copy_gb_s": round(statistics.median(bandwidth), 1)}
     }
+
+
+def source_ids(vocab_size: int, sentences: int, tokens: int, seed: int = 0) -> torch.Tensor:
+    """`sentences` rows of `tokens` random ids: source sentences for a translation model (speed does not depend
+    on which tokens they are)."""
+    return torch.randint(0, vocab_size, (sentences, tokens), generator=torch.Generator().manual_seed(seed))
+
+
+def speech_features(config: Any, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> torch.Tensor:
+    """One window of random log-mel features, (1, mel bins, frames), made once in the model's dtype.
+
+    Whisper's encoder takes only its full window: 30 s of 16 kHz audio is 3000 frames of 10 ms, which its
+    convolution stem (strides 1 and 2) turns into `max_source_positions` = 1500 positions."""
+    shape = (1, int(config.num_mel_bins), 2 * int(config.max_source_positions))
+    return torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+
+
+def seq2seq_inputs(
+    config: Any,
+    sentences: int = 32,
+    source_tokens: int = 32,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
+    """Random encoder inputs for `measure_seq2seq`, made once before any run, and their description: for a speech
+    model one window of features in `dtype`, for a text model `sentences` sentences of `source_tokens` ids."""
+    from sparseft.models import model_kind
+
+    if model_kind(config) == "speech":
+        features = speech_features(config, dtype, seed)
+        # Whisper's frames are 10 ms apart (hop 160 at 16 kHz).
+        return [{"input_features": features}], {"audio_seconds": features.shape[-1] / 100}
+    ids = source_ids(int(config.vocab_size), sentences, source_tokens, seed)
+    inputs = [{"input_ids": ids[i : i + 1]} for i in range(sentences)]  # views of one tensor
+    return inputs, {"sentences": sentences, "source_tokens": source_tokens}
+
+
+def _status_bytes(field: str) -> int | None:
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # the kernel reports kB
+    return None
+
+
+def _reset_peak_rss() -> int | None:
+    """Set the process's peak resident set (VmHWM) to its current size and return that size; None off Linux."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _status_bytes("VmRSS")
+
+
+def _timed(fn: Callable[[], object]) -> tuple[float, int | None]:
+    """Seconds `fn()` took, and how far the resident set rose above its size at the start (None off Linux)."""
+    start_rss = _reset_peak_rss()
+    start = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - start
+    peak = _status_bytes("VmHWM")
+    return seconds, None if start_rss is None or peak is None else max(peak - start_rss, 0)
+
+
+@torch.inference_mode()
+def _encode_each(model: nn.Module, inputs: list[dict[str, torch.Tensor]]) -> None:
+    encoder = model.get_encoder()  # type: ignore[operator]
+    for kwargs in inputs:  # one at a time, so no output is kept past its own step
+        encoder(**kwargs)
+
+
+@torch.inference_mode()
+def _generate_each(
+    model: nn.Module, inputs: list[dict[str, torch.Tensor]], new_tokens: int, num_beams: int
+) -> None:
+    for kwargs in inputs:
+        model.generate(  # type: ignore[operator]
+            **kwargs,
+            num_beams=num_beams,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,  # a random model would stop at any EOS; this fixes the work
+            do_sample=False,
+        )
+
+
+def _seq2seq_run(
+    model: nn.Module, inputs: list[dict[str, torch.Tensor]], new_tokens: int, num_beams: int
+) -> dict[str, Any]:
+    encode, _ = _timed(lambda: _encode_each(model, inputs))
+    total, rise = _timed(lambda: _generate_each(model, inputs, new_tokens, num_beams))
+    return {
+        "encoder_ms": 1000 * encode / len(inputs),
+        "decode_tok_s": len(inputs) * new_tokens / max(total - encode, 1e-9),
+        "job_s": total,
+        "rise": rise,
+    }
+
+
+def measure_seq2seq(
+    models: dict[str, nn.Module],
+    inputs: list[dict[str, torch.Tensor]],
+    new_tokens: int,
+    num_beams: int = 1,
+    runs: int = 3,
+) -> dict[str, dict[str, Any]]:
+    """Encoder latency, decoder tokens/s, job time and peak memory of each encoder-decoder on the same `inputs`.
+
+    `inputs` are the encoder's keyword arguments, one dict per sentence or audio window, run one at a time as a
+    latency-bound server would. The models alternate run by run, and so does which goes first; medians of `runs`.
+    - encoder_ms: the encoder alone, per input;
+    - decode_tok_s: `new_tokens` per input (with beams, tokens of the answer, not of every beam) over the time
+      of `generate` less the encoder's;
+    - job_s: the time of `generate` over all inputs;
+    - peak_bytes: the model's tensors plus the largest rise of the resident set during a run (activations,
+      caches, beams); None where the process's peak cannot be reset (off Linux). The allocator may reuse
+      memory the other model freed, so read it as a lower bound.
+    """
+    first = inputs[:1]
+    for model in models.values():  # warm-up: first calls allocate caches and fill the allocator
+        _encode_each(model, first)
+        _generate_each(model, first, 2, num_beams)
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in models}
+    bandwidth = []
+    for run in range(runs):
+        bandwidth.append(copy_bandwidth(128, 3))
+        order = list(models) if run % 2 == 0 else list(reversed(models))
+        for name in order:
+            rows[name].append(_seq2seq_run(models[name], inputs, new_tokens, num_beams))
+    result: dict[str, dict[str, Any]] = {}
+    for name, model in models.items():
+        weights = model_bytes(model)
+        rises = [row["rise"] for row in rows[name] if row["rise"] is not None]
+        result[name] = {
+            key: round(statistics.median(row[key] for row in rows[name]), 3)
+            for key in ("encoder_ms", "decode_tok_s", "job_s")
+        } | {"model_bytes": weights, "peak_bytes": weights + max(rises) if rises else None}
+    result["_machine"] = {
+        "threads": torch.get_num_threads(),
+        "copy_gb_s": round(statistics.median(bandwidth), 1),
+    }
+    return result

@@ -21,6 +21,11 @@ import torch
 KERNEL_DIR = Path(__file__).parent / "kernels"
 SOURCES = ["ops.cpp", "avx512.cpp", "avx2.cpp", "scalar.cpp"]
 LIBRARY = "sparseft_cpu.so"
+# -fopenmp is what makes at::parallel_for split the rows: without it torch's header-only parallel_for compiles
+# to a serial loop. The library then needs libgomp.so.1, which the dynamic loader resolves to the copy torch has
+# already loaded, so there is one OpenMP runtime and one thread pool in the process.
+CFLAGS = ["-O3", "-std=c++17", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 
 _state: dict[str, bool] = {}
 
@@ -37,7 +42,7 @@ def _key() -> str:
     digest = hashlib.sha256()
     for name in [*SOURCES, "sparse.h"]:
         digest.update((KERNEL_DIR / name).read_bytes())
-    digest.update(f"{torch.__version__} {sys.version_info[:2]}".encode())
+    digest.update(f"{torch.__version__} {sys.version_info[:2]} {CFLAGS} {LDFLAGS}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -64,7 +69,8 @@ def _compile(target: Path) -> None:
         cpp_extension.load(
             name="sparseft_cpu",
             sources=[str(KERNEL_DIR / name) for name in SOURCES],
-            extra_cflags=["-O3", "-std=c++17"],
+            extra_cflags=CFLAGS,
+            extra_ldflags=LDFLAGS,
             extra_include_paths=[str(KERNEL_DIR)],
             build_directory=str(workdir),
             is_python_module=False,

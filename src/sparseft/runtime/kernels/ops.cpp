@@ -239,11 +239,24 @@ at::Tensor dense_mm(const at::Tensor& x, const at::Tensor& weight, const std::op
   return y;
 }
 
+// How many threads run_parallel's at::parallel_for really uses: 1 when the library was built without OpenMP
+// (torch's header-only parallel_for then compiles to a serial loop), so the build can be checked.
+int64_t parallel_threads() {
+  const int64_t n = at::get_num_threads();
+  std::vector<int64_t> seen(n, 0);
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) seen[i] = at::get_thread_num();
+  });
+  std::sort(seen.begin(), seen.end());
+  return std::unique(seen.begin(), seen.end()) - seen.begin();
+}
+
 }  // namespace
 }  // namespace sparseft
 
 TORCH_LIBRARY(sparseft_cpu, m) {
   m.def("best_isa() -> int", &sparseft::best_isa);
+  m.def("parallel_threads() -> int", &sparseft::parallel_threads);
   m.def(
       "sparse_mm(Tensor x, Tensor mask, Tensor values, Tensor row_start, Tensor? scale, Tensor? rowsum, "
       "Tensor? bias, int cols, int isa) -> Tensor",
