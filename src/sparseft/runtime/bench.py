@@ -7,9 +7,10 @@ alternating them run by run, and report medians with a copy-bandwidth probe besi
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -159,14 +160,29 @@ def _encode_each(model: nn.Module, inputs: list[dict[str, torch.Tensor]]) -> Non
 def _generate_each(
     model: nn.Module, inputs: list[dict[str, torch.Tensor]], new_tokens: int, num_beams: int
 ) -> None:
-    for kwargs in inputs:
-        model.generate(  # type: ignore[operator]
-            **kwargs,
-            num_beams=num_beams,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,  # a random model would stop at any EOS; this fixes the work
-            do_sample=False,
-        )
+    # Whisper's generation config sets max_length beside our max_new_tokens, and transformers warns about it on
+    # every call; the warning says nothing about the measurement, so it is silenced for these calls only.
+    with _quiet_transformers():
+        for kwargs in inputs:
+            model.generate(  # type: ignore[operator]
+                **kwargs,
+                num_beams=num_beams,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,  # a random model would stop at any EOS; this fixes the work
+                do_sample=False,
+            )
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 def _seq2seq_run(

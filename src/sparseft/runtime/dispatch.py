@@ -64,9 +64,10 @@ def current_isa() -> str:
 
 # Above this many tokens per call, decompress and use the dense matmul. The expand kernel's cost grows with
 # every token (one multiply-add per 32 or 64 weights per token), the dense path's barely does. The crossover
-# section of benchmarks/cpu_kernels.py put it between 16 and 50 tokens (bf16) and 32 and 64 (int8) for
-# 4096x4096 at 70% on a busy machine; retune from a quiet one.
-DENSE_ABOVE = {"bf16": 24, "int8": 48}
+# section of benchmarks/cpu_kernels.py, on a quiet machine with the kernels on 2 threads (4096x4096 at 70%), put
+# it between 8 and 16 tokens for bf16 values (2.3 vs 4.4 ms at 8, 10.6 vs 4.6 at 16) and between 32 and 64 for
+# int8 (3.4 vs 3.7 ms at 32, 5.9 vs 4.8 at 64).
+DENSE_ABOVE = {"bf16": 8, "int8": 32}
 
 
 def dense_above(kind: str) -> int:
