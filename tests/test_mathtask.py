@@ -27,8 +27,8 @@ def test_generation_is_deterministic_for_a_seed() -> None:
     assert first != mathtask.generate(40, "train", seed=8)
 
 
-def test_every_calculation_and_final_answer_is_correct(problems: dict[str, list[dict[str, str]]]) -> None:
-    for record in problems["train"] + problems["test"]:
+def check_arithmetic(records: list[dict[str, str]]) -> None:
+    for record in records:
         *steps, final = record["answer"].split("\n")
         assert 2 <= len(steps) <= 4, record["answer"]
         results = []
@@ -40,6 +40,45 @@ def test_every_calculation_and_final_answer_is_correct(problems: dict[str, list[
             assert value == int(c) == int(shown) and value >= 0, line
             results.append(int(c))
         assert final == f"#### {results[-1]}"
+
+
+def test_every_calculation_and_final_answer_is_correct(problems: dict[str, list[dict[str, str]]]) -> None:
+    check_arithmetic(problems["train"] + problems["test"])
+
+
+@pytest.mark.parametrize("max_value", [30, 99, 500])
+def test_max_value_bounds_every_number_and_keeps_the_arithmetic(max_value: int) -> None:
+    records = mathtask.generate(300, "train", seed=3, max_value=max_value)
+    records += mathtask.generate(100, "test", seed=3, max_value=max_value)
+    check_arithmetic(records)
+    numbers = [int(n) for r in records for n in re.findall(r"\d+", r["question"] + r["answer"])]
+    assert max(numbers) <= max_value
+    assert all(mathtask.largest_number(r) <= max_value for r in records)
+    # The bound redraws numbers within a template, it does not drop templates: all six still appear.
+    openings = {r["answer"].split("\n")[0].split("=")[0].split()[1] for r in records}
+    assert len(openings) == 6, openings
+
+
+def test_max_value_is_deterministic_and_changes_the_problems() -> None:
+    easy = mathtask.generate(50, "train", seed=4, max_value=99)
+    assert easy == mathtask.generate(50, "train", seed=4, max_value=99)
+    assert easy[:10] == mathtask.generate(10, "train", seed=4, max_value=99)
+    assert easy != mathtask.generate(50, "train", seed=5, max_value=99)
+    full = mathtask.generate(200, "train", seed=4)
+    assert max(mathtask.largest_number(r) for r in full) > 99  # the default keeps the full ranges
+    assert mathtask.generate(200, "train", seed=4, max_value=None) == full
+
+
+def test_default_problems_are_unchanged_by_the_difficulty_setting() -> None:
+    # Pinned from the generator before `max_value` existed: cached teachers and datasets stay valid.
+    first = mathtask.generate(1, "train", seed=0)[0]
+    assert first["answer"].endswith("#### 2")
+    assert first["question"].startswith("Omar earns $11 an hour for mowing lawns.")
+
+
+def test_a_bound_below_the_minimum_is_a_clear_error() -> None:
+    with pytest.raises(SparseftError, match="max_value must be at least 30"):
+        mathtask.generate(5, max_value=10)
 
 
 def test_all_templates_and_operations_are_used(problems: dict[str, list[dict[str, str]]]) -> None:
@@ -73,6 +112,9 @@ def test_write_dataset_gives_gsm8k_style_jsonl(tmp_path: Path) -> None:
     assert [json.loads(line) for line in lines] == mathtask.generate(10, "test", seed=2)
     records = load_records(str(paths["train"]))
     assert records.column_names == ["question", "answer"] and len(records) == 30
+    easy = mathtask.write_dataset(tmp_path / "easy", n_train=20, n_test=5, seed=2, max_value=50)
+    lines = easy["train"].read_text().splitlines()
+    assert [json.loads(line) for line in lines] == mathtask.generate(20, "train", seed=2, max_value=50)
 
 
 def test_shipped_tokenizer_is_small_lossless_and_splits_digits(

@@ -31,13 +31,14 @@ from sparseft.errors import SparseftError
 class DemoSize:
     """Model size and budgets. The default fits the first run in about 15 minutes on 2 cores (see docs/DEMO.md)."""
 
-    hidden: int = 128
+    hidden: int = 256
     layers: int = 4
+    max_value: int | None = 99  # the bundled task's difficulty (mathtask): two-digit numbers, learnable in minutes
     train_problems: int = 20_000
-    test_problems: int = 200
-    teacher_steps: int = 1200
+    test_problems: int = 400
+    teacher_steps: int = 1000
     teacher_lr: float = 3e-3
-    finetune_steps: int = 150
+    finetune_steps: int = 250
     finetune_lr: float = 3e-4
     batch_size: int = 16
     seqlen: int = 256
@@ -80,14 +81,15 @@ class TaskData:
 def bundled_data(output: Path, size: DemoSize) -> TaskData:
     """The bundled generator's train and test splits, written once as JSONL (seeded, so always the same)."""
     data = output / "data"
-    meta = {"train": size.train_problems, "test": size.test_problems, "seed": 0}
+    meta = {"train": size.train_problems, "test": size.test_problems, "seed": 0, "max_value": size.max_value}
     if not (data / "meta.json").is_file() or json.loads((data / "meta.json").read_text()) != meta:
-        mathtask.write_dataset(data, size.train_problems, size.test_problems, seed=0)
+        mathtask.write_dataset(data, size.train_problems, size.test_problems, seed=0, max_value=size.max_value)
         write_json(data / "meta.json", meta)
     return TaskData(
         (str(data / "train.jsonl"), "train"),
         (str(data / "test.jsonl"), "test"),
-        f"bundled math task ({size.train_problems} train / {size.test_problems} test problems)",
+        f"bundled math task ({size.train_problems} train / {size.test_problems} test problems, numbers up to "
+        f"{size.max_value or 'the full range'})",
     )
 
 

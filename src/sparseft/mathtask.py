@@ -5,6 +5,10 @@ Each answer is a few sentences, one per calculation, with the calculation annota
 that every intermediate result is a whole number, and takes 2-4 operations. Records use GSM8K's field names,
 `question` and `answer`, so everything that reads GSM8K reads these.
 
+`max_value` sets the difficulty: every number of a problem (question, each step, final answer) stays at or below
+it. The default (None) keeps the full ranges, whose intermediate results reach about 1,400; `max_value=99` keeps
+two-digit arithmetic, which a model of a few million parameters learns within minutes on a CPU.
+
 Splits are decided by a hash of the question text, not by position: a test question can never appear in any
 train set, whatever the seeds or sizes the two were generated with.
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +38,7 @@ if TYPE_CHECKING:
 NAME = "mathtask"  # how commands name this task as a dataset (`sparseft eval MODEL --task gsm8k --dataset mathtask`)
 TOKENIZER_FILE = Path(__file__).parent / "assets" / "mathtask_tokenizer.json"
 SPECIAL_TOKENS = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "pad_token": "<pad>"}
+MIN_MAX_VALUE = 30  # every template can meet 20, but below ~30 redrawing until a few templates fit gets slow
 TEST_SHARE = 0.2  # fraction of the question space that belongs to the test split
 SPLITS = ("train", "test")
 
@@ -180,18 +186,41 @@ def split_of(question: str) -> str:
     return "test" if bucket < TEST_SHARE else "train"
 
 
-def make_problem(rng: random.Random) -> dict[str, str]:
-    steps = Steps()
-    question, result = rng.choice(TEMPLATES)(rng, steps)
-    return {"question": question, "answer": steps.answer(result)}
+_INTEGER = re.compile(r"\d+")
 
 
-def generate(n: int, split: str = "train", seed: int = 0) -> list[dict[str, str]]:
-    """`n` distinct problems of `split`, the same for the same (n, split, seed); a smaller n gives a prefix."""
+def largest_number(problem: dict[str, str]) -> int:
+    """The largest whole number written anywhere in the problem's question or worked answer."""
+    return max(int(n) for n in _INTEGER.findall(problem["question"] + "\n" + problem["answer"]))
+
+
+def make_problem(rng: random.Random, max_value: int | None = None) -> dict[str, str]:
+    """One problem of a uniformly chosen template; with `max_value`, that template's numbers are drawn again
+    until they fit, so the bound does not tilt the mix of templates towards those with small numbers."""
+    template = rng.choice(TEMPLATES)
+    while True:
+        steps = Steps()
+        question, result = template(rng, steps)
+        problem = {"question": question, "answer": steps.answer(result)}
+        # Without a bound the first draw is taken: the default keeps the random stream of earlier versions.
+        if max_value is None or largest_number(problem) <= max_value:
+            return problem
+
+
+def generate(
+    n: int, split: str = "train", seed: int = 0, max_value: int | None = None
+) -> list[dict[str, str]]:
+    """`n` distinct problems of `split`, the same for the same (n, split, seed, max_value); a smaller n gives a
+    prefix. `max_value` bounds every number of a problem (see the module docstring); None: the full ranges."""
     if split not in SPLITS:
         raise SparseftError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if n < 0:
         raise SparseftError(f"the number of problems must be at least 0, got {n}")
+    if max_value is not None and max_value < MIN_MAX_VALUE:
+        raise SparseftError(
+            f"max_value must be at least {MIN_MAX_VALUE}, got {max_value} (below it most draws of some templates "
+            "are rejected and generation crawls); use None for the full ranges"
+        )
     rng = random.Random(f"sparseft-mathtask-{seed}")
     records: list[dict[str, str]] = []
     seen: set[str] = set()
@@ -200,7 +229,7 @@ def generate(n: int, split: str = "train", seed: int = 0) -> list[dict[str, str]
         attempts += 1
         if attempts > 50 * n + 1000:  # the question space is far larger; this only guards against a bug
             raise SparseftError(f"could not generate {n} distinct {split} problems")
-        problem = make_problem(rng)
+        problem = make_problem(rng, max_value)
         if problem["question"] in seen or split_of(problem["question"]) != split:
             continue
         seen.add(problem["question"])
@@ -212,11 +241,13 @@ def write_jsonl(records: list[dict[str, Any]], path: str | Path) -> None:
     Path(path).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
 
 
-def write_dataset(output: str | Path, n_train: int, n_test: int, seed: int = 0) -> dict[str, Path]:
+def write_dataset(
+    output: str | Path, n_train: int, n_test: int, seed: int = 0, max_value: int | None = None
+) -> dict[str, Path]:
     """Write `train.jsonl` and `test.jsonl` into `output` (atomically) and return their paths."""
     with atomic_dir(output) as tmp:
-        write_jsonl(generate(n_train, "train", seed), tmp / "train.jsonl")
-        write_jsonl(generate(n_test, "test", seed), tmp / "test.jsonl")
+        write_jsonl(generate(n_train, "train", seed, max_value), tmp / "train.jsonl")
+        write_jsonl(generate(n_test, "test", seed, max_value), tmp / "test.jsonl")
     return {split: Path(output) / f"{split}.jsonl" for split in SPLITS}
 
 
