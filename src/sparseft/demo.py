@@ -33,7 +33,7 @@ class DemoSize:
 
     hidden: int = 256
     layers: int = 4
-    max_value: int | None = 99  # the bundled task's difficulty (mathtask): two-digit numbers, learnable in minutes
+    max_value: int | None = 99  # the bundled task's difficulty: two-digit numbers, learnable in minutes
     train_problems: int = 20_000
     test_problems: int = 400
     teacher_steps: int = 1000
@@ -83,7 +83,9 @@ def bundled_data(output: Path, size: DemoSize) -> TaskData:
     data = output / "data"
     meta = {"train": size.train_problems, "test": size.test_problems, "seed": 0, "max_value": size.max_value}
     if not (data / "meta.json").is_file() or json.loads((data / "meta.json").read_text()) != meta:
-        mathtask.write_dataset(data, size.train_problems, size.test_problems, seed=0, max_value=size.max_value)
+        mathtask.write_dataset(
+            data, size.train_problems, size.test_problems, seed=0, max_value=size.max_value
+        )
         write_json(data / "meta.json", meta)
     return TaskData(
         (str(data / "train.jsonl"), "train"),
