@@ -20,10 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from sparseft import api, mathtask
-from sparseft.atomic import atomic_dir, write_json
+from sparseft.atomic import write_json
 from sparseft.errors import SparseftError
 
 
@@ -97,29 +95,9 @@ def bundled_data(output: Path, size: DemoSize) -> TaskData:
 
 def initial_model(output: Path, size: DemoSize) -> str:
     """A randomly initialised small Llama with the task's shipped tokenizer, saved as the teacher's start."""
-    import transformers
+    from sparseft.tiny import save_task_llama
 
-    from sparseft.tiny import tiny_config
-
-    directory = output / "init"
-    if (directory / "config.json").is_file():
-        return str(directory)
-    tokenizer = mathtask.load_task_tokenizer()
-    config = tiny_config(
-        "llama",
-        vocab_size=len(tokenizer),
-        hidden=size.hidden,
-        layers=size.layers,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    with atomic_dir(directory) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return str(directory)
+    return str(save_task_llama(output / "init", size.hidden, size.layers))
 
 
 def finetune(

@@ -143,3 +143,32 @@ def pretrain(
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     return losses
+
+
+def save_task_llama(directory: str | Path, hidden: int, layers: int, seed: int = 0) -> Path:
+    """A randomly initialised small Llama with the bundled math task's shipped tokenizer, saved into `directory`
+    (atomically; kept if it is already there): the starting point of the demo's and the loss study's teachers."""
+    import torch
+
+    from sparseft import mathtask
+    from sparseft.atomic import atomic_dir
+
+    directory = Path(directory)
+    if (directory / "config.json").is_file():
+        return directory
+    tokenizer = mathtask.load_task_tokenizer()
+    config = tiny_config(
+        "llama",
+        vocab_size=len(tokenizer),
+        hidden=hidden,
+        layers=layers,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with atomic_dir(directory) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return directory
