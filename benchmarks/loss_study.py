@@ -179,10 +179,6 @@ def write_data(paths: Paths, size: StudySize) -> None:
         mathtask.write_jsonl([{"text": t} for t in texts], tmp / "pretrain.jsonl")
 
 
-def initial_model(paths: Paths, size: StudySize) -> Path:
-    return save_task_llama(paths.root / "init", size.hidden, size.layers)
-
-
 def train(model: Path | str, output: Path, dataset: Path, size: StudySize, **settings: Any) -> None:
     """One `api.finetune` run with the study's batch and sequence length, checkpointing only at the end."""
     api.finetune(
@@ -206,7 +202,7 @@ def build_teacher(paths: Paths, size: StudySize, log: Any) -> None:
     if not (pretrained / "config.json").is_file():
         started = time.perf_counter()
         train(
-            initial_model(paths, size),
+            save_task_llama(paths.root / "init", size.hidden, size.layers),
             paths.root / "pretrain",
             paths.data / "pretrain.jsonl",
             size,
