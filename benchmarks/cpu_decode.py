@@ -5,8 +5,8 @@
 A randomly initialised Llama of TinyLlama's shape (hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 KV heads,
 vocab 32000; about 1.1B parameters) is pruned to 70% by magnitude (speed does not depend on which weights survive)
 and saved three ways in --workdir (reused by later runs): a dense bf16 HF checkpoint, a bitmask archive and an int8
-bitmask archive. Then:
-- tokens/s of greedy decoding (`model.generate`, --new-tokens new tokens after a 16-token prompt) for the four
+bitmask archive; the int8 archive also runs with its LM head in int8 (`head_values="int8"`). Then:
+- tokens/s of greedy decoding (`model.generate`, --new-tokens new tokens after a 16-token prompt) for the five
   models, loaded side by side in this process and run alternately; medians of --runs, a copy-bandwidth probe per run;
 - peak memory of each, each in a fresh process that loads the model from disk and generates (ru_maxrss, and the
   same minus the process's size before loading);
@@ -37,7 +37,13 @@ from sparseft.pruning.magnitude import magnitude_prune
 from sparseft.quant import QuantSpec, rtn_quantize
 from sparseft.runtime.bench import copy_bandwidth, measure_generation
 
-VARIANTS = ["transformers fp32", "transformers bf16", "sparseft bf16", "sparseft int8"]
+VARIANTS = [
+    "transformers fp32",
+    "transformers bf16",
+    "sparseft bf16",
+    "sparseft int8",
+    "sparseft int8, int8 head",
+]
 PROMPT_TOKENS = 16
 
 
@@ -89,7 +95,9 @@ def load_variant(name: str, workdir: Path) -> nn.Module:
         ).eval()
     if name == "sparseft bf16":
         return runtime.load(workdir / "archive-bf16")
-    return runtime.load(workdir / "archive-int8")
+    if name == "sparseft int8":
+        return runtime.load(workdir / "archive-int8")
+    return runtime.load(workdir / "archive-int8", head_values="int8")
 
 
 def rss_bytes() -> int:
@@ -200,7 +208,7 @@ def main() -> None:
     dense_peak = memory.get("transformers bf16", {}).get("peak_minus_before")
     rows: dict[str, Any] = {}
     print(
-        f"\n{'variant':<18} {'decode tok/s':>12} {'x dense bf16':>13} {'ms/token':>9} {'peak RSS MB':>12} {'model+act MB':>13} {'x dense bf16':>13}"
+        f"\n{'variant':<25} {'decode tok/s':>12} {'x dense bf16':>13} {'ms/token':>9} {'peak RSS MB':>12} {'model+act MB':>13} {'x dense bf16':>13}"
     )
     for name in variants:
         tok_s = speed[name]["decode_tok_s"]
@@ -212,7 +220,7 @@ def main() -> None:
             "x_dense_bf16_memory": round(mem["peak_minus_before"] / dense_peak, 3) if dense_peak else None,
         }
         print(
-            f"{name:<18} {tok_s:>12.2f} {rows[name]['x_dense_bf16_speed'] or 0:>13.2f} {1000 / tok_s:>9.1f} "
+            f"{name:<25} {tok_s:>12.2f} {rows[name]['x_dense_bf16_speed'] or 0:>13.2f} {1000 / tok_s:>9.1f} "
             f"{mem['peak_rss'] / 1e6:>12.0f} {mem['peak_minus_before'] / 1e6:>13.0f} {rows[name]['x_dense_bf16_memory'] or 0:>13.3f}"
         )
     if other_ms is not None:

@@ -618,20 +618,26 @@ def finetune(
 
 
 def load_sparse(
-    path: str | Path, values: str | None = None, dtype: str = "bfloat16", trust_remote_code: bool = False
+    path: str | Path,
+    values: str | None = None,
+    dtype: str = "bfloat16",
+    trust_remote_code: bool = False,
+    head_values: str = "bf16",
 ) -> torch.nn.Module:
     """A model whose pruned linears run on sparseft's CPU kernels (`SparseLinear`, bf16 or int8 values): a
-    bitmask archive loads straight into them, never dense; an HF checkpoint with zeros kept is converted."""
+    bitmask archive loads straight into them, never dense; an HF checkpoint with zeros kept is converted.
+    `head_values="int8"` also quantizes the LM head to int8 (half its bytes; logits change slightly)."""
     from sparseft import formats, runtime
     from sparseft.models import parse_dtype
 
-    if values not in (None, "bf16", "int8"):
-        raise SparseftError(f"values must be bf16 or int8, got {values!r}")
+    for name, given in (("values", values), ("head_values", head_values)):
+        if given not in (None, "bf16", "int8"):
+            raise SparseftError(f"{name} must be bf16 or int8, got {given!r}")
     torch_dtype = parse_dtype(dtype)
     if formats.detect(path) == "bitmask":
-        return runtime.load(path, values, torch_dtype, trust_remote_code)  # type: ignore[arg-type]
+        return runtime.load(path, values, torch_dtype, trust_remote_code, head_values=head_values)  # type: ignore[arg-type]
     model = formats.load_dir(path, torch_dtype, trust_remote_code)
-    runtime.sparsify_(model, values or "bf16")  # type: ignore[arg-type]
+    runtime.sparsify_(model, values or "bf16", head_values=head_values)  # type: ignore[arg-type]
     return model
 
 
@@ -642,12 +648,13 @@ def generate(
     values: str | None = None,
     sample: bool = False,
     trust_remote_code: bool = False,
+    head_values: str = "bf16",
 ) -> dict[str, Any]:
     """Generate a continuation of `prompt` with the sparse CPU runtime (greedy unless `sample`)."""
     if max_new_tokens < 1:
         raise SparseftError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     tokenizer = load_tokenizer(str(model), trust_remote_code)
-    net = load_sparse(model, values, trust_remote_code=trust_remote_code)
+    net = load_sparse(model, values, trust_remote_code=trust_remote_code, head_values=head_values)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     started = time.perf_counter()
     with torch.inference_mode():
@@ -676,6 +683,7 @@ def bench(
     sentences: int = 32,
     source_tokens: int = 32,
     num_beams: int | None = None,
+    head_values: str = "bf16",
 ) -> dict[str, Any]:
     """Speed and memory, sparse (sparseft kernels) vs dense bf16 (transformers), measured side by side in one
     process, alternating run by run.
@@ -684,7 +692,7 @@ def bench(
     An encoder-decoder: encoder latency, decoder tokens/s and job time (`runtime.bench.measure_seq2seq`) of
     `new_tokens` new tokens per input, with `num_beams` beams (default 5 for translation, as the paper; greedy
     for speech). T5 translates `sentences` random sentences of `source_tokens` tokens, one at a time; Whisper
-    transcribes one 30 s window of random features."""
+    transcribes one 30 s window of random features. `head_values="int8"`: the sparse model's LM head in int8."""
     from sparseft import formats
     from sparseft.models import model_kind
     from sparseft.runtime import current_isa
@@ -701,7 +709,7 @@ def bench(
     for name, (value, least) in at_least.items():
         if value < least:
             raise SparseftError(f"bench needs {name} >= {least}, got {value}")
-    sparse = load_sparse(model, values, trust_remote_code=trust_remote_code)
+    sparse = load_sparse(model, values, trust_remote_code=trust_remote_code, head_values=head_values)
     kind = model_kind(sparse.config)
     if kind == "speech":
         _check_transcript_length(sparse.config, new_tokens)

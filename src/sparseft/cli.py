@@ -405,6 +405,12 @@ def add_generate(sub: Any) -> None:
     p.add_argument(
         "--values", choices=["bf16", "int8"], help="weight values in memory (default: as exported)"
     )
+    p.add_argument(
+        "--head-values",
+        choices=["bf16", "int8"],
+        default="bf16",
+        help="LM head in memory: bf16 (exact) or int8 (half its bytes, faster; logits change slightly)",
+    )
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(run=run_generate)
@@ -414,8 +420,9 @@ def run_generate(args: argparse.Namespace) -> None:
     from sparseft import api
 
     result = api.generate(
-        args.model, args.prompt, args.max_new_tokens, args.values, args.sample, args.trust_remote_code
-    )
+        args.model, args.prompt, args.max_new_tokens, args.values, args.sample, args.trust_remote_code,
+        head_values=args.head_values,
+    )  # fmt: skip
     print(result["text"])
     print(
         f"[{result['new_tokens']} tokens in {result['seconds']} s, {result['tokens_per_s']} tok/s]",
@@ -439,6 +446,9 @@ def add_bench(sub: Any) -> None:
     p.add_argument(
         "--values", choices=["bf16", "int8"], help="weight values in memory (default: as exported)"
     )
+    p.add_argument(
+        "--head-values", choices=["bf16", "int8"], default="bf16", help="the sparse model's LM head in memory"
+    )
     p.add_argument("--output", help="also write the result as JSON here")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(run=run_bench)
@@ -451,6 +461,7 @@ def run_bench(args: argparse.Namespace) -> None:
     report = api.bench(
         args.model, args.prompt_tokens, args.new_tokens, args.runs, args.values, args.trust_remote_code,
         sentences=args.sentences, source_tokens=args.source_tokens, num_beams=args.num_beams,
+        head_values=args.head_values,
     )  # fmt: skip
     if args.output:
         write_json(args.output, report)

@@ -18,9 +18,9 @@ def fresh_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Pat
     """An empty kernel cache and no kernels loaded yet in this process (as far as sparseft knows)."""
     monkeypatch.setenv("SPARSEFT_CACHE", str(tmp_path))
     monkeypatch.setattr(build, "_state", {})
-    dispatch.best_isa.cache_clear()
+    dispatch.forget_kernels()
     yield tmp_path
-    dispatch.best_isa.cache_clear()
+    dispatch.forget_kernels()
 
 
 def test_cache_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -68,6 +68,24 @@ def test_sparsify_int8_logits_are_close(pruned_model: Callable[..., torch.nn.Mod
 
 
 @pytest.mark.parametrize("tied", [False, True])
+def test_int8_head(tmp_path: Path, tied: bool, pruned_model: Callable[..., torch.nn.Module]) -> None:
+    dense = pruned_model(tie_word_embeddings=tied)
+    if tied:
+        dense.tie_weights()
+    sparse = load(_write_archive(dense, tmp_path / "archive"), head_values="int8")
+    head = sparse.get_output_embeddings()
+    assert isinstance(head, SparseLinear) and head.kind == "int8"
+    assert head.density() > 0.99  # every weight kept, only rounded
+    # one byte a weight (not two), a mask bit padded to whole 64-bit words, 16 bytes a row (offset, scale, sum)
+    rows, cols = dense.config.vocab_size, dense.config.hidden_size
+    assert head.nbytes() <= rows * (cols + 8 * -(-cols // 64) + 16) + 72
+    assert _relative(_logits(sparse), _logits(dense)) < 0.05
+    assert len(_greedy(sparse)) == 24
+    with pytest.raises(SparseftError, match="values must be"):
+        sparsify_(copy.deepcopy(dense), head_values="int4")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("tied", [False, True])
 def test_load_archive_generates_like_dense(
     tmp_path: Path, tied: bool, pruned_model: Callable[..., torch.nn.Module]
 ) -> None:

@@ -118,6 +118,9 @@ def test_large_batches_take_the_dense_path(
     expected = torch.nn.functional.linear(x, reference.decompress(packed))
     assert y.shape == (2, 5, 30)
     torch.testing.assert_close(y, expected)
+    monkeypatch.setenv("SPARSEFT_DENSE_ABOVE", "four")
+    with pytest.raises(SparseftError, match="SPARSEFT_DENSE_ABOVE"):
+        dispatch.linear(x, packed, None)
 
 
 def test_isa_is_forced_by_setting_and_env(monkeypatch: pytest.MonkeyPatch) -> None:

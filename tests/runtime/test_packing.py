@@ -10,7 +10,14 @@ import torch
 from sparseft import formats
 from sparseft.errors import SparseftError
 from sparseft.runtime import reference
-from sparseft.runtime.packing import bitmask_of, pack_bitmask, pack_dense, quantize_rows
+from sparseft.runtime.packing import (
+    bitmask_of,
+    concat_rows,
+    pack_bitmask,
+    pack_dense,
+    pack_full_int8,
+    quantize_rows,
+)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 8), (9, 63), (17, 130)])
@@ -44,6 +51,33 @@ def test_int8_per_row_scales(awkward_weight: Callable[..., torch.Tensor]) -> Non
     err = (reference.unpack(packed) - weight).abs()
     assert bool((err <= packed.scale[:, None] / 2 + 1e-7).all())
     assert torch.equal(packed.rowsum.long(), reference.unpack(packed, integer=True).sum(1).long())
+
+
+@pytest.mark.parametrize("values", ["bf16", "int8"])
+def test_packing_in_row_blocks_equals_one_piece(
+    values: str, awkward_weight: Callable[..., torch.Tensor]
+) -> None:
+    weight = awkward_weight(23, 70)
+    whole = pack_dense(weight, values, block_rows=1000)  # type: ignore[arg-type]
+    blocks = pack_dense(weight, values, block_rows=5)  # type: ignore[arg-type]
+    for part in ("mask", "values", "row_start", *(("scale", "rowsum") if values == "int8" else ())):
+        assert torch.equal(getattr(blocks, part), getattr(whole, part)), part
+    assert blocks.scale is None if values == "bf16" else blocks.scale is not None
+    with pytest.raises(SparseftError, match="differ"):
+        concat_rows([whole, pack_dense(weight[:, :40], values)])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("cols", [70, 128])
+def test_full_int8_packing_keeps_every_entry(cols: int) -> None:
+    weight = torch.randn(37, cols)
+    weight[3, 5] = 0.0  # a zero is stored too, as a zero value under a set bit
+    full = pack_full_int8(weight, block_rows=8)
+    assert torch.equal(reference.unpack_mask(full), torch.ones(37, cols, dtype=torch.bool))
+    sparse = pack_dense(weight, "int8")
+    torch.testing.assert_close(reference.unpack(full), reference.unpack(sparse))
+    assert full.scale is not None and full.rowsum is not None and sparse.scale is not None
+    assert torch.equal(full.scale, sparse.scale)
+    assert torch.equal(full.rowsum.long(), reference.unpack(full, integer=True).sum(1).long())
 
 
 def test_int8_archive_values_are_used_as_stored(awkward_weight: Callable[..., torch.Tensor]) -> None:

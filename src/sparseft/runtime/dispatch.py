@@ -44,13 +44,24 @@ def best_isa() -> str:
     return next(name for name, value in LEVELS.items() if value == level)
 
 
+def forget_kernels() -> None:
+    """Drop what this process decided about the kernels, so the next call looks again (after a rebuild)."""
+    for cached in (best_isa, _resolve_isa, _ops, _op):
+        cached.cache_clear()
+
+
 def available_isas() -> list[str]:
     best = best_isa()
     return ["torch"] if best == "torch" else ["torch", *[n for n, v in LEVELS.items() if v <= LEVELS[best]]]
 
 
 def current_isa() -> str:
-    name = _forced.get("isa") or os.environ.get("SPARSEFT_ISA", "auto")
+    # Runs for every linear of every decoded token: the checks are cached per setting.
+    return _resolve_isa(_forced.get("isa") or os.environ.get("SPARSEFT_ISA", "auto"))
+
+
+@functools.cache
+def _resolve_isa(name: str) -> str:
     if name not in CHOICES:
         raise SparseftError(f"SPARSEFT_ISA={name!r} is not one of {', '.join(CHOICES)}")
     if name == "auto":
@@ -72,20 +83,35 @@ DENSE_ABOVE = {"bf16": 8, "int8": 32}
 
 def dense_above(kind: str) -> int:
     env = os.environ.get("SPARSEFT_DENSE_ABOVE")
-    return int(env) if env else DENSE_ABOVE[kind]
+    return _parse_count(env) if env else DENSE_ABOVE[kind]
 
 
+@functools.cache
+def _parse_count(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise SparseftError(f"SPARSEFT_DENSE_ABOVE={text!r} is not a whole number of tokens") from None
+
+
+@functools.cache
 def _ops() -> Any:
     if not load_extension():
         raise SparseftError("the C++ CPU kernels could not be built here; use SPARSEFT_ISA=torch")
     return torch.ops.sparseft_cpu
 
 
+@functools.cache
+def _op(name: str) -> Any:
+    # The op's default overload, looked up once: the namespace lookup costs microseconds per decoded token.
+    return getattr(_ops(), name).default
+
+
 def sparse_mm(x: torch.Tensor, p: Packed, bias: torch.Tensor | None, isa: str) -> torch.Tensor:
     """The expand kernel (any batch), or its reference under "torch"."""
     if isa == "torch":
         return reference.sparse_mm(x, p, bias)
-    return _ops().sparse_mm(
+    return _op("sparse_mm")(
         x, p.mask, p.values, p.row_start, p.scale, p.rowsum, bias, p.shape[1], LEVELS[isa]
     )
 
@@ -93,7 +119,7 @@ def sparse_mm(x: torch.Tensor, p: Packed, bias: torch.Tensor | None, isa: str) -
 def decompress(p: Packed, isa: str) -> torch.Tensor:
     if isa == "torch":
         return reference.decompress(p)
-    return _ops().decompress(p.mask, p.values, p.row_start, p.scale, p.shape[1], LEVELS[isa])
+    return _op("decompress")(p.mask, p.values, p.row_start, p.scale, p.shape[1], LEVELS[isa])
 
 
 def linear(x: torch.Tensor, p: Packed, bias: torch.Tensor | None) -> torch.Tensor:
@@ -119,4 +145,4 @@ def dense_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     """Dense bf16 y = x W^T with the AVX-512 GEMV kernel where available (the decode-time LM head)."""
     if current_isa() != "avx512":
         return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
-    return _ops().dense_mm(x.contiguous(), weight, bias)
+    return _op("dense_mm")(x.contiguous(), weight, bias)

@@ -167,8 +167,58 @@ def pack_bitmask(
     return Packed((rows, cols), mask, packed_values, row_start, scale if values == "int8" else None, rowsum)
 
 
-def pack_dense(weight: torch.Tensor, values: Values = "bf16", name: str = "weight") -> Packed:
-    """Pack a dense (R, C) weight whose zeros are the pruned entries."""
+def pack_full_int8(weight: torch.Tensor, block_rows: int = 256) -> Packed:
+    """Every entry of a dense (R, C) weight as int8 with per-row scales under an all-ones mask: a dense layer
+    (the LM head) for the int8 kernel. Quantized a few rows at a time into one preallocated buffer, so
+    packing a 32000-row head needs megabytes of temporaries, not gigabytes."""
+    rows, cols = weight.shape
+    words = -(-cols // 64)
+    bits = torch.zeros(words * 64, dtype=torch.bool)
+    bits[:cols] = True
+    mask_row = (bits.reshape(words, 64).long() << torch.arange(64)).sum(
+        1
+    )  # wraps to the sign bit as int64 does
+    values = torch.zeros(rows * cols + PAD_BYTES, dtype=torch.int8)
+    scale = torch.empty(rows)
+    rowsum = torch.empty(rows, dtype=torch.int32)
+    for r in range(0, rows, block_rows):
+        block = weight[r : r + block_rows].detach().float()
+        absmax = block.abs().amax(1)
+        safe = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))
+        q = torch.round(block / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+        values[r * cols : r * cols + q.numel()] = q.reshape(-1)
+        scale[r : r + len(q)] = absmax / 127
+        rowsum[r : r + len(q)] = q.sum(1, dtype=torch.int32)
+    row_start = torch.arange(rows + 1, dtype=torch.int64) * cols
+    return Packed((rows, cols), mask_row.expand(rows, words).contiguous(), values, row_start, scale, rowsum)
+
+
+def concat_rows(parts: list[Packed]) -> Packed:
+    """One packed weight holding the rows of `parts` in order (same columns and kind)."""
+    cols, kind = parts[0].shape[1], parts[0].kind
+    if any(p.shape[1] != cols or p.kind != kind for p in parts):
+        raise SparseftError("concat_rows: the parts differ in columns or value kind")
+    starts, offset = [], 0
+    for p in parts:
+        starts.append(p.row_start[:-1] + offset)
+        offset += p.nnz
+    values = torch.cat([p.values[: p.nnz] for p in parts])
+    int8 = kind == "int8"
+    return Packed(
+        (sum(p.shape[0] for p in parts), cols),
+        torch.cat([p.mask for p in parts]),
+        _padded(values, values.dtype),
+        torch.cat([*starts, torch.tensor([offset])]),
+        torch.cat([p.scale for p in parts if p.scale is not None]) if int8 else None,
+        torch.cat([p.rowsum for p in parts if p.rowsum is not None]) if int8 else None,
+    )
+
+
+def pack_dense(
+    weight: torch.Tensor, values: Values = "bf16", name: str = "weight", block_rows: int = 2048
+) -> Packed:
+    """Pack a dense (R, C) weight whose zeros are the pruned entries, `block_rows` rows at a time so the
+    temporaries stay small (a 32000-row LM head in one piece would need gigabytes of them)."""
     if weight.dim() != 2 or not weight.is_floating_point():
         raise SparseftError(
             f"{name}: expected a 2-D floating-point weight, got {weight.dtype} {tuple(weight.shape)}"
@@ -177,7 +227,12 @@ def pack_dense(weight: torch.Tensor, values: Values = "bf16", name: str = "weigh
         raise SparseftError(
             f"{name}: the CPU runtime packs CPU weights; move the model to the CPU first (.cpu())"
         )
-    parts = bitmask_of(weight.detach())
-    return pack_bitmask(
-        parts["shape"], parts["compressed"], parts["bitmask"], parts["row_offsets"], values, name=name
-    )
+    blocks = []
+    for r in range(0, max(weight.shape[0], 1), block_rows):
+        parts = bitmask_of(weight[r : r + block_rows].detach())
+        blocks.append(
+            pack_bitmask(
+                parts["shape"], parts["compressed"], parts["bitmask"], parts["row_offsets"], values, name=name
+            )
+        )
+    return blocks[0] if len(blocks) == 1 else concat_rows(blocks)

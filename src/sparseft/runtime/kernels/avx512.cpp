@@ -16,13 +16,30 @@ namespace {
 
 constexpr int kMaxBatchTile = 8;
 
-// Software prefetch distance, in bytes ahead of each row's read position. Rows of a sparse matrix are short
-// (a 4096-column row at 70% is 2.5 KB of values), too short for the hardware streamer to ramp up within one
-// row; prefetching ahead was measured 15-20% faster on the sparse kernels. Prefetches never fault, so reading
-// ahead past the last row is harmless.
+// Software prefetch distance, in bytes ahead of each row's read position (dense kernel).
 constexpr int kPrefetchBytes = 512;
 
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0); }
+
+// The sparse kernels read a tile of NR rows as NR cursors that each advance by a popcount, too irregular for the
+// hardware prefetcher. But the tile's values (and its mask words) are one contiguous region, and so are the
+// next tiles': a cursor that sweeps that region linearly, at the tile's mean pace and kSweepAhead bytes ahead,
+// keeps the memory system busy across tile boundaries. Measured 1.3-1.6x over prefetching each row's own
+// cursor 512 B ahead on 2048-column int8 matrices that do not fit in cache; 4 KB ahead beat 0.5, 1, 2 and 8 KB.
+// Prefetches never fault, so sweeping past the last row is harmless.
+constexpr int64_t kSweepAhead = 4096;
+
+struct Sweep {
+  const char* at;
+  int64_t step;  // bytes per chunk: the region's size over the chunks of one row, rounded up
+  Sweep(const void* begin, int64_t bytes, int64_t chunks)
+      : at(static_cast<const char*>(begin) + kSweepAhead), step((bytes + chunks - 1) / chunks) {}
+  // Each call starts where the last one stopped, so touching every 64th byte of the span reaches every line.
+  inline void advance() {
+    for (int64_t b = 0; b < step; b += 64) _mm_prefetch(at + b, _MM_HINT_T0);
+    at += step;
+  }
+};
 
 // Load into a register and hide the value from the optimizer, so the compiler cannot fold the load into
 // vpexpand's memory operand: that form is several times slower on AMD Zen 4/5.
@@ -54,6 +71,8 @@ void bf16_tile(const SparseMatrix& w, const Activations& a, const Output& o, int
     }
   }
   const uint16_t* x = static_cast<const uint16_t*>(a.data) + b0 * a.stride;
+  Sweep value_sweep(p[0], DENSE ? 0 : (w.row_start[r + NR] - w.row_start[r]) * 2, chunks);
+  Sweep mask_sweep(DENSE ? static_cast<const void*>(p[0]) : m[0], DENSE ? 0 : NR * w.words * 8, chunks);
   __m512 acc[NR][NB];
 #pragma GCC unroll 8
   for (int i = 0; i < NR; ++i)
@@ -64,6 +83,10 @@ void bf16_tile(const SparseMatrix& w, const Activations& a, const Output& o, int
     __m512i xv[NB];
 #pragma GCC unroll 8
     for (int j = 0; j < NB; ++j) xv[j] = _mm512_loadu_si512(x + j * a.stride + k * 32);
+    if (!DENSE) {
+      value_sweep.advance();
+      mask_sweep.advance();
+    }
 #pragma GCC unroll 8
     for (int i = 0; i < NR; ++i) {
       __m512i wv;
@@ -74,8 +97,6 @@ void bf16_tile(const SparseMatrix& w, const Activations& a, const Output& o, int
         wv = _mm512_maskz_loadu_epi16(keep, p[i] + k * 32);
       } else {
         const uint32_t bits = m[i][k];
-        if (k % 16 == 0) prefetch(m[i] + k);
-        prefetch(p[i]);
         const __m512i packed = load_opaque(p[i]);
         p[i] += _mm_popcnt_u32(bits);
         wv = _mm512_maskz_expand_epi16(bits, packed);
@@ -101,6 +122,8 @@ void int8_tile(const SparseMatrix& w, const Activations& a, const Output& o, int
     p[i] = static_cast<const int8_t*>(w.values) + w.row_start[r + i];
   }
   const uint8_t* x = static_cast<const uint8_t*>(a.data) + b0 * a.stride;
+  Sweep value_sweep(p[0], w.row_start[r + NR] - w.row_start[r], w.words);
+  Sweep mask_sweep(m[0], NR * w.words * 8, w.words);
   __m512i acc[NR][NB];
 #pragma GCC unroll 8
   for (int i = 0; i < NR; ++i)
@@ -111,11 +134,11 @@ void int8_tile(const SparseMatrix& w, const Activations& a, const Output& o, int
     __m512i xv[NB];
 #pragma GCC unroll 8
     for (int j = 0; j < NB; ++j) xv[j] = _mm512_loadu_si512(x + j * a.stride + k * 64);
+    value_sweep.advance();
+    mask_sweep.advance();
 #pragma GCC unroll 8
     for (int i = 0; i < NR; ++i) {
       const uint64_t bits = m[i][k];
-      if (k % 8 == 0) prefetch(m[i] + k);
-      prefetch(p[i]);
       const __m512i packed = load_opaque(p[i]);
       p[i] += _mm_popcnt_u64(bits);
       const __m512i wv = _mm512_maskz_expand_epi8(bits, packed);
