@@ -104,7 +104,7 @@ def choose_shots(
     return chosen
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def greedy_generate(
     model: nn.Module,
     tokenizer: Any,
@@ -273,7 +273,7 @@ def wer(hypotheses: Sequence[str], references: Sequence[str], normalizer: str = 
     return {"wer": float(score), "normalizer": normalizer, "skipped_empty_references": len(pairs) - len(kept)}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def seq2seq_generate(
     model: nn.Module,
     tokenizer: Any,
