@@ -118,6 +118,12 @@ def test_large_batches_take_the_dense_path(
     expected = torch.nn.functional.linear(x, reference.decompress(packed))
     assert y.shape == (2, 5, 30)
     torch.testing.assert_close(y, expected)
+    bias = torch.randn(30)
+    monkeypatch.setattr(dispatch, "_DECOMPRESS_BYTES", 2 * 70 * 7)  # blocks of 7 rows, the last one short
+    for kind in ("bf16", "int8"):
+        blocked = pack_dense(awkward_weight(30, 70), kind)  # type: ignore[arg-type]
+        expected = torch.nn.functional.linear(x, reference.decompress(blocked), bias.bfloat16())
+        torch.testing.assert_close(dispatch.linear(x, blocked, bias), expected)
     monkeypatch.setenv("SPARSEFT_DENSE_ABOVE", "four")
     with pytest.raises(SparseftError, match="SPARSEFT_DENSE_ABOVE"):
         dispatch.linear(x, packed, None)

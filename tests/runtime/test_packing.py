@@ -67,6 +67,15 @@ def test_packing_in_row_blocks_equals_one_piece(
         concat_rows([whole, pack_dense(weight[:, :40], values)])  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("values", ["bf16", "int8"])
+def test_a_row_range_reads_the_same_buffers(values: str, awkward_weight: Callable[..., torch.Tensor]) -> None:
+    packed = pack_dense(awkward_weight(20, 70), values)  # type: ignore[arg-type]
+    part = packed.rows(5, 12)
+    assert part.shape == (7, 70) and part.values.data_ptr() >= packed.values.data_ptr()
+    assert torch.equal(reference.unpack(part), reference.unpack(packed)[5:12])
+    assert part.values.numel() >= part.nnz + 64 // part.values.element_size()  # the padding is still behind
+
+
 @pytest.mark.parametrize("cols", [70, 128])
 def test_full_int8_packing_keeps_every_entry(cols: int) -> None:
     weight = torch.randn(37, cols)

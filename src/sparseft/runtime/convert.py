@@ -4,8 +4,6 @@ dense tensors that stay dense (embeddings, norms, LM head) plus activations."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,8 @@ from torch import nn
 
 from sparseft.errors import SparseftError
 from sparseft.models import find_targets, is_linear, weight_matrix
+from sparseft.runtime.fuse import fuse_siblings_
+from sparseft.runtime.heap import release_freed_memory
 from sparseft.runtime.linear import DenseLinear, SparseLinear
 from sparseft.runtime.packing import PAD_BYTES, Values, pack_dense, pack_full_int8
 from sparseft.runtime.reader import TensorReader
@@ -28,16 +28,6 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def _check_values(values: str) -> None:
     if values not in ("bf16", "int8"):
         raise SparseftError(f"values must be 'bf16' or 'int8', got {values!r}")
-
-
-def release_freed_memory() -> None:
-    """Hand the C heap's free pages back to the OS (glibc only; elsewhere nothing happens). Packing frees
-    hundreds of megabytes of temporaries in pieces that glibc keeps, which would count as this process's
-    memory for as long as it runs."""
-    name = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    if trim is not None:
-        trim(0)
 
 
 def _head_name(model: nn.Module) -> str:
@@ -75,11 +65,13 @@ def sparsify_(
     ignore: list[str] | None = None,
     fast_head: bool = True,
     head_values: Values = "bf16",
+    fuse: bool = True,
 ) -> dict[str, Any]:
     """Replace the target linears of `model` (default: every linear in the transformer blocks) by
     `SparseLinear`s holding their nonzeros as `values` ("bf16", or "int8" with per-row scales).
     `fast_head`: give the LM head a fast decoding kernel too, with `head_values` (see `fast_head_`).
-    Returns a summary: layers converted, their dense and compressed bytes."""
+    `fuse`: run each q/k/v and gate/up group as one kernel call (`fuse.fuse_siblings_`).
+    Returns a summary: layers converted, their dense and compressed bytes, groups fused."""
     _check_values(values)
     chosen = find_targets(model, targets, ignore)
     dense_bytes = sparse_bytes = 0
@@ -90,9 +82,16 @@ def sparsify_(
         dense_bytes += matrix.numel() * matrix.element_size()
         sparse_bytes += sparse.nbytes()
         _set_module(model, name, sparse)
+    groups = fuse_siblings_(model) if fuse else 0
     if fast_head:
         fast_head_(model, head_values)
-    return {"layers": len(chosen), "values": values, "dense_bytes": dense_bytes, "sparse_bytes": sparse_bytes}
+    return {
+        "layers": len(chosen),
+        "values": values,
+        "dense_bytes": dense_bytes,
+        "sparse_bytes": sparse_bytes,
+        "fused_groups": groups,
+    }
 
 
 def _skeleton(config_dict: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
@@ -176,12 +175,13 @@ def load(
     trust_remote_code: bool = False,
     fast_head: bool = True,
     head_values: Values = "bf16",
+    fuse: bool = True,
 ) -> nn.Module:
     """A transformers model from a bitmask archive, its compressed linears as `SparseLinear`.
 
     `values` defaults to "int8" for an int8 archive and "bf16" otherwise; `dtype` is the dtype of everything
-    that stays dense. `fast_head`/`head_values`: the LM head's decoding kernel (see `fast_head_`).
-    `model.generate()` works as usual.
+    that stays dense. `fast_head`/`head_values`: the LM head's decoding kernel (see `fast_head_`); `fuse`: one
+    kernel call per q/k/v and gate/up group (`fuse.fuse_siblings_`). `model.generate()` works as usual.
     """
     from sparseft.formats import read_archive
 
@@ -240,6 +240,8 @@ def load(
             f"{directory} lacks {missing[0]} (and {len(missing) - 1} more tensors) that the model needs"
         )
     del state
+    if fuse:
+        fuse_siblings_(model)
     if fast_head:
         fast_head_(model, head_values)
     release_freed_memory()

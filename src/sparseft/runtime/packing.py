@@ -39,6 +39,18 @@ class Packed:
     def nnz(self) -> int:
         return int(self.row_start[-1])
 
+    def rows(self, start: int, stop: int) -> Packed:
+        """Rows [start, stop) over the same buffers (offsets rebased; the values' padding is still behind)."""
+        first = int(self.row_start[start])
+        return Packed(
+            (stop - start, self.shape[1]),
+            self.mask[start:stop],
+            self.values[first:],
+            self.row_start[start : stop + 1] - first,
+            None if self.scale is None else self.scale[start:stop],
+            None if self.rowsum is None else self.rowsum[start:stop],
+        )
+
     def nbytes(self) -> int:
         tensors = [self.mask, self.values, self.row_start, self.scale, self.rowsum]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
@@ -202,12 +214,13 @@ def concat_rows(parts: list[Packed]) -> Packed:
     for p in parts:
         starts.append(p.row_start[:-1] + offset)
         offset += p.nnz
-    values = torch.cat([p.values[: p.nnz] for p in parts])
+    dtype = parts[0].values.dtype
+    pad = torch.zeros(PAD_BYTES // dtype.itemsize, dtype=dtype)
     int8 = kind == "int8"
     return Packed(
         (sum(p.shape[0] for p in parts), cols),
         torch.cat([p.mask for p in parts]),
-        _padded(values, values.dtype),
+        torch.cat([*(p.values[: p.nnz] for p in parts), pad]),
         torch.cat([*starts, torch.tensor([offset])]),
         torch.cat([p.scale for p in parts if p.scale is not None]) if int8 else None,
         torch.cat([p.rowsum for p in parts if p.rowsum is not None]) if int8 else None,
