@@ -187,9 +187,8 @@ def pack_full_int8(weight: torch.Tensor, block_rows: int = 256) -> Packed:
     words = -(-cols // 64)
     bits = torch.zeros(words * 64, dtype=torch.bool)
     bits[:cols] = True
-    mask_row = (bits.reshape(words, 64).long() << torch.arange(64)).sum(
-        1
-    )  # wraps to the sign bit as int64 does
+    # bit 63 lands on the sign bit, as it does in the archive's bytes read as int64 words
+    mask_row = (bits.reshape(words, 64).long() << torch.arange(64)).sum(1)
     values = torch.zeros(rows * cols + PAD_BYTES, dtype=torch.int8)
     scale = torch.empty(rows)
     rowsum = torch.empty(rows, dtype=torch.int32)
