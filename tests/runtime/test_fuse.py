@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from sparseft.runtime import dispatch, sparsify_
-from sparseft.runtime.fuse import Slice, fuse_siblings_
+from sparseft.runtime.fuse import Slice, Stacked, fuse_siblings_
 from sparseft.runtime.linear import SparseLinear
 
 PROMPT = torch.tensor([[5, 17, 250, 3, 99, 42, 7]])
@@ -54,6 +54,10 @@ def test_fused_model_decodes_like_unfused_with_fewer_calls(
     with torch.inference_mode():
         fused(PROMPT[:, :1])
     assert calls[0] == 4 * layers  # q/k/v, o, gate/up, down
+    held = [m._last for m in fused.modules() if isinstance(m, Stacked)]
+    assert len(held) == 2 * layers and all(
+        h is None for h in held
+    )  # nothing kept once every member is served
     calls[0] = 0
     with torch.inference_mode():
         separate(PROMPT[:, :1])

@@ -29,19 +29,27 @@ def _version(x: torch.Tensor) -> int | None:
 
 
 class Stacked(nn.Module):
-    """The stacked linear of a group, remembering its last input and output for the other members."""
+    """The stacked linear of a group of `members`, remembering its last input and output until every member has
+    taken its rows (then nothing is held: after a long prompt, every layer holding its output would add up)."""
 
-    def __init__(self, linear: SparseLinear) -> None:
+    def __init__(self, linear: SparseLinear, members: int) -> None:
         super().__init__()
         self.linear = linear
+        self.members = members
         self._last: tuple[torch.Tensor, int | None, torch.Tensor] | None = None
+        self._served = 0
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
         last = self._last
         if last is not None and last[0] is x and last[1] == _version(x):
-            return last[2]
-        y = self.linear(x)
-        self._last = (x, _version(x), y)
+            y = last[2]
+            self._served += 1
+        else:
+            y = self.linear(x)
+            self._last = (x, _version(x), y)
+            self._served = 1
+        if self._served >= self.members:
+            self._last = None
         return y
 
 
@@ -97,7 +105,7 @@ def fuse_siblings_(model: nn.Module) -> int:
         ):
             continue
         bias = None if first.bias is None else torch.cat([m.bias for m in members])
-        stacked = Stacked(SparseLinear(concat_rows([m.packed for m in members]), bias))
+        stacked = Stacked(SparseLinear(concat_rows([m.packed for m in members]), bias), len(members))
         start = 0
         for name, member in zip(names, members, strict=True):
             setattr(parent, name, Slice(stacked, start, start + member.out_features))
