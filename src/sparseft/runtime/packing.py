@@ -193,13 +193,12 @@ def pack_full_int8(weight: torch.Tensor, block_rows: int = 256) -> Packed:
     scale = torch.empty(rows)
     rowsum = torch.empty(rows, dtype=torch.int32)
     for r in range(0, rows, block_rows):
-        block = weight[r : r + block_rows].detach().float()
-        absmax = block.abs().amax(1)
-        safe = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))
-        q = torch.round(block / safe[:, None]).clamp_(-127, 127).to(torch.int8)
-        values[r * cols : r * cols + q.numel()] = q.reshape(-1)
-        scale[r : r + len(q)] = absmax / 127
-        rowsum[r : r + len(q)] = q.sum(1, dtype=torch.int32)
+        block = weight[r : r + block_rows].detach().reshape(-1)
+        n = block.numel() // max(cols, 1)
+        q, block_scale = quantize_rows(block, torch.arange(n + 1) * cols)
+        scale[r : r + n] = block_scale
+        values[r * cols : r * cols + q.numel()] = q
+        rowsum[r : r + n] = q.view(n, cols).sum(1, dtype=torch.int32)
     row_start = torch.arange(rows + 1, dtype=torch.int64) * cols
     return Packed((rows, cols), mask_row.expand(rows, words).contiguous(), values, row_start, scale, rowsum)
 
