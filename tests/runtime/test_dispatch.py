@@ -67,12 +67,14 @@ def test_int8_agrees_with_dequantized_product(isa: str, awkward_weight: Callable
 @pytest.mark.skipif(not KERNEL_ISAS, reason="the C++ kernels are not built here")
 @pytest.mark.parametrize("isa", KERNEL_ISAS)
 @pytest.mark.parametrize("kind", ["bf16", "int8"])
-def test_threads_split_uneven_rows(isa: str, kind: str) -> None:
-    # dense first half, nearly empty second half: the split by bytes must still cover every row once
+@pytest.mark.parametrize("batch", [1, 4])
+def test_threads_split_uneven_rows(isa: str, kind: str, batch: int) -> None:
+    # dense first half, nearly empty second half: the split by bytes must still cover every row once, and a
+    # thread's tiles of spaced rows (8 at batch 1, 2 above) must leave none out where its range does not divide
     weight = torch.randn(301, 515)
     weight[150:][torch.rand(151, 515) < 0.97] = 0
     packed = pack_dense(weight, kind)  # type: ignore[arg-type]
-    x = torch.randn(4, 515)
+    x = torch.randn(batch, 515)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
