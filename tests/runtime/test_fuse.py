@@ -54,10 +54,9 @@ def test_fused_model_decodes_like_unfused_with_fewer_calls(
     with torch.inference_mode():
         fused(PROMPT[:, :1])
     assert calls[0] == 4 * layers  # q/k/v, o, gate/up, down
-    held = [m._last for m in fused.modules() if isinstance(m, Stacked)]
-    assert len(held) == 2 * layers and all(
-        h is None for h in held
-    )  # nothing kept once every member is served
+    memos = [m._memo for m in fused.modules() if isinstance(m, Stacked)]
+    assert len(memos) == 2 * layers
+    assert all(m.x is None and m.y is None for m in memos)  # nothing kept once every member is served
     calls[0] = 0
     with torch.inference_mode():
         separate(PROMPT[:, :1])

@@ -28,6 +28,20 @@ def _version(x: torch.Tensor) -> int | None:
     return None if x.is_inference() else x._version
 
 
+class _Memo:
+    """The last input, its version and the output, with how many members have taken their rows. A plain object:
+    setting an attribute of an nn.Module costs microseconds (it checks for parameters and submodules), and this
+    changes on every call."""
+
+    __slots__ = ("x", "version", "y", "served")
+
+    def __init__(self) -> None:
+        self.x: torch.Tensor | None = None
+        self.version: int | None = None
+        self.y: torch.Tensor | None = None
+        self.served = 0
+
+
 class Stacked(nn.Module):
     """The stacked linear of a group of `members`, remembering its last input and output until every member has
     taken its rows (then nothing is held: after a long prompt, every layer holding its output would add up)."""
@@ -36,20 +50,18 @@ class Stacked(nn.Module):
         super().__init__()
         self.linear = linear
         self.members = members
-        self._last: tuple[torch.Tensor, int | None, torch.Tensor] | None = None
-        self._served = 0
+        self._memo = _Memo()
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
-        last = self._last
-        if last is not None and last[0] is x and last[1] == _version(x):
-            y = last[2]
-            self._served += 1
+        memo = self._memo
+        y = memo.y
+        if y is not None and memo.x is x and memo.version == _version(x):
+            memo.served += 1
         else:
             y = self.linear(x)
-            self._last = (x, _version(x), y)
-            self._served = 1
-        if self._served >= self.members:
-            self._last = None
+            memo.x, memo.version, memo.y, memo.served = x, _version(x), y, 1
+        if memo.served >= self.members:
+            memo.x = memo.y = None
         return y
 
 
@@ -62,6 +74,7 @@ class Slice(nn.Module):
     def __init__(self, stacked: Stacked, start: int, stop: int) -> None:
         super().__init__()
         self.stacked = stacked
+        self._output = stacked.output  # a plain attribute: submodules are looked up the slow way
         self.start, self.stop = start, stop
         self.in_features = stacked.linear.in_features
         self.out_features = stop - start
@@ -78,7 +91,7 @@ class Slice(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # A copy, not a view: model code may reshape it freely or change it in place without touching the
         # remembered output the other members slice.
-        return self.stacked.output(x)[..., self.start : self.stop].contiguous()
+        return self._output(x)[..., self.start : self.stop].contiguous()
 
     def extra_repr(self) -> str:
         return f"rows {self.start}:{self.stop} of a fused {self.stacked.linear.out_features}-row linear"
