@@ -15,6 +15,7 @@ from sparseft.models import find_targets, is_linear, weight_matrix
 from sparseft.runtime.fuse import fuse_siblings_
 from sparseft.runtime.heap import release_freed_memory
 from sparseft.runtime.linear import DenseLinear, SparseLinear
+from sparseft.runtime.norm import fuse_norms_
 from sparseft.runtime.packing import PAD_BYTES, Values, pack_dense, pack_full_int8
 from sparseft.runtime.reader import TensorReader
 
@@ -92,6 +93,7 @@ def sparsify_(
         sparse_bytes += sparse.nbytes()
         _set_module(model, name, sparse)
     groups = fuse_siblings_(model) if fuse else 0
+    norms = fuse_norms_(model) if fuse else 0
     if fast_head:
         fast_head_(model, head_kind)
     return {
@@ -100,6 +102,7 @@ def sparsify_(
         "dense_bytes": dense_bytes,
         "sparse_bytes": sparse_bytes,
         "fused_groups": groups,
+        "fused_norms": norms,
     }
 
 
@@ -191,7 +194,8 @@ def load(
     `values` defaults to "int8" for an int8 archive and "bf16" otherwise; `dtype` is the dtype of everything
     that stays dense. `fast_head`/`head_values`: the LM head's decoding kernel (see `fast_head_`; "auto": the
     same values as the other linears, so an int8 archive runs its head in int8 too); `fuse`: one kernel call per
-    q/k/v and gate/up group (`fuse.fuse_siblings_`). `model.generate()` works as usual.
+    q/k/v and gate/up group (`fuse.fuse_siblings_`), one op per Llama-style RMSNorm (`norm.fuse_norms_`).
+    `model.generate()` works as usual.
     """
     from sparseft.formats import read_archive
 
@@ -253,6 +257,7 @@ def load(
     del state
     if fuse:
         fuse_siblings_(model)
+        fuse_norms_(model)
     if fast_head:
         fast_head_(model, head_kind)
     release_freed_memory()

@@ -151,6 +151,11 @@ def linear(x: torch.Tensor, p: Packed, bias: torch.Tensor | None) -> torch.Tenso
     return y.to(x.dtype)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """A Llama-style RMSNorm in one C++ op (see runtime/norm.py)."""
+    return _op("rms_norm")(x, weight, eps)
+
+
 def dense_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Dense bf16 y = x W^T with the AVX-512 GEMV kernel where available (the decode-time LM head)."""
     if current_isa() != "avx512":

@@ -1,0 +1,65 @@
+"""Llama-style RMSNorms as one C++ op (kernels/norm.cpp) instead of eight small torch ops.
+
+A decoder layer runs two norms per token, and each cost about 24 µs in torch ops (casts, pow, mean, add, rsqrt,
+two multiplies) against about 6 µs as one op: some 0.8 ms a token on a 22-layer model. The op rounds as
+transformers' LlamaRMSNorm does (normalised in fp32, cast to the input's dtype, times the weight in that dtype);
+only its fp32 sum of squares is taken in another order, so a result can differ in its last bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparseft.errors import SparseftError
+from sparseft.runtime import dispatch
+
+# transformers classes whose forward is LlamaRMSNorm's, line for line (Gemma's adds 1 to the weight: not here).
+LLAMA_STYLE = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"})
+
+
+def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm's own arithmetic, in torch ops."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+class FusedRMSNorm(nn.Module):
+    """Stands in for a Llama-style RMSNorm, sharing its weight; falls back to torch ops where the op does not
+    apply (another device, mixed dtypes, the kernels not built)."""
+
+    weight: nn.Parameter
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        weight = norm.weight
+        if not isinstance(weight, nn.Parameter):
+            raise SparseftError(f"{type(norm).__name__} has no weight parameter to share")
+        self.weight = weight
+        self.variance_epsilon = float(norm.variance_epsilon)  # type: ignore[arg-type]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if x.dtype != w.dtype or x.device.type != "cpu" or dispatch.current_isa() == "torch":
+            return reference_rms_norm(x, w, self.variance_epsilon)
+        return dispatch.rms_norm(x, w, self.variance_epsilon)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+def fuse_norms_(model: nn.Module) -> int:
+    """Swap every Llama-style RMSNorm of `model` for a `FusedRMSNorm` in place; returns how many. Nothing
+    changes where the C++ kernels could not be built."""
+    if dispatch.best_isa() == "torch":
+        return 0
+    found = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module).__name__ in LLAMA_STYLE and isinstance(getattr(module, "weight", None), nn.Parameter)
+    ]
+    for name, module in found:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, FusedRMSNorm(module))
+    return len(found)
