@@ -622,19 +622,17 @@ def load_sparse(
     values: str | None = None,
     dtype: str = "bfloat16",
     trust_remote_code: bool = False,
-    head_values: str = "auto",
+    head_values: str = "bf16",
 ) -> torch.nn.Module:
     """A model whose pruned linears run on sparseft's CPU kernels (`SparseLinear`, bf16 or int8 values): a
     bitmask archive loads straight into them, never dense; an HF checkpoint with zeros kept is converted.
-    `head_values`: the LM head in memory, "auto" (as the other linears: int8 for int8 values, half its bytes),
-    "bf16" (exact) or "int8"."""
+    `head_values="int8"` also quantizes the LM head to int8 (half its bytes; logits change slightly)."""
     from sparseft import formats, runtime
     from sparseft.models import parse_dtype
 
-    if values not in (None, "bf16", "int8"):
-        raise SparseftError(f"values must be bf16 or int8, got {values!r}")
-    if head_values not in ("auto", "bf16", "int8"):
-        raise SparseftError(f"head_values must be auto, bf16 or int8, got {head_values!r}")
+    for name, given in (("values", values), ("head_values", head_values)):
+        if given not in (None, "bf16", "int8"):
+            raise SparseftError(f"{name} must be bf16 or int8, got {given!r}")
     torch_dtype = parse_dtype(dtype)
     if formats.detect(path) == "bitmask":
         return runtime.load(path, values, torch_dtype, trust_remote_code, head_values=head_values)  # type: ignore[arg-type]
@@ -650,7 +648,7 @@ def generate(
     values: str | None = None,
     sample: bool = False,
     trust_remote_code: bool = False,
-    head_values: str = "auto",
+    head_values: str = "bf16",
 ) -> dict[str, Any]:
     """Generate a continuation of `prompt` with the sparse CPU runtime (greedy unless `sample`)."""
     if max_new_tokens < 1:
@@ -685,7 +683,7 @@ def bench(
     sentences: int = 32,
     source_tokens: int = 32,
     num_beams: int | None = None,
-    head_values: str = "auto",
+    head_values: str = "bf16",
 ) -> dict[str, Any]:
     """Speed and memory, sparse (sparseft kernels) vs dense bf16 (transformers), measured side by side in one
     process, alternating run by run.
@@ -694,7 +692,7 @@ def bench(
     An encoder-decoder: encoder latency, decoder tokens/s and job time (`runtime.bench.measure_seq2seq`) of
     `new_tokens` new tokens per input, with `num_beams` beams (default 5 for translation, as the paper; greedy
     for speech). T5 translates `sentences` random sentences of `source_tokens` tokens, one at a time; Whisper
-    transcribes one 30 s window of random features. `head_values`: the sparse model's LM head in memory (see `load_sparse`)."""
+    transcribes one 30 s window of random features. `head_values="int8"`: the sparse model's LM head in int8."""
     from sparseft import formats
     from sparseft.models import model_kind
     from sparseft.runtime import current_isa

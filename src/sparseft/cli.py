@@ -407,10 +407,9 @@ def add_generate(sub: Any) -> None:
     )
     p.add_argument(
         "--head-values",
-        choices=["auto", "bf16", "int8"],
-        default="auto",
-        help="LM head in memory: as the other weights (auto), bf16 (exact) or int8 (half its bytes, faster; "
-        "logits change slightly)",
+        choices=["bf16", "int8"],
+        default="bf16",
+        help="LM head in memory: bf16 (exact) or int8 (half its bytes, faster; logits change slightly)",
     )
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--trust-remote-code", action="store_true")
@@ -448,10 +447,7 @@ def add_bench(sub: Any) -> None:
         "--values", choices=["bf16", "int8"], help="weight values in memory (default: as exported)"
     )
     p.add_argument(
-        "--head-values",
-        choices=["auto", "bf16", "int8"],
-        default="auto",
-        help="the sparse model's LM head in memory (auto: as the other weights)",
+        "--head-values", choices=["bf16", "int8"], default="bf16", help="the sparse model's LM head in memory"
     )
     p.add_argument("--output", help="also write the result as JSON here")
     p.add_argument("--trust-remote-code", action="store_true")

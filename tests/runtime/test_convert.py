@@ -113,24 +113,6 @@ def test_load_int8_archive(tmp_path: Path, pruned_model: Callable[..., torch.nn.
     assert load(archive, values="bf16").model.layers[0].mlp.up_proj.kind == "bf16"
 
 
-def test_the_head_takes_the_values_of_the_other_linears_unless_told(
-    tmp_path: Path, pruned_model: Callable[..., torch.nn.Module]
-) -> None:
-    def head_values(model: torch.nn.Module) -> str:
-        head = model.get_output_embeddings()
-        return head.kind if isinstance(head, SparseLinear) else type(head).__name__
-
-    dense = pruned_model()
-    int8_archive = _write_archive(dense, tmp_path / "q8", int8=True)
-    assert head_values(load(int8_archive)) == "int8"
-    assert head_values(load(int8_archive, head_values="bf16")) == "DenseLinear"
-    assert head_values(load(int8_archive, values="bf16")) == "DenseLinear"
-    assert head_values(load(_write_archive(dense, tmp_path / "bf16"))) == "DenseLinear"
-    converted = copy.deepcopy(dense)
-    sparsify_(converted, "int8")
-    assert head_values(converted) == "int8"
-
-
 def _edit_config(archive: Path, **changes: object) -> None:
     meta = json.loads((archive / "config.json").read_text())
     meta["model_config"].update(changes)

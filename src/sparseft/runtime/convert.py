@@ -5,7 +5,7 @@ dense tensors that stay dense (embeddings, norms, LM head) plus activations."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,18 +29,6 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def _check_values(values: str) -> None:
     if values not in ("bf16", "int8"):
         raise SparseftError(f"values must be 'bf16' or 'int8', got {values!r}")
-
-
-# "auto": the head takes the values the other linears have. Whoever runs int8 weights has chosen int8 rounding;
-# the head in int8 halves its bytes, a sixth to a quarter of a 1B model's reads per token at 70% sparsity.
-HeadValues = Literal["auto", "bf16", "int8"]
-
-
-def _head_values(head_values: str, values: Values) -> Values:
-    if head_values == "auto":
-        return values
-    _check_values(head_values)
-    return head_values  # type: ignore[return-value]
 
 
 def _head_name(model: nn.Module) -> str:
@@ -73,16 +61,15 @@ def sparsify_(
     targets: list[str] | None = None,
     ignore: list[str] | None = None,
     fast_head: bool = True,
-    head_values: HeadValues = "auto",
+    head_values: Values = "bf16",
     fuse: bool = True,
 ) -> dict[str, Any]:
     """Replace the target linears of `model` (default: every linear in the transformer blocks) by
     `SparseLinear`s holding their nonzeros as `values` ("bf16", or "int8" with per-row scales).
-    `fast_head`: give the LM head a fast decoding kernel too, with `head_values` (see `fast_head_`; "auto":
-    the same as `values`). `fuse`: run each q/k/v and gate/up group as one kernel call (`fuse.fuse_siblings_`).
+    `fast_head`: give the LM head a fast decoding kernel too, with `head_values` (see `fast_head_`).
+    `fuse`: run each q/k/v and gate/up group as one kernel call (`fuse.fuse_siblings_`).
     Returns a summary: layers converted, their dense and compressed bytes, groups fused."""
     _check_values(values)
-    head_kind = _head_values(head_values, values)
     chosen = find_targets(model, targets, ignore)
     dense_bytes = sparse_bytes = 0
     for name, module in chosen.items():
@@ -95,7 +82,7 @@ def sparsify_(
     groups = fuse_siblings_(model) if fuse else 0
     norms = fuse_norms_(model) if fuse else 0
     if fast_head:
-        fast_head_(model, head_kind)
+        fast_head_(model, head_values)
     return {
         "layers": len(chosen),
         "values": values,
@@ -186,16 +173,15 @@ def load(
     dtype: torch.dtype = torch.bfloat16,
     trust_remote_code: bool = False,
     fast_head: bool = True,
-    head_values: HeadValues = "auto",
+    head_values: Values = "bf16",
     fuse: bool = True,
 ) -> nn.Module:
     """A transformers model from a bitmask archive, its compressed linears as `SparseLinear`.
 
     `values` defaults to "int8" for an int8 archive and "bf16" otherwise; `dtype` is the dtype of everything
-    that stays dense. `fast_head`/`head_values`: the LM head's decoding kernel (see `fast_head_`; "auto": the
-    same values as the other linears, so an int8 archive runs its head in int8 too); `fuse`: one kernel call per
-    q/k/v and gate/up group (`fuse.fuse_siblings_`), one op per Llama-style RMSNorm (`norm.fuse_norms_`).
-    `model.generate()` works as usual.
+    that stays dense. `fast_head`/`head_values`: the LM head's decoding kernel (see `fast_head_`); `fuse`: one
+    kernel call per q/k/v and gate/up group (`fuse.fuse_siblings_`), one op per Llama-style RMSNorm
+    (`norm.fuse_norms_`). `model.generate()` works as usual.
     """
     from sparseft.formats import read_archive
 
@@ -203,7 +189,6 @@ def load(
     quant = archive.quantization
     values = values or ("int8" if quant is not None and int(quant["bits"]) == 8 else "bf16")
     _check_values(values)
-    head_kind = _head_values(head_values, values)
     model = _skeleton(archive.config, dtype, trust_remote_code)
     reader = TensorReader(archive.path, archive.shards.weight_map)
 
@@ -228,7 +213,7 @@ def load(
 
     # An LM head about to be quantized is read, not mapped: mapped pages, once touched, stay resident beside
     # the int8 copy for as long as the file's mapping lives (the embeddings keep it open).
-    quantized_head = _head_name(model) + ".weight" if fast_head and head_kind == "int8" else None
+    quantized_head = _head_name(model) + ".weight" if fast_head and head_values == "int8" else None
     state = {}
     for name in tensor_names:
         # Tensors already in the model's dtype are mapped, not read: see TensorReader.map.
@@ -259,6 +244,6 @@ def load(
         fuse_siblings_(model)
         fuse_norms_(model)
     if fast_head:
-        fast_head_(model, head_kind)
+        fast_head_(model, head_values)
     release_freed_memory()
     return model
