@@ -109,11 +109,13 @@ void bf16_tile(const SparseMatrix& w, const Activations& a, const Output& o, int
 #pragma GCC unroll 8
         for (int j = 0; j < NB; ++j) {
           acc[i][j][0] = _mm512_fmadd_ps(even_w, _mm512_castsi512_ps(xv[j][0]), acc[i][j][0]);
-          acc[i][j][kHalves - 1] = _mm512_fmadd_ps(odd_w, _mm512_castsi512_ps(xv[j][kHalves - 1]), acc[i][j][kHalves - 1]);
+          __m512& odd_acc = acc[i][j][kHalves - 1];
+          odd_acc = _mm512_fmadd_ps(odd_w, _mm512_castsi512_ps(xv[j][kHalves - 1]), odd_acc);
         }
       } else {
 #pragma GCC unroll 8
-        for (int j = 0; j < NB; ++j) acc[i][j][0] = _mm512_dpbf16_ps(acc[i][j][0], (__m512bh)wv, (__m512bh)xv[j][0]);
+        for (int j = 0; j < NB; ++j)
+          acc[i][j][0] = _mm512_dpbf16_ps(acc[i][j][0], (__m512bh)wv, (__m512bh)xv[j][0]);
       }
     }
   }

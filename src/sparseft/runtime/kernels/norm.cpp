@@ -68,4 +68,6 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 }  // namespace
 }  // namespace sparseft
 
-TORCH_LIBRARY_FRAGMENT(sparseft_cpu, m) { m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &sparseft::rms_norm); }
+TORCH_LIBRARY_FRAGMENT(sparseft_cpu, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &sparseft::rms_norm);
+}
