@@ -1,9 +1,10 @@
 """Llama-style RMSNorms as one C++ op (kernels/norm.cpp) instead of eight small torch ops.
 
-A decoder layer runs two norms per token, and each cost about 24 µs in torch ops (casts, pow, mean, add, rsqrt,
-two multiplies) against about 6 µs as one op: some 0.8 ms a token on a 22-layer model. The op rounds as
-transformers' LlamaRMSNorm does (normalised in fp32, cast to the input's dtype, times the weight in that dtype);
-only its fp32 sum of squares is taken in another order, so a result can differ in its last bit.
+A decoder layer runs two norms per token. Measured through the module, one cost 26 µs in torch ops (casts, pow,
+mean, add, rsqrt, two multiplies) and 13 µs as one op; the int8 TinyLlama-shaped model, side by side with and
+without, decoded 2.3 and 6.4 ms a token faster (of 44 and 40). The op rounds as transformers' LlamaRMSNorm does
+(normalised in fp32, cast to the input's dtype, times the weight in that dtype); only its fp32 sum of squares is
+taken in another order, so a result can differ in its last bit.
 """
 
 from __future__ import annotations
