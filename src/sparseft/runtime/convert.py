@@ -18,6 +18,7 @@ from sparseft.runtime.linear import DenseLinear, SparseLinear
 from sparseft.runtime.norm import fuse_norms_
 from sparseft.runtime.packing import PAD_BYTES, Values, pack_dense, pack_full_int8
 from sparseft.runtime.reader import TensorReader
+from sparseft.runtime.rotary import fuse_rotary_
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -81,6 +82,7 @@ def sparsify_(
         _set_module(model, name, sparse)
     groups = fuse_siblings_(model) if fuse else 0
     norms = fuse_norms_(model) if fuse else 0
+    rotary = fuse_rotary_(model) if fuse else 0
     if fast_head:
         fast_head_(model, head_values)
     return {
@@ -90,6 +92,7 @@ def sparsify_(
         "sparse_bytes": sparse_bytes,
         "fused_groups": groups,
         "fused_norms": norms,
+        "fused_rotary": rotary,
     }
 
 
@@ -181,7 +184,7 @@ def load(
     `values` defaults to "int8" for an int8 archive and "bf16" otherwise; `dtype` is the dtype of everything
     that stays dense. `fast_head`/`head_values`: the LM head's decoding kernel (see `fast_head_`); `fuse`: one
     kernel call per q/k/v and gate/up group (`fuse.fuse_siblings_`), one op per Llama-style RMSNorm
-    (`norm.fuse_norms_`). `model.generate()` works as usual.
+    (`norm.fuse_norms_`) and rotary embedding (`rotary.fuse_rotary_`). `model.generate()` works as usual.
     """
     from sparseft.formats import read_archive
 
@@ -243,6 +246,7 @@ def load(
     if fuse:
         fuse_siblings_(model)
         fuse_norms_(model)
+        fuse_rotary_(model)
     if fast_head:
         fast_head_(model, head_values)
     release_freed_memory()

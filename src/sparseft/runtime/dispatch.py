@@ -156,6 +156,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _op("rms_norm")(x, weight, eps)
 
 
+def rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x * cos + rotate_half(x) * sin for x = q and k, in one C++ op (see runtime/rotary.py); a RuntimeError for
+    shapes, dtypes or layouts it does not cover."""
+    return _op("rotary")(q, k, cos, sin)
+
+
 def dense_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Dense bf16 y = x W^T with the AVX-512 GEMV kernel where available (the decode-time LM head)."""
     if current_isa() != "avx512":
