@@ -19,16 +19,9 @@ from sparseft.runtime import dispatch
 LLAMA_STYLE = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"})
 
 
-def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """LlamaRMSNorm's own arithmetic, in torch ops."""
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
-
-
 class FusedRMSNorm(nn.Module):
-    """Stands in for a Llama-style RMSNorm, sharing its weight; falls back to torch ops where the op does not
-    apply (another device, mixed dtypes, the kernels not built)."""
+    """Stands in for a Llama-style RMSNorm, sharing its weight; where the op does not apply (another device, mixed
+    dtypes, the kernels not built) it runs the replaced class's own forward."""
 
     weight: nn.Parameter
 
@@ -39,11 +32,14 @@ class FusedRMSNorm(nn.Module):
             raise SparseftError(f"{type(norm).__name__} has no weight parameter to share")
         self.weight = weight
         self.variance_epsilon = float(norm.variance_epsilon)  # type: ignore[arg-type]
+        self._fallback = type(
+            norm
+        ).forward  # reads only `weight` and `variance_epsilon`, which this module has
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if x.dtype != w.dtype or x.device.type != "cpu" or dispatch.current_isa() == "torch":
-            return reference_rms_norm(x, w, self.variance_epsilon)
+            return self._fallback(self, x)
         return dispatch.rms_norm(x, w, self.variance_epsilon)
 
     def extra_repr(self) -> str:

@@ -97,12 +97,17 @@ def fuse_rotary_(model: nn.Module) -> int:
         return 0
     if not getattr(current, "sparseft_rotary", False):
         module.apply_rotary_pos_emb = fast_rotary(current)  # type: ignore[attr-defined]
+    calls_it: dict[type, bool] = {}  # per class: its forward's source is read once, not once per layer
     count = 0
     for sub in model.modules():
         cls = type(sub)
         if cls in _MARKED.values():
             count += 1
-        elif cls.__module__ == module.__name__ and "apply_rotary_pos_emb(" in (_source(cls.forward) or ""):
+            continue
+        if cls not in calls_it:
+            source = _source(cls.forward) if cls.__module__ == module.__name__ else None
+            calls_it[cls] = "apply_rotary_pos_emb(" in (source or "")
+        if calls_it[cls]:
             sub.__class__ = _marked(cls)
             count += 1
     return count

@@ -11,13 +11,6 @@
 namespace sparseft {
 namespace {
 
-inline float as_f32(float v) { return v; }
-inline float as_f32(uint16_t v) { return bf16_to_f32(v); }
-inline float rounded(float v, float) { return v; }
-inline float rounded(float v, uint16_t) { return bf16_to_f32(f32_to_bf16(v)); }
-inline void put(float* out, float v) { *out = v; }
-inline void put(uint16_t* out, float v) { *out = f32_to_bf16(v); }
-
 // x (B, H, T, D) with a unit last stride; cos, sin (B, T, D) likewise; out (B, H, T, D) contiguous.
 template <typename T>
 void rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& out) {

@@ -76,6 +76,15 @@ static inline uint16_t f32_to_bf16(float f) {
   return static_cast<uint16_t>(u >> 16);
 }
 
+// Elementwise ops on fp32 or bf16 (uint16_t) tensors, rounding as torch does: compute in fp32, and round every
+// result to the tensor's dtype.
+static inline float as_f32(float v) { return v; }
+static inline float as_f32(uint16_t v) { return bf16_to_f32(v); }
+static inline float rounded(float v, float) { return v; }
+static inline float rounded(float v, uint16_t) { return bf16_to_f32(f32_to_bf16(v)); }
+static inline void put(float* out, float v) { *out = v; }
+static inline void put(uint16_t* out, float v) { *out = f32_to_bf16(v); }
+
 static inline void store(const Output& o, int64_t b, int64_t r, float v) {
   if (o.bias) v += o.bias[r];
   if (o.bf16)
