@@ -34,6 +34,31 @@ def test_measure_generation_side_by_side(pruned_model: Callable[..., torch.nn.Mo
         assert result[name]["prefill_tok_s"] > 0 and result[name]["decode_tok_s"] > 0
 
 
+def test_measure_generation_makes_every_token_even_past_an_eos(
+    pruned_model: Callable[..., torch.nn.Module], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = pruned_model()
+    prompt = torch.randint(
+        0, int(model.config.vocab_size), (1, 6), generator=torch.Generator().manual_seed(0)
+    )
+    with (
+        torch.inference_mode()
+    ):  # the same random prompt measure_generation makes, then its first greedy token
+        first = model.generate(prompt, max_new_tokens=1, do_sample=False, pad_token_id=0)[0, -1].item()
+    model.generation_config.eos_token_id = first  # generate would stop right there
+    lengths: list[int] = []
+    generate = model.generate
+
+    def recorded(*args: object, **kwargs: object) -> torch.Tensor:
+        out = generate(*args, **kwargs)
+        lengths.append(out.shape[1])
+        return out
+
+    monkeypatch.setattr(model, "generate", recorded)
+    measure_generation({"m": model}, 6, 5, runs=1)
+    assert lengths[-2:] == [6 + 1, 6 + 5]  # prefill run, then the full run
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory, make_model_dir: Callable[..., Path]) -> Path:
     root = tmp_path_factory.mktemp("runtime-cli")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 KERNEL_DIR = Path(__file__).parent / "kernels"
-SOURCES = ["ops.cpp", "norm.cpp", "rotary.cpp", "avx512.cpp", "avx2.cpp", "scalar.cpp"]
+SOURCES = ["ops.cpp", "norm.cpp", "rotary.cpp", "attention.cpp", "avx512.cpp", "avx2.cpp", "scalar.cpp"]
 LIBRARY = "sparseft_cpu.so"
 # -fopenmp is what makes at::parallel_for split the rows: without it torch's header-only parallel_for compiles
 # to a serial loop. The library then needs libgomp.so.1, which the dynamic loader resolves to the copy torch has

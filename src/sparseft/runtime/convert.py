@@ -12,6 +12,7 @@ from torch import nn
 
 from sparseft.errors import SparseftError
 from sparseft.models import find_targets, is_linear, weight_matrix
+from sparseft.runtime.attention import fuse_attention_
 from sparseft.runtime.fuse import fuse_siblings_
 from sparseft.runtime.heap import release_freed_memory
 from sparseft.runtime.linear import DenseLinear, SparseLinear
@@ -68,7 +69,8 @@ def sparsify_(
     """Replace the target linears of `model` (default: every linear in the transformer blocks) by
     `SparseLinear`s holding their nonzeros as `values` ("bf16", or "int8" with per-row scales).
     `fast_head`: give the LM head a fast decoding kernel too, with `head_values` (see `fast_head_`).
-    `fuse`: run each q/k/v and gate/up group as one kernel call (`fuse.fuse_siblings_`).
+    `fuse`: run each q/k/v and gate/up group as one kernel call (`fuse.fuse_siblings_`), and Llama-style
+    norms, rotary embeddings and decoding attention as one op each (`norm`, `rotary`, `attention`).
     Returns a summary: layers converted, their dense and compressed bytes, groups fused."""
     _check_values(values)
     chosen = find_targets(model, targets, ignore)
@@ -83,6 +85,7 @@ def sparsify_(
     groups = fuse_siblings_(model) if fuse else 0
     norms = fuse_norms_(model) if fuse else 0
     rotary = fuse_rotary_(model) if fuse else 0
+    attention = fuse_attention_(model) if fuse else 0
     if fast_head:
         fast_head_(model, head_values)
     return {
@@ -93,6 +96,7 @@ def sparsify_(
         "fused_groups": groups,
         "fused_norms": norms,
         "fused_rotary": rotary,
+        "fused_attention": attention,
     }
 
 
@@ -184,7 +188,8 @@ def load(
     `values` defaults to "int8" for an int8 archive and "bf16" otherwise; `dtype` is the dtype of everything
     that stays dense. `fast_head`/`head_values`: the LM head's decoding kernel (see `fast_head_`); `fuse`: one
     kernel call per q/k/v and gate/up group (`fuse.fuse_siblings_`), one op per Llama-style RMSNorm
-    (`norm.fuse_norms_`) and rotary embedding (`rotary.fuse_rotary_`). `model.generate()` works as usual.
+    (`norm.fuse_norms_`) and rotary embedding (`rotary.fuse_rotary_`), and one op for the attention of each
+    decoding step (`attention.fuse_attention_`). `model.generate()` works as usual.
     """
     from sparseft.formats import read_archive
 
@@ -247,6 +252,7 @@ def load(
         fuse_siblings_(model)
         fuse_norms_(model)
         fuse_rotary_(model)
+        fuse_attention_(model)
     if fast_head:
         fast_head_(model, head_values)
     release_freed_memory()

@@ -164,6 +164,12 @@ def rotary(
     return _op("rotary")(q, k, cos, sin)
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of one new token (q of shape (B, H, 1, D)) over all cached keys and values (B, Hkv, L, D) in one
+    C++ op (see runtime/attention.py); returns (B, 1, H, D). A RuntimeError for what it does not cover."""
+    return _op("decode_attention")(q, k, v, scale, LEVELS[current_isa()])
+
+
 def dense_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Dense bf16 y = x W^T with the AVX-512 GEMV kernel where available (the decode-time LM head)."""
     if current_isa() != "avx512":

@@ -1,0 +1,179 @@
+"""Decoding attention runs as one C++ op in converted models: as exact as SDPA against a float64 reference, and
+everything it does not cover goes to transformers' SDPA function."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from sparseft.runtime import dispatch
+from sparseft.runtime.attention import NAME, decode_attention, fuse_attention_
+
+needs_avx512 = pytest.mark.skipif(
+    dispatch.best_isa() != "avx512", reason="the op needs the AVX-512 (BF16) kernels"
+)
+
+
+class _Attention(torch.nn.Module):
+    """What transformers' attention functions read from their module."""
+
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.num_key_value_groups = groups
+        self.is_causal = True
+
+
+def _qkv(
+    batch: int, heads: int, kv_heads: int, dim: int, keys: int, dtype: torch.dtype = torch.bfloat16
+) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(keys * 7 + dim)
+    q = torch.randn(batch, heads, 1, dim, generator=g).to(dtype)
+    # the cache holds more rows than are used, so k and v are not contiguous, as a slice of a static cache is not
+    k = torch.randn(batch, kv_heads, keys + 3, dim, generator=g).to(dtype)[:, :, :keys]
+    v = torch.randn(batch, kv_heads, keys + 3, dim, generator=g).to(dtype)[:, :, :keys]
+    return q, k, v
+
+
+def _exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    groups = q.shape[1] // k.shape[1]
+    k64 = k.double().repeat_interleave(groups, dim=1)
+    v64 = v.double().repeat_interleave(groups, dim=1)
+    p = torch.softmax(q.double() @ k64.transpose(-1, -2) * scale, dim=-1)
+    return (p @ v64).transpose(1, 2)
+
+
+def _count_op_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = dispatch.decode_attention
+
+    def counted(*args: object) -> torch.Tensor:
+        calls.append(1)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dispatch, "decode_attention", counted)
+    return calls
+
+
+@needs_avx512
+@pytest.mark.parametrize("batch,heads,kv_heads", [(1, 4, 4), (2, 8, 2), (1, 6, 3)])
+@pytest.mark.parametrize("dim", [32, 64, 128])
+@pytest.mark.parametrize("keys", [1, 15, 16, 17, 100])
+def test_op_matches_float64_attention(batch: int, heads: int, kv_heads: int, dim: int, keys: int) -> None:
+    q, k, v = _qkv(batch, heads, kv_heads, dim, keys)
+    scale = dim**-0.5
+    got = dispatch.decode_attention(q, k, v, scale)
+    assert got.shape == (batch, 1, heads, dim) and got.dtype == torch.bfloat16 and got.is_contiguous()
+    exact = _exact(q, k, v, scale)
+    # one rounding to bf16 (half an ulp: 2^-9 relative) plus fp32 sums
+    torch.testing.assert_close(got.double(), exact, rtol=2**-8, atol=1e-4)
+    sdpa, _ = sdpa_attention_forward(_Attention(heads // kv_heads), q, k, v, None, scaling=scale)
+    assert (got.double() - exact).abs().max() <= (sdpa.double() - exact).abs().max() + 2**-8
+
+
+@needs_avx512
+def test_large_scores_do_not_overflow() -> None:
+    q, k, v = _qkv(1, 4, 2, 64, 40)
+    q = q * 60  # scores in the thousands: exp must be taken after subtracting the maximum
+    got = dispatch.decode_attention(q, k, v, 0.125)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), _exact(q, k, v, 0.125), rtol=2**-8, atol=1e-3)
+
+
+@needs_avx512
+@pytest.mark.parametrize(
+    "change",
+    ["float32", "head size 16", "two query tokens", "portable kernels"],
+)
+def test_what_the_op_does_not_cover_goes_to_sdpa(change: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    dtype = torch.float32 if change == "float32" else torch.bfloat16
+    q, k, v = _qkv(1, 4, 2, 16 if change == "head size 16" else 64, 9, dtype)
+    if change == "two query tokens":
+        q = torch.cat([q, q], dim=2)
+    if change == "portable kernels":
+        monkeypatch.setenv("SPARSEFT_ISA", "avx2")
+    module = _Attention(2)
+    calls = _count_op_calls(monkeypatch)
+    got, _ = decode_attention(module, q, k, v, None, scaling=0.125)
+    expected, _ = sdpa_attention_forward(module, q, k, v, None, scaling=0.125)
+    assert torch.equal(got, expected)
+    assert calls == []
+
+
+@needs_avx512
+def test_the_op_refuses_what_it_does_not_cover() -> None:
+    q, k, v = _qkv(1, 4, 2, 16, 9)
+    with pytest.raises(RuntimeError, match="head sizes"):
+        dispatch.decode_attention(q, k, v, 0.25)
+    q, k, v = _qkv(1, 4, 2, 64, 9, torch.float32)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        dispatch.decode_attention(q, k, v, 0.125)
+    q, k, v = _qkv(1, 6, 4, 64, 9)
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        dispatch.decode_attention(q, k, v, 0.125)
+
+
+@needs_avx512
+def test_a_mask_goes_to_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
+    q, k, v = _qkv(1, 4, 2, 64, 9)
+    mask = torch.ones(1, 1, 1, 9, dtype=torch.bool)
+    mask[..., :3] = False  # left padding
+    calls = _count_op_calls(monkeypatch)
+    got, _ = decode_attention(_Attention(2), q, k, v, mask, scaling=0.125)
+    assert calls == []
+    assert torch.equal(got, sdpa_attention_forward(_Attention(2), q, k, v, mask, scaling=0.125)[0])
+
+
+def _llama(attn: str = "sdpa") -> transformers.LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        attn_implementation=attn,
+    )
+    return transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+
+
+@needs_avx512
+def test_fuse_attention_takes_the_op_for_decoding_in_the_converted_model_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dense = _llama()
+    model = copy.deepcopy(dense)
+    assert fuse_attention_(model) == 1
+    assert model.config._attn_implementation == NAME and dense.config._attn_implementation == "sdpa"
+    assert fuse_attention_(_llama("eager")) == 0  # chosen on purpose (attention weights): kept
+
+    calls = _count_op_calls(monkeypatch)
+    prompt = torch.tensor([[5, 17, 250, 3, 99, 42, 7]])
+    steps = 6
+    caches = {id(m): transformers.DynamicCache(config=m.config) for m in (model, dense)}
+    with torch.inference_mode():
+        for m in (model, dense):
+            m(prompt, past_key_values=caches[id(m)], use_cache=True)
+        assert calls == []  # the prompt (7 query tokens) goes to SDPA
+        for step in range(steps):
+            token = torch.tensor([[11 + step]])
+            got = model(token, past_key_values=caches[id(model)], use_cache=True).logits.float()
+            expected = dense(token, past_key_values=caches[id(dense)], use_cache=True).logits.float()
+            assert ((got - expected).norm() / expected.norm()).item() < 0.02
+    assert len(calls) == steps * model.config.num_hidden_layers
+
+
+@needs_avx512
+def test_converted_model_generates_like_dense() -> None:
+    dense = _llama()
+    model = copy.deepcopy(dense)
+    fuse_attention_(model)
+    prompt = torch.tensor([[5, 17, 250, 3, 99, 42, 7]])
+    with torch.inference_mode():
+        got = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        expected = dense.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert got.tolist() == expected.tolist()
