@@ -72,9 +72,9 @@ def test_kernels_run_on_torchs_threads_with_one_openmp_runtime() -> None:
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        assert torch.ops.sparseft_cpu.parallel_threads() == 2  # parallel_for really splits the rows
+        assert build.extension().parallel_threads() == 2  # parallel_for really splits the rows
         torch.set_num_threads(1)
-        assert torch.ops.sparseft_cpu.parallel_threads() == 1  # and follows torch's setting
+        assert build.extension().parallel_threads() == 1  # and follows torch's setting
     finally:
         torch.set_num_threads(previous)
     maps = Path("/proc/self/maps")

@@ -1,7 +1,7 @@
 """Compile the C++ CPU kernels once into a cache and load them; fall back to plain torch if that fails.
 
-The shared library is built with torch's own extension machinery (ninja + the system C++ compiler) in a
-temporary directory and then moved into the cache with one rename, so an interrupted or failed build never
+The library, a Python extension module, is built with torch's own extension machinery (ninja + the system C++
+compiler) in a temporary directory and then moved into the cache with one rename, so an interrupted or failed build never
 leaves a half-written library behind: the next run builds again, and this run uses the portable torch path.
 The cache key covers the sources, torch's version and the Python version, so an upgrade rebuilds.
 """
@@ -9,12 +9,15 @@ The cache key covers the sources, torch's version and the Python version, so an 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import sys
 import tempfile
 import warnings
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -27,7 +30,7 @@ LIBRARY = "sparseft_cpu.so"
 CFLAGS = ["-O3", "-std=c++17", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
 
-_state: dict[str, bool] = {}
+_state: dict[str, Any] = {}  # "loaded": whether the kernels are usable; "module": the extension module
 
 
 def cache_root() -> Path:
@@ -55,7 +58,7 @@ def _ninja_dir() -> str:
         return str(Path(sys.executable).parent)
 
 
-def _compile(target: Path) -> None:
+def _compile(target: Path) -> ModuleType:
     from torch.utils import cpp_extension
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -66,20 +69,36 @@ def _compile(target: Path) -> None:
         # torch runs `ninja` from PATH; the pip-installed one sits beside this Python, which is not on PATH
         # when the virtual environment is used without being activated.
         os.environ["PATH"] = os.pathsep.join([_ninja_dir(), path])
-        cpp_extension.load(
+        module = cpp_extension.load(
             name="sparseft_cpu",
             sources=[str(KERNEL_DIR / name) for name in SOURCES],
             extra_cflags=CFLAGS,
             extra_ldflags=LDFLAGS,
             extra_include_paths=[str(KERNEL_DIR)],
             build_directory=str(workdir),
-            is_python_module=False,
+            is_python_module=True,
             verbose=False,
         )
         os.replace(workdir / LIBRARY, target)  # one rename: the cache holds a whole library or none
+        return module
     finally:
         os.environ["PATH"] = path
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _import(target: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location("sparseft_cpu", target)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{target} is not a Python extension module")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def extension() -> ModuleType:
+    """The kernels' module (after `load_extension()` returned True)."""
+    module: ModuleType = _state["module"]
+    return module
 
 
 def load_extension() -> bool:
@@ -88,14 +107,12 @@ def load_extension() -> bool:
         return _state["loaded"]
     target = cache_root() / "kernels" / _key() / LIBRARY
     try:
-        if target.exists():
-            torch.ops.load_library(str(target))
-        else:
-            _compile(target)
+        _state["module"] = _import(target) if target.exists() else _compile(target)
         _state["loaded"] = True
     except Exception as e:  # a missing compiler, a failed build, a library that does not load
+        reason = str(e).splitlines()[0][:200] if str(e) else ""
         warnings.warn(
-            f"sparseft: the C++ CPU kernels are unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+            f"sparseft: the C++ CPU kernels are unavailable ({type(e).__name__}: {reason}); "
             "using the portable torch path, which is much slower. Install a C++ compiler and ninja to fix this.",
             RuntimeWarning,
             stacklevel=2,

@@ -18,7 +18,7 @@ import torch
 
 from sparseft.errors import SparseftError
 from sparseft.runtime import reference
-from sparseft.runtime.build import load_extension
+from sparseft.runtime.build import extension, load_extension
 from sparseft.runtime.packing import Packed
 
 LEVELS = {"scalar": 1, "avx2": 2, "avx512": 3}
@@ -40,7 +40,7 @@ def best_isa() -> str:
     """The best level this machine can run ("torch" if the C++ kernels could not be built)."""
     if not load_extension():
         return "torch"
-    level = int(torch.ops.sparseft_cpu.best_isa())
+    level = int(extension().best_isa())
     return next(name for name, value in LEVELS.items() if value == level)
 
 
@@ -99,13 +99,13 @@ def _parse_count(text: str) -> int:
 def _ops() -> Any:
     if not load_extension():
         raise SparseftError("the C++ CPU kernels could not be built here; use SPARSEFT_ISA=torch")
-    return torch.ops.sparseft_cpu
+    return extension()
 
 
 @functools.cache
 def _op(name: str) -> Any:
-    # The op's default overload, looked up once: the namespace lookup costs microseconds per decoded token.
-    return getattr(_ops(), name).default
+    # Looked up once: a module attribute lookup per call adds up over some 180 calls a decoded token.
+    return getattr(_ops(), name)
 
 
 def sparse_mm(x: torch.Tensor, p: Packed, bias: torch.Tensor | None, isa: str) -> torch.Tensor:

@@ -4,10 +4,11 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <vector>
+
+#include "ops.h"
 
 namespace sparseft {
 namespace {
@@ -138,6 +139,8 @@ void attend(const Group& g, std::vector<float>& work) {
 
 #pragma GCC pop_options
 
+}  // namespace
+
 // q (B, H, 1, D); k, v (B, Hkv, L, D), bf16, H a multiple of Hkv, unit last strides. Returns (B, 1, H, D)
 // contiguous, the layout transformers' attention functions return. `isa` is the sparse kernels' level: this op
 // needs 3 (AVX-512 with BF16). Anything else is refused with an error; the caller then uses torch's SDPA.
@@ -189,9 +192,4 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
-}  // namespace
 }  // namespace sparseft
-
-TORCH_LIBRARY_FRAGMENT(sparseft_cpu, m) {
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale, int isa) -> Tensor", &sparseft::decode_attention);
-}

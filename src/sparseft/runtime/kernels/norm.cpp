@@ -2,10 +2,10 @@
 // transformers' LlamaRMSNorm rounds it (normalised in fp32, cast to the input's dtype, then multiplied by the
 // weight in that dtype). Eight small torch ops a norm cost about 26 us a call, twice per decoder layer.
 #include <ATen/ATen.h>
-#include <torch/library.h>
 
 #include <cmath>
 
+#include "ops.h"
 #include "sparse.h"
 
 namespace sparseft {
@@ -30,6 +30,8 @@ void rms_rows(const T* x, const T* w, T* y, int64_t rows, int64_t cols, float ep
   }
 }
 
+}  // namespace
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "sparseft: rms_norm runs on the CPU");
   TORCH_CHECK(x.scalar_type() == weight.scalar_type() &&
@@ -48,9 +50,4 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return y;
 }
 
-}  // namespace
 }  // namespace sparseft
-
-TORCH_LIBRARY_FRAGMENT(sparseft_cpu, m) {
-  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &sparseft::rms_norm);
-}

@@ -3,7 +3,7 @@
 // torch for the cores) and calls the kernel of the requested instruction set.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
@@ -11,6 +11,7 @@
 #include <optional>
 #include <vector>
 
+#include "ops.h"
 #include "sparse.h"
 
 namespace sparseft {
@@ -254,14 +255,16 @@ int64_t parallel_threads() {
 }  // namespace
 }  // namespace sparseft
 
-TORCH_LIBRARY(sparseft_cpu, m) {
-  m.def("best_isa() -> int", &sparseft::best_isa);
-  m.def("parallel_threads() -> int", &sparseft::parallel_threads);
-  m.def(
-      "sparse_mm(Tensor x, Tensor mask, Tensor values, Tensor row_start, Tensor? scale, Tensor? rowsum, "
-      "Tensor? bias, int cols, int isa) -> Tensor",
-      &sparseft::sparse_mm);
-  m.def("decompress(Tensor mask, Tensor values, Tensor row_start, Tensor? scale, int cols, int isa) -> Tensor",
-        &sparseft::decompress);
-  m.def("dense_mm(Tensor x, Tensor weight, Tensor? bias) -> Tensor", &sparseft::dense_mm);
+// Bound with pybind11 rather than registered as torch.ops: a call through torch's dispatcher costs about 4 µs
+// more, and a decoded token makes some 180 calls here (measured 6.1 against 2.1 µs for an op with nine
+// arguments). A failed TORCH_CHECK reaches Python as a RuntimeError either way.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("best_isa", &sparseft::best_isa);
+  m.def("parallel_threads", &sparseft::parallel_threads);
+  m.def("sparse_mm", &sparseft::sparse_mm);
+  m.def("decompress", &sparseft::decompress);
+  m.def("dense_mm", &sparseft::dense_mm);
+  m.def("rms_norm", &sparseft::rms_norm);
+  m.def("rotary", &sparseft::rotary);
+  m.def("decode_attention", &sparseft::decode_attention);
 }

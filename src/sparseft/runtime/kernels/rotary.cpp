@@ -2,10 +2,10 @@
 // it: x * cos + rotate_half(x) * sin, each product and the sum rounded to x's dtype (torch computes a bf16 op in
 // fp32 and rounds its result). Per layer and token that function is about sixteen small torch ops.
 #include <ATen/ATen.h>
-#include <torch/library.h>
 
 #include <tuple>
 
+#include "ops.h"
 #include "sparse.h"
 
 namespace sparseft {
@@ -60,6 +60,8 @@ at::Tensor rotated(const at::Tensor& x, const at::Tensor& cos, const at::Tensor&
 }
 
 // Both tensors in one call: each op call costs microseconds before it computes anything.
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                                           const at::Tensor& sin) {
   check(q, cos, sin);
@@ -67,9 +69,4 @@ std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor&
   return {rotated(q, cos, sin), rotated(k, cos, sin)};
 }
 
-}  // namespace
 }  // namespace sparseft
-
-TORCH_LIBRARY_FRAGMENT(sparseft_cpu, m) {
-  m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)", &sparseft::rotary);
-}

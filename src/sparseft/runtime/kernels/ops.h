@@ -1,0 +1,16 @@
+// The ops Python calls that live outside ops.cpp; ops.cpp binds every op into the extension module.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace sparseft {
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                          const at::Tensor& sin);
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                            int64_t isa);
+
+}  // namespace sparseft
