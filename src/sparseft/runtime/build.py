@@ -43,8 +43,8 @@ def cache_root() -> Path:
 
 def _key() -> str:
     digest = hashlib.sha256()
-    for name in [*SOURCES, "sparse.h"]:
-        digest.update((KERNEL_DIR / name).read_bytes())
+    for path in sorted(KERNEL_DIR.glob("*.[ch]*")):  # every source and header
+        digest.update(path.name.encode() + path.read_bytes())
     digest.update(f"{torch.__version__} {sys.version_info[:2]} {CFLAGS} {LDFLAGS}".encode())
     return digest.hexdigest()[:16]
 
