@@ -16,7 +16,11 @@ namespace {
 
 constexpr int kMaxBatchTile = 8;
 
-// Software prefetch distance, in bytes ahead of each row's read position (dense kernel).
+// Software prefetch distance, in bytes ahead of each stream's read position. Every kernel prefetches its values
+// (or dense rows) at every step, and the int8 kernel its mask words once per cache line of them. Measured out of
+// cache, side by side, 2 threads, 70%, batch 1, on the decode shapes and 4096x4096, over the hardware prefetcher
+// alone: int8 1.03-1.33x (mostly 1.1-1.2x), bf16 1.06-1.13x; 256 and 1024-2048 bytes ahead gained less, and
+// the mask prefetch made the bf16 kernel (bound by port 5) 3-5% slower.
 constexpr int kPrefetchBytes = 512;
 
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0); }
@@ -99,6 +103,7 @@ void bf16_tile(const SparseMatrix& w, const Activations& a, const Output& o, int
         wv = _mm512_maskz_loadu_epi16(keep, p[i] + k * 32);
       } else {
         const uint32_t bits = m[i][k];
+        prefetch(p[i]);
         const __m512i packed = load_opaque(p[i]);
         p[i] += _mm_popcnt_u32(bits);
         wv = _mm512_maskz_expand_epi16(bits, packed);
@@ -153,6 +158,8 @@ void int8_tile(const SparseMatrix& w, const Activations& a, const Output& o, int
 #pragma GCC unroll 8
     for (int i = 0; i < NR; ++i) {
       const uint64_t bits = m[i][k];
+      prefetch(p[i]);
+      if (k % 8 == 0) prefetch(m[i] + k);
       const __m512i packed = load_opaque(p[i]);
       p[i] += _mm_popcnt_u64(bits);
       const __m512i wv = _mm512_maskz_expand_epi8(bits, packed);
