@@ -107,11 +107,18 @@ std::vector<int64_t> split_rows(const SparseMatrix& w, int64_t value_bytes, int6
   const int64_t total = bytes_before(w.rows);
   std::vector<int64_t> bounds(parts + 1, w.rows);
   bounds[0] = 0;
-  int64_t r = 0;
   for (int64_t t = 1; t < parts; ++t) {
+    // The first row at or past the target, by bisection rather than a walk over thousands of rows each call.
     const int64_t target = total / parts * t;
-    while (r < w.rows && bytes_before(r) < target) ++r;
-    bounds[t] = r;
+    int64_t lo = bounds[t - 1], hi = w.rows;
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (bytes_before(mid) < target)
+        lo = mid + 1;
+      else
+        hi = mid;
+    }
+    bounds[t] = lo;
   }
   return bounds;
 }
