@@ -38,14 +38,14 @@ def test_measure_generation_makes_every_token_even_past_an_eos(
     pruned_model: Callable[..., torch.nn.Module], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = pruned_model()
+    # the random prompt measure_generation makes, and its first greedy token made the EOS
     prompt = torch.randint(
         0, int(model.config.vocab_size), (1, 6), generator=torch.Generator().manual_seed(0)
     )
-    with (
-        torch.inference_mode()
-    ):  # the same random prompt measure_generation makes, then its first greedy token
+    with torch.inference_mode():
         first = model.generate(prompt, max_new_tokens=1, do_sample=False, pad_token_id=0)[0, -1].item()
-    model.generation_config.eos_token_id = first  # generate would stop right there
+        model.generation_config.eos_token_id = first
+        assert model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0).shape[1] == 6 + 1
     lengths: list[int] = []
     generate = model.generate
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,6 +65,16 @@ def test_interrupted_build_leaves_no_library(fresh_build: Path, monkeypatch: pyt
     with pytest.raises(KeyboardInterrupt):
         build.load_extension()
     assert [p for p in fresh_build.rglob("*") if p.is_file()] == []
+
+
+def test_a_corrupted_cached_library_is_named_with_the_fix(fresh_build: Path) -> None:
+    target = fresh_build / "kernels" / build._key() / build.LIBRARY
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"not a library")
+    expected = f"cached library does not load; delete {re.escape(str(target.parent))} to build it again"
+    with pytest.warns(RuntimeWarning, match=expected):
+        assert build.load_extension() is False
+    assert dispatch.best_isa() == "torch"
 
 
 def test_kernels_run_on_torchs_threads_with_one_openmp_runtime() -> None:

@@ -3,9 +3,14 @@
 torch's scaled_dot_product_attention costs 55-100 µs a call on this CPU for one query token over 16-144 cached
 ones, mostly fixed overhead, once per layer and token; the op takes 10-26 µs. transformers picks a model's
 attention function by name from a registry, so `fuse_attention_` registers this one under "sparseft" (with the
-SDPA mask rules) and names it in the converted model's config: other models in the process keep their own. It
-takes the calls it covers (CPU, bf16, one query token, no mask, head size a multiple of 32, no dropout, softcap
-or sinks) and hands everything else, prefill included, to transformers' SDPA function unchanged.
+SDPA mask rules) and names it in the converted model's config: other models in the process keep their own.
+
+Only architectures checked to behave the same under another name than "sdpa" are converted: some transformers
+models branch on that exact name (Falcon takes its eager path, DeepSeek-V3.2's indexer passes its top-k as an
+argument SDPA never reads). For Llama, Mistral, Qwen2/3 and Phi-3, generation with SDPA registered under another
+name gave the same logits bit for bit, sliding windows included. The op takes the calls it covers (CPU, bf16, one
+query token, no mask, a head size that is a multiple of 32, nothing among the arguments that it does not know to
+be harmless) and hands everything else, prefill included, to transformers' SDPA function unchanged.
 """
 
 from __future__ import annotations
@@ -21,20 +26,37 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from sparseft.runtime import dispatch
 
 NAME = "sparseft"
-_CHANGES_THE_MATH = ("softcap", "s_aux", "sinks")
+ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
+# What those models pass besides q, k, v, the mask, dropout and scaling. A sliding window is already in the mask
+# (SDPA's mask rules leave it out only where the window covers every key); any other argument goes to SDPA.
+_HARMLESS = frozenset({"position_ids", "use_cache", "cache_position", "sliding_window", "is_causal"})
 
 
-def _covered(query: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float, kwargs: dict) -> bool:
+def _covered(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    kwargs: dict[str, Any],
+) -> bool:
     return (
-        query.shape[2] == 1
-        and attention_mask is None
+        attention_mask is None
         and dropout == 0.0
-        and query.dtype == torch.bfloat16
-        and query.shape[-1] % 32 == 0
-        and query.shape[-1] <= 256
-        and query.device.type == "cpu"
-        and kwargs.get("position_bias") is None
-        and not any(kwargs.get(name) is not None for name in _CHANGES_THE_MATH)
+        and kwargs.keys() <= _HARMLESS
+        and query.dim() == 4
+        and query.shape[2] == 1
+        and key.shape == value.shape
+        and key.dim() == 4
+        and key.shape[0] == query.shape[0]
+        and key.shape[3] == query.shape[3]
+        and key.shape[1] > 0
+        and query.shape[1] % key.shape[1] == 0
+        and query.shape[3] % 32 == 0
+        and query.shape[3] <= 256
+        and query.dtype == key.dtype == value.dtype == torch.bfloat16
+        and query.device.type == key.device.type == value.device.type == "cpu"
+        and query.stride(3) == key.stride(3) == value.stride(3) == 1
         and dispatch.current_isa() == "avx512"
     )
 
@@ -51,31 +73,33 @@ def decode_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: `query` (B, H, Q, D), `key`/`value` (B, Hkv, L, D); returns
     the output as (B, Q, H, D) and no weights."""
-    if _covered(query, attention_mask, dropout, kwargs):
+    if _covered(query, key, value, attention_mask, dropout, kwargs):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        try:
-            return dispatch.decode_attention(query, key, value, scale), None
-        except RuntimeError:  # a shape or layout the op does not take: SDPA does
-            pass
+        return dispatch.decode_attention(query, key, value, scale), None
     return sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
     )
 
 
 def fuse_attention_(model: nn.Module) -> int:
-    """Give `model`'s SDPA attention the op for decoding steps; returns how many configs now name it. Models set
-    to another attention ("eager" for attention weights, flash kernels) are left as they are, and nothing changes
-    where the AVX-512 kernels are not available."""
+    """Give the SDPA attention of `model` (one of `ARCHITECTURES`) the op for decoding steps; returns how many
+    configs now name it. Models set to another attention ("eager" for attention weights, flash kernels) and other
+    architectures are left as they are, and nothing changes where the AVX-512 kernels are not available."""
     if dispatch.best_isa() != "avx512":
         return 0
-    AttentionInterface.register(NAME, decode_attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
     configs = {
         id(c): c for m in model.modules() if isinstance(c := getattr(m, "config", None), PretrainedConfig)
     }
-    count = 0
-    for config in configs.values():
-        if config._attn_implementation == "sdpa":
-            config._attn_implementation = NAME
-            count += 1
-    return count
+    chosen = [
+        c
+        for c in configs.values()
+        if getattr(c, "model_type", None) in ARCHITECTURES
+        and c._attn_implementation == "sdpa"
+        and not c.sub_configs
+    ]
+    if chosen:
+        AttentionInterface.register(NAME, decode_attention)
+        AttentionMaskInterface.register(NAME, sdpa_mask)
+    for config in chosen:
+        config._attn_implementation = NAME
+    return len(chosen)

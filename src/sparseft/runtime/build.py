@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 KERNEL_DIR = Path(__file__).parent / "kernels"
-SOURCES = ["ops.cpp", "norm.cpp", "rotary.cpp", "attention.cpp", "avx512.cpp", "avx2.cpp", "scalar.cpp"]
+SOURCES = sorted(path.name for path in KERNEL_DIR.glob("*.cpp"))
+HEADERS = sorted(path.name for path in KERNEL_DIR.glob("*.h"))
 LIBRARY = "sparseft_cpu.so"
 # -fopenmp is what makes at::parallel_for split the rows: without it torch's header-only parallel_for compiles
 # to a serial loop. The library then needs libgomp.so.1, which the dynamic loader resolves to the copy torch has
@@ -43,8 +44,8 @@ def cache_root() -> Path:
 
 def _key() -> str:
     digest = hashlib.sha256()
-    for path in sorted(KERNEL_DIR.glob("*.[ch]*")):  # every source and header
-        digest.update(path.name.encode() + path.read_bytes())
+    for name in [*SOURCES, *HEADERS]:
+        digest.update(name.encode() + (KERNEL_DIR / name).read_bytes())
     digest.update(f"{torch.__version__} {sys.version_info[:2]} {CFLAGS} {LDFLAGS}".encode())
     return digest.hexdigest()[:16]
 
@@ -87,11 +88,16 @@ def _compile(target: Path) -> ModuleType:
 
 
 def _import(target: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("sparseft_cpu", target)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"{target} is not a Python extension module")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec = importlib.util.spec_from_file_location("sparseft_cpu", target)
+        if spec is None or spec.loader is None:
+            raise ImportError("not a Python extension module")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except ImportError as e:
+        raise ImportError(
+            f"the cached library does not load; delete {target.parent} to build it again ({e})"
+        ) from None
     return module
 
 
@@ -110,10 +116,11 @@ def load_extension() -> bool:
         _state["module"] = _import(target) if target.exists() else _compile(target)
         _state["loaded"] = True
     except Exception as e:  # a missing compiler, a failed build, a library that does not load
-        reason = str(e).splitlines()[0][:200] if str(e) else ""
+        reason = str(e).splitlines()[0][:300] if str(e) else ""
+        fix = "" if target.exists() else " Install a C++ compiler and ninja to fix this."
         warnings.warn(
             f"sparseft: the C++ CPU kernels are unavailable ({type(e).__name__}: {reason}); "
-            "using the portable torch path, which is much slower. Install a C++ compiler and ninja to fix this.",
+            f"using the portable torch path, which is much slower.{fix}",
             RuntimeWarning,
             stacklevel=2,
         )

@@ -54,7 +54,7 @@ inline __m512i bf16_bits(__m512 x) {
 // e^x for x <= 0 (scores minus their maximum): 2^n * e^r with |r| <= ln2 / 2, e^r by its Taylor series to r^7
 // (relative error below 2e-7).
 inline __m512 exp_nonpositive16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);  // in this order a NaN stays NaN
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
@@ -147,6 +147,7 @@ void attend(const Group& g, std::vector<float>& work) {
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                             int64_t isa) {
   TORCH_CHECK(isa >= 3, "sparseft: decode_attention needs the AVX-512 kernels");
+  check_isa(isa);
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
               "sparseft: decode_attention runs on the CPU");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&

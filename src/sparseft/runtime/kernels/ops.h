@@ -7,6 +7,9 @@
 
 namespace sparseft {
 
+// Fails (a RuntimeError in Python) unless this CPU runs instruction-set level `isa` (1 scalar, 2 AVX2, 3 AVX-512).
+void check_isa(int64_t isa);
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                                           const at::Tensor& sin);

@@ -59,9 +59,9 @@ at::Tensor rotated(const at::Tensor& x, const at::Tensor& cos, const at::Tensor&
   return out;
 }
 
-// Both tensors in one call: each op call costs microseconds before it computes anything.
 }  // namespace
 
+// Both tensors in one call: each op call costs microseconds before it computes anything.
 std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                                           const at::Tensor& sin) {
   check(q, cos, sin);
