@@ -214,3 +214,24 @@ def test_converted_model_generates_like_dense(arch: str) -> None:
         got = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
         expected = dense.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert got.tolist() == expected.tolist()
+
+
+@needs_avx512
+def test_whisper_decoder_takes_the_op_and_transcribes_like_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    config = transformers.WhisperConfig(
+        vocab_size=100, d_model=128, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=50,
+        max_target_positions=64, pad_token_id=0, eos_token_id=1, bos_token_id=1, decoder_start_token_id=0,
+        begin_suppress_tokens=None, suppress_tokens=None,
+    )  # fmt: skip
+    dense = transformers.WhisperForConditionalGeneration(config).to(torch.bfloat16).eval()
+    model = copy.deepcopy(dense)
+    assert fuse_attention_(model) == 1
+    features = torch.randn(1, 16, 100, generator=torch.Generator().manual_seed(0)).bfloat16()
+    calls = _count_op_calls(monkeypatch)
+    with torch.inference_mode():
+        got = model.generate(features, max_new_tokens=8, do_sample=False)
+        assert len(calls) > 0  # the decoder's self- and cross-attention at each new token
+        expected = dense.generate(features, max_new_tokens=8, do_sample=False)
+    assert got.tolist() == expected.tolist()
