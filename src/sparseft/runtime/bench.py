@@ -171,7 +171,9 @@ def _generate_each(
                 **kwargs,
                 num_beams=num_beams,
                 max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,  # a random model would stop at any EOS; this fixes the work
+                # A random model would stop at any EOS; this fixes the work. Not eos_token_id=None as for the
+                # decoder-only models: Whisper's own generate then stops after one token.
+                min_new_tokens=new_tokens,
                 do_sample=False,
             )
 
