@@ -1,9 +1,10 @@
 """Compile the C++ CPU kernels once into a cache and load them; fall back to plain torch if that fails.
 
 The library, a Python extension module, is built with torch's own extension machinery (ninja + the system C++
-compiler) in a temporary directory and then moved into the cache with one rename, so an interrupted or failed build never
-leaves a half-written library behind: the next run builds again, and this run uses the portable torch path.
-The cache key covers the sources, torch's version and the Python version, so an upgrade rebuilds.
+compiler) in a temporary directory and then moved into the cache with one rename, so an interrupted or failed
+build never leaves a half-written library behind: the next run builds again, and this run uses the portable torch
+path. The cache key covers the sources and headers, torch's version and the Python version, so an upgrade
+rebuilds.
 """
 
 from __future__ import annotations

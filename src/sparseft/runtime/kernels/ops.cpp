@@ -31,7 +31,6 @@ int64_t best_isa() {
   return kScalar;
 }
 
-
 // Scratch for the prepared activations, reused across calls of the same thread.
 std::vector<uint8_t>& scratch() {
   thread_local std::vector<uint8_t> buffer;
