@@ -11,7 +11,7 @@ import torch
 import transformers
 from transformers.models.llama import modeling_llama
 
-from sparseft.runtime import dispatch
+from sparseft.runtime import dispatch, rotary
 from sparseft.runtime.rotary import fast_rotary, fuse_rotary_
 
 needs_kernels = pytest.mark.skipif(
@@ -56,6 +56,24 @@ def test_op_refuses_what_it_does_not_cover() -> None:
         dispatch.rotary(q.float(), k, cos, sin)
     with pytest.raises(RuntimeError, match="shapes"):
         dispatch.rotary(q, k, cos[:, :3], sin[:, :3])
+
+
+@needs_kernels
+def test_inside_a_marked_call_what_the_op_does_not_cover_runs_transformers_ops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = _count_op_calls(monkeypatch)
+    apply = fast_rotary(modeling_llama.apply_rotary_pos_emb)
+    q, k, cos, sin = _qkcs(torch.bfloat16)
+    token = rotary._INSIDE.set(True)
+    try:
+        apply(q, k, cos, sin)
+        assert len(calls) == 1
+        for args in [(q.half(), k.half(), cos.half(), sin.half()), (q.float(), k, cos, sin)]:  # fp16; mixed
+            assert torch.equal(apply(*args)[0], modeling_llama.apply_rotary_pos_emb(*args)[0])
+        assert len(calls) == 1
+    finally:
+        rotary._INSIDE.reset(token)
 
 
 @needs_kernels

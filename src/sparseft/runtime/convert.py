@@ -82,10 +82,7 @@ def sparsify_(
         dense_bytes += matrix.numel() * matrix.element_size()
         sparse_bytes += sparse.nbytes()
         _set_module(model, name, sparse)
-    groups = fuse_siblings_(model) if fuse else 0
-    norms = fuse_norms_(model) if fuse else 0
-    rotary = fuse_rotary_(model) if fuse else 0
-    attention = fuse_attention_(model) if fuse else 0
+    fused = _fuse(model) if fuse else dict.fromkeys(_FUSED, 0)
     if fast_head:
         fast_head_(model, head_values)
     return {
@@ -93,11 +90,17 @@ def sparsify_(
         "values": values,
         "dense_bytes": dense_bytes,
         "sparse_bytes": sparse_bytes,
-        "fused_groups": groups,
-        "fused_norms": norms,
-        "fused_rotary": rotary,
-        "fused_attention": attention,
+        **fused,
     }
+
+
+_FUSED = ("fused_groups", "fused_norms", "fused_rotary", "fused_attention")
+
+
+def _fuse(model: nn.Module) -> dict[str, int]:
+    """Fewer, larger calls per token: sibling linears, Llama-style norms, rotary embeddings, decoding attention."""
+    counts = (fuse_siblings_(model), fuse_norms_(model), fuse_rotary_(model), fuse_attention_(model))
+    return dict(zip(_FUSED, counts, strict=True))
 
 
 def _skeleton(config_dict: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
@@ -249,10 +252,7 @@ def load(
         )
     del state
     if fuse:
-        fuse_siblings_(model)
-        fuse_norms_(model)
-        fuse_rotary_(model)
-        fuse_attention_(model)
+        _fuse(model)
     if fast_head:
         fast_head_(model, head_values)
     release_freed_memory()

@@ -32,9 +32,8 @@ class FusedRMSNorm(nn.Module):
             raise SparseftError(f"{type(norm).__name__} has no weight parameter to share")
         self.weight = weight
         self.variance_epsilon = float(norm.variance_epsilon)  # type: ignore[arg-type]
-        self._fallback = type(
-            norm
-        ).forward  # reads only `weight` and `variance_epsilon`, which this module has
+        # The replaced class's forward reads only `weight` and `variance_epsilon`, which this module has.
+        self._fallback = type(norm).forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight

@@ -48,6 +48,24 @@ def _is_llama_rotary(module: Any) -> bool:
     return True
 
 
+def _covered(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """What the op takes: q, k (B, H, T, D) and cos, sin (B, T, D), one dtype (fp32 or bf16), on the CPU, unit
+    last strides. Checked here rather than by catching the op's error, which would also hide a real one."""
+    tensors = (q, k, cos, sin)
+    return (
+        q.dim() == k.dim() == 4
+        and cos.dim() == 3
+        and sin.shape == cos.shape
+        and q.shape[0] == k.shape[0] == cos.shape[0]
+        and q.shape[2] == k.shape[2] == cos.shape[1]
+        and q.shape[3] == k.shape[3] == cos.shape[2]
+        and q.shape[3] % 2 == 0
+        and all(t.dtype == q.dtype and t.device.type == "cpu" and t.stride(-1) == 1 for t in tensors)
+        and q.dtype in (torch.float32, torch.bfloat16)
+        and dispatch.current_isa() != "torch"
+    )
+
+
 def fast_rotary(original: Callable[..., Any]) -> Callable[..., Any]:
     """`original` (Llama's apply_rotary_pos_emb), run by the op inside a marked attention call."""
 
@@ -55,16 +73,8 @@ def fast_rotary(original: Callable[..., Any]) -> Callable[..., Any]:
     def apply(
         q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
     ) -> Any:
-        if (
-            _INSIDE.get()
-            and unsqueeze_dim == 1
-            and q.device.type == "cpu"
-            and dispatch.current_isa() != "torch"
-        ):
-            try:
-                return dispatch.rotary(q, k, cos, sin)
-            except RuntimeError:  # a case the op does not cover (dtype, shape, layout): the original takes it
-                pass
+        if _INSIDE.get() and unsqueeze_dim == 1 and _covered(q, k, cos, sin):
+            return dispatch.rotary(q, k, cos, sin)
         return original(q, k, cos, sin, unsqueeze_dim)
 
     apply.sparseft_rotary = True  # type: ignore[attr-defined]

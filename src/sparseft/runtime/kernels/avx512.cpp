@@ -25,13 +25,6 @@ constexpr int kPrefetchBytes = 512;
 
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0); }
 
-// A tile of NR rows reads NR streams at once (mask words and values of each row). Its rows are not neighbours
-// but NR evenly spaced rows of the caller's range, r, r + step, r + 2 step, ...; the next tile starts one row
-// further. Each stream then runs straight on from one row into the next for the whole range, which the hardware
-// prefetcher follows, where a tile of neighbouring rows would give it NR short streams of one row each (at 70%
-// sparsity a 4096-column int8 row holds 1.2 KB). Measured out of cache, side by side, 2 threads, 70%, batch 1:
-// int8 1.05-1.7x (mostly 1.2-1.4x) and bf16 1.0-1.2x over neighbouring rows with a software prefetch that swept
-// the next tile's region; int8 then reads as fast as a plain 8-stream read of the same bytes.
 // Load into a register and hide the value from the optimizer, so the compiler cannot fold the load into
 // vpexpand's memory operand: that form is several times slower on AMD Zen 4/5.
 inline __m512i load_opaque(const void* p) {
@@ -202,8 +195,14 @@ void batch_tiles(const SparseMatrix& w, const Activations& a, const Output& o, i
   }
 }
 
-// Rows [r0, r1) in tiles of NR rows spaced `step` apart (see the comment on tiles above); what does not divide
-// evenly goes one row at a time.
+// A tile of NR rows reads NR streams at once (mask words and values of each row). Its rows are not neighbours
+// but NR evenly spaced rows of the caller's range, r, r + step, r + 2 step, ...; the next tile starts one row
+// further. Each stream then runs straight on from one row into the next for the whole range, which the hardware
+// prefetcher follows, where a tile of neighbouring rows would give it NR short streams of one row each (at 70%
+// sparsity a 4096-column int8 row holds 1.2 KB). Measured out of cache, side by side, 2 threads, 70%, batch 1:
+// int8 1.05-1.7x (mostly 1.2-1.4x) and bf16 1.0-1.2x over neighbouring rows with a software prefetch that swept
+// the next tile's region; int8 then reads as fast as a plain 8-stream read of the same bytes.
+// Rows [r0, r1) go in such tiles; what does not divide evenly goes one row at a time.
 template <int NR, int KIND>
 void spaced_tiles(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
   const int64_t step = (r1 - r0) / NR;
