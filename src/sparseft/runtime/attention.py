@@ -32,7 +32,7 @@ ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "whispe
 # What those models pass besides q, k, v, the mask, dropout and scaling, none of which changes the result. A
 # sliding window is already in the mask (SDPA's mask rules leave it out only where the window covers every key);
 # attention weights are not returned under SDPA either. Any other argument goes to SDPA.
-_HARMLESS = frozenset(
+HARMLESS = frozenset(
     {
         "position_ids",
         "use_cache",
@@ -56,7 +56,7 @@ def _covered(
     return (
         attention_mask is None
         and dropout == 0.0
-        and kwargs.keys() <= _HARMLESS
+        and kwargs.keys() <= HARMLESS
         and query.dim() == 4
         and query.shape[2] == 1
         and key.shape == value.shape

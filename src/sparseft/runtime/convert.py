@@ -13,6 +13,7 @@ from torch import nn
 from sparseft.errors import SparseftError
 from sparseft.models import find_targets, is_linear, weight_matrix
 from sparseft.runtime.attention import fuse_attention_
+from sparseft.runtime.decode_layer import fuse_layers_
 from sparseft.runtime.fuse import fuse_siblings_
 from sparseft.runtime.heap import release_freed_memory
 from sparseft.runtime.linear import DenseLinear, SparseLinear
@@ -94,12 +95,19 @@ def sparsify_(
     }
 
 
-_FUSED = ("fused_groups", "fused_norms", "fused_rotary", "fused_attention")
+_FUSED = ("fused_groups", "fused_norms", "fused_rotary", "fused_attention", "fused_layers")
 
 
 def _fuse(model: nn.Module) -> dict[str, int]:
-    """Fewer, larger calls per token: sibling linears, Llama-style norms, rotary embeddings, decoding attention."""
-    counts = (fuse_siblings_(model), fuse_norms_(model), fuse_rotary_(model), fuse_attention_(model))
+    """Fewer, larger calls per token: sibling linears, Llama-style norms, rotary embeddings, decoding attention,
+    then the decoding step of each Llama-style layer as direct calls to those (it needs all four)."""
+    counts = (
+        fuse_siblings_(model),
+        fuse_norms_(model),
+        fuse_rotary_(model),
+        fuse_attention_(model),
+        fuse_layers_(model),
+    )
     return dict(zip(_FUSED, counts, strict=True))
 
 

@@ -96,6 +96,11 @@ def _marked(cls: type) -> type:
     return _MARKED[cls]
 
 
+def takes_op(module: nn.Module) -> bool:
+    """Whether `module` is an attention module that `fuse_rotary_` gave the op."""
+    return type(module) in _MARKED.values()
+
+
 def fuse_rotary_(model: nn.Module) -> int:
     """Run the rotary embedding of `model`'s attention modules through the op; returns how many modules now do.
     Nothing changes where the C++ kernels could not be built or the modeling module's function is not Llama's."""

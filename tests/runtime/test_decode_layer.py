@@ -1,0 +1,184 @@
+"""Converted Llama, Mistral and Qwen2 layers decode through the direct path with the logits of their own forward,
+bit for bit, and every step the path does not cover runs the layer's own forward."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+import transformers
+
+from sparseft.models import find_targets
+from sparseft.pruning.magnitude import magnitude_prune
+from sparseft.runtime import convert, dispatch
+from sparseft.runtime.decode_layer import fuse_layers_
+
+needs_avx512 = pytest.mark.skipif(
+    dispatch.best_isa() != "avx512", reason="the path takes the AVX-512 ops (attention among them)"
+)
+
+LAYER_CLASSES = {
+    "llama": transformers.LlamaConfig,
+    "mistral": transformers.MistralConfig,
+    "qwen2": transformers.Qwen2Config,
+}
+
+
+def _pruned(arch: str) -> transformers.PreTrainedModel:
+    torch.manual_seed(0)
+    sizes: dict[str, Any] = dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+    )
+    if arch == "mistral":
+        sizes["sliding_window"] = 10  # shorter than prompt + new tokens: late steps get a mask
+    config = LAYER_CLASSES[arch](**sizes)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        for module in find_targets(model).values():
+            module.weight.copy_(magnitude_prune(module.weight, 0.7))
+    return model
+
+
+def _converted(dense: transformers.PreTrainedModel, direct: bool, monkeypatch: pytest.MonkeyPatch) -> Any:
+    model = copy.deepcopy(dense)
+    with monkeypatch.context() as patch:
+        if not direct:
+            patch.setattr(convert, "fuse_layers_", lambda m: 0)
+        summary = convert.sparsify_(model, "int8")
+    assert summary["fused_layers"] == (model.config.num_hidden_layers if direct else 0)
+    return model
+
+
+def _count_own_forward(model: Any, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts calls of the layer class's own forward (the fallback) from here on."""
+    cls = type(model.model.layers[0]).__mro__[1]
+    calls: list[int] = []
+    own = cls.forward
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return own(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "forward", counted)
+    return calls
+
+
+def _steps(model: Any, prompt: torch.Tensor, steps: int, **kwargs: Any) -> list[torch.Tensor]:
+    """Logits of greedy decoding steps after `prompt`, one forward at a time over a DynamicCache."""
+    cache = transformers.DynamicCache(config=model.config)
+    out = []
+    with torch.inference_mode():
+        logits = model(prompt, past_key_values=cache, use_cache=True, **kwargs).logits
+        for _ in range(steps):
+            token = logits[:, -1:].argmax(-1)
+            if "attention_mask" in kwargs:
+                mask = kwargs["attention_mask"] = torch.cat(
+                    [kwargs["attention_mask"], torch.ones_like(token)], 1
+                )
+                kwargs["position_ids"] = mask.sum(1, keepdim=True) - 1
+            logits = model(token, past_key_values=cache, use_cache=True, **kwargs).logits
+            out.append(logits)
+    return out
+
+
+@needs_avx512
+@pytest.mark.parametrize("arch", sorted(LAYER_CLASSES))
+def test_decoding_steps_take_the_direct_path_bit_for_bit(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    dense = _pruned(arch)
+    direct, own = _converted(dense, True, monkeypatch), _converted(dense, False, monkeypatch)
+    prompt = torch.tensor([[5, 17, 250, 3, 99, 42, 7]])
+    expected = _steps(own, prompt, 8)
+    calls = _count_own_forward(direct, monkeypatch)
+    got = _steps(direct, prompt, 8)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    layers = direct.config.num_hidden_layers
+    if arch == "mistral":
+        # once the window no longer covers every key the steps have a mask and take the layer's own forward
+        assert layers < len(calls) < 9 * layers
+    else:
+        assert len(calls) == layers  # the prompt only
+    calls.clear()
+    with torch.inference_mode():
+        generated = direct.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        if arch != "mistral":
+            assert len(calls) == layers  # generate's decoding steps take the direct path too
+        assert (
+            generated.tolist()
+            == own.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0).tolist()
+        )
+
+
+@needs_avx512
+@pytest.mark.parametrize(
+    "case",
+    [
+        "a hook on a skipped module",
+        "a padded batch (a mask)",
+        "a forced instruction set",
+        "a float32 model",
+    ],
+)
+def test_what_the_path_does_not_cover_runs_the_layers_own_forward(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dense = _pruned("llama")
+    direct, own = _converted(dense, True, monkeypatch), _converted(dense, False, monkeypatch)
+    prompt = torch.tensor([[5, 17, 250, 3, 99, 42, 7]])
+    kwargs: dict[str, Any] = {}
+    seen: list[int] = []
+    if case == "a hook on a skipped module":
+        for layer in direct.model.layers:
+            layer.mlp.register_forward_hook(lambda *args: seen.append(1))
+    elif case == "a padded batch (a mask)":
+        prompt = torch.cat([prompt, prompt + 1])
+        mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+        kwargs = {"attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
+    elif case == "a forced instruction set":
+        monkeypatch.setenv("SPARSEFT_ISA", "avx2")
+    else:
+        direct, own = direct.float(), own.float()
+    expected = _steps(own, prompt, 4, **copy.deepcopy(kwargs))
+    calls = _count_own_forward(direct, monkeypatch)
+    got = _steps(direct, prompt, 4, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert len(calls) == 5 * direct.config.num_hidden_layers  # the prompt and every step
+    if case == "a hook on a skipped module":
+        assert len(seen) == len(calls)
+
+
+@needs_avx512
+def test_a_layer_whose_forward_differs_keeps_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    layer_class = transformers.models.llama.modeling_llama.LlamaDecoderLayer
+    original = layer_class.forward
+
+    def changed(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return original(self, *args, **kwargs) * 2  # a future release computing something else
+
+    monkeypatch.setattr(layer_class, "forward", changed)
+    model = _pruned("llama")
+    assert convert.sparsify_(model, "bf16")["fused_layers"] == 0
+    assert type(model.model.layers[0]) is layer_class
+
+
+@needs_avx512
+def test_copies_and_other_architectures(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _converted(_pruned("llama"), True, monkeypatch)
+    clone = copy.deepcopy(model)
+    for layer, copied in zip(model.model.layers, clone.model.layers, strict=True):
+        # the copy's direct path reads the copy's own modules
+        assert copied._decode_plan.qkv is copied.self_attn.q_proj.stacked.linear
+        assert copied._decode_plan.qkv is not layer._decode_plan.qkv
+    assert fuse_layers_(model) == model.config.num_hidden_layers  # once is enough: nothing changes
+
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_embd=128, n_layer=1, n_head=4, vocab_size=300)
+    )
+    assert convert.sparsify_(gpt2.to(torch.bfloat16), "bf16")["fused_layers"] == 0
+    assert fuse_layers_(_pruned("llama")) == 0  # its norms, rotary and attention are transformers' own
