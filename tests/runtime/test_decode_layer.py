@@ -1,4 +1,4 @@
-"""Converted Llama, Mistral and Qwen2 layers decode through the direct path with the logits of their own forward,
+"""Converted Llama, Mistral and Qwen2/3 layers decode through the direct path with the logits of their own forward,
 bit for bit, and every step the path does not cover runs the layer's own forward."""
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ LAYER_CLASSES = {
     "llama": transformers.LlamaConfig,
     "mistral": transformers.MistralConfig,
     "qwen2": transformers.Qwen2Config,
+    "qwen3": transformers.Qwen3Config,  # per-head norms of q and k; head size 128 by default
 }
 
 

@@ -8,7 +8,7 @@ new token per sequence, no mask, a dynamic cache), calls the same ops on the sam
 directly, and hands every other call to the layer's own forward. Decode steps alternated in one process on
 TinyLlama's shape at 70% (int8 values): 26.4 against 30.7 ms a token, with bit-identical logits.
 
-Only Llama, Mistral and Qwen2 layers are taken, whose forward this follows, and only once one step through both
+Only Llama, Mistral and Qwen2/3 layers are taken, whose forward this follows, and only once one step through both
 forwards on random input has agreed bit for bit, so a transformers release that changes the layer keeps its own
 forward rather than diverging. A layer with hooks on the modules this path skips keeps its own forward too.
 """
@@ -28,7 +28,7 @@ from sparseft.runtime import attention, dispatch, rotary
 from sparseft.runtime.fuse import Slice
 from sparseft.runtime.norm import FusedRMSNorm
 
-ARCHITECTURES = frozenset({"llama", "mistral", "qwen2"})
+ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 # What those models pass a decoder layer at a decoding step besides the hidden states.
 _ARGUMENTS = attention.HARMLESS | {"attention_mask", "position_embeddings", "cache", "past_key_values"}
 _CACHE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
@@ -52,6 +52,7 @@ class _Plan:
     inner: int
     down: nn.Module
     norms: tuple[FusedRMSNorm, FusedRMSNorm]
+    head_norms: tuple[FusedRMSNorm, FusedRMSNorm] | None  # Qwen3's per-head norms of q and k
     index: int
     skipped: tuple[nn.Module, ...]  # the modules a step does not call: their hooks would not run
 
@@ -86,6 +87,11 @@ def _plan(layer: nn.Module) -> _Plan | None:
     if not all(isinstance(m, nn.Module) for m in parts):
         return None
     q, k, v, o, gate, up, down, act = parts
+    head_norms = (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None))
+    if head_norms != (None, None) and not all(
+        isinstance(n, FusedRMSNorm) and n.weight.dtype == torch.bfloat16 for n in head_norms
+    ):
+        return None
     qkv, gate_up = _stacked([q, k, v]), _stacked([gate, up])
     head_dim, scale, index = (getattr(attn, n, None) for n in ("head_dim", "scaling", "layer_idx"))
     if (
@@ -114,8 +120,9 @@ def _plan(layer: nn.Module) -> _Plan | None:
         inner=gate.out_features,
         down=down,
         norms=norms,  # type: ignore[arg-type]
+        head_norms=None if head_norms == (None, None) else head_norms,  # type: ignore[arg-type]
         index=index,
-        skipped=(attn, mlp, *norms, q, k, v, o, gate, up, down, act, qkv, gate_up),  # type: ignore[arg-type]
+        skipped=tuple(m for m in (attn, mlp, *norms, *head_norms, *parts, qkv, gate_up) if m is not None),
     )
 
 
@@ -165,10 +172,14 @@ def _step(plan: _Plan, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.T
     x = dispatch.rms_norm(h, first.weight, first.variance_epsilon)
     y = plan.qkv(x)
     q_end, k_end = plan.q_rows, plan.q_rows + plan.kv_rows
-    q = y[..., :q_end].view(batch, 1, plan.heads, plan.head_dim).transpose(1, 2)
-    k = y[..., q_end:k_end].view(batch, 1, plan.kv_heads, plan.head_dim).transpose(1, 2)
+    q = y[..., :q_end].view(batch, 1, plan.heads, plan.head_dim)
+    k = y[..., q_end:k_end].view(batch, 1, plan.kv_heads, plan.head_dim)
     v = y[..., k_end:].view(batch, 1, plan.kv_heads, plan.head_dim).transpose(1, 2)
-    q, k = dispatch.rotary(q, k, cos, sin)
+    if plan.head_norms is not None:
+        q_norm, k_norm = plan.head_norms
+        q = dispatch.rms_norm(q, q_norm.weight, q_norm.variance_epsilon)
+        k = dispatch.rms_norm(k, k_norm.weight, k_norm.variance_epsilon)
+    q, k = dispatch.rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
     k, v = cache.update(k, v, plan.index)
     a = dispatch.decode_attention(q, k, v, plan.scale).reshape(batch, 1, plan.heads * plan.head_dim)
     h = h + plan.o_proj(a)
@@ -215,7 +226,7 @@ def _agrees(layer: Any, plan: _Plan, rotary_embedding: nn.Module) -> bool:
 
 
 def fuse_layers_(model: nn.Module) -> int:
-    """Give every Llama, Mistral or Qwen2 decoder layer of a converted `model` (its q/k/v and gate/up fused, its
+    """Give every Llama, Mistral or Qwen2/3 decoder layer of a converted `model` (its q/k/v and gate/up fused, its
     norms, rotary embedding and attention taken by the ops) the direct decoding step; returns how many layers have
     it. Nothing changes where the AVX-512 kernels are not available."""
     if dispatch.best_isa() != "avx512":
