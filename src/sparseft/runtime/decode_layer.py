@@ -10,7 +10,8 @@ TinyLlama's shape at 70% (int8 values): 26.4 against 30.7 ms a token, with bit-i
 
 Only Llama, Mistral and Qwen2/3 layers are taken, whose forward this follows, and only once one step through both
 forwards on random input has agreed bit for bit, so a transformers release that changes the layer keeps its own
-forward rather than diverging. A layer with hooks on the modules this path skips keeps its own forward too.
+forward rather than diverging. A layer with hooks on the modules this path skips keeps its own forward too. The
+dynamic cache layers it updates become `kv_cache.GrowingLayer`s, which add a token without copying the cache.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from sparseft.runtime import attention, dispatch, rotary
 from sparseft.runtime.fuse import Slice
+from sparseft.runtime.kv_cache import GrowingLayer
 from sparseft.runtime.norm import FusedRMSNorm
 
 ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 # What those models pass a decoder layer at a decoding step besides the hidden states.
 _ARGUMENTS = attention.HARMLESS | {"attention_mask", "position_embeddings", "cache", "past_key_values"}
-_CACHE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
+_CACHE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer, GrowingLayer)
 _FAST: dict[type, type] = {}
 
 
@@ -180,6 +182,8 @@ def _step(plan: _Plan, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.T
         q = dispatch.rms_norm(q, q_norm.weight, q_norm.variance_epsilon)
         k = dispatch.rms_norm(k, k_norm.weight, k_norm.variance_epsilon)
     q, k = dispatch.rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    if type(layers[plan.index]) is DynamicLayer:
+        layers[plan.index].__class__ = GrowingLayer  # writes in place instead of concatenating (kv_cache)
     k, v = cache.update(k, v, plan.index)
     a = dispatch.decode_attention(q, k, v, plan.scale).reshape(batch, 1, plan.heads * plan.head_dim)
     h = h + plan.o_proj(a)
