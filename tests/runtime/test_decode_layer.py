@@ -124,6 +124,8 @@ def test_decoding_steps_take_the_direct_path_bit_for_bit(arch: str, monkeypatch:
         "a padded batch (a mask)",
         "a forced instruction set",
         "a float32 model",
+        "a module replaced since",
+        "training mode",
     ],
 )
 def test_what_the_path_does_not_cover_runs_the_layers_own_forward(
@@ -143,8 +145,14 @@ def test_what_the_path_does_not_cover_runs_the_layers_own_forward(
         kwargs = {"attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
     elif case == "a forced instruction set":
         monkeypatch.setenv("SPARSEFT_ISA", "avx2")
-    else:
+    elif case == "a float32 model":
         direct, own = direct.float(), own.float()
+    elif case == "a module replaced since":
+        for model in (direct, own):
+            for layer in model.model.layers:
+                layer.mlp.down_proj = _Doubled(layer.mlp.down_proj)
+    else:
+        direct.train(), own.train()
     expected = _steps(own, prompt, 4, **copy.deepcopy(kwargs))
     calls = _count_own_forward(direct, monkeypatch)
     got = _steps(direct, prompt, 4, **kwargs)
@@ -152,6 +160,34 @@ def test_what_the_path_does_not_cover_runs_the_layers_own_forward(
     assert len(calls) == 5 * direct.config.num_hidden_layers  # the prompt and every step
     if case == "a hook on a skipped module":
         assert len(seen) == len(calls)
+
+
+class _Doubled(torch.nn.Module):
+    """A module put in a layer after conversion (an adapter, say): the layer's own forward calls it."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) * 2
+
+
+@needs_avx512
+def test_asking_once_for_hidden_states_keeps_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # transformers leaves its output-capturing hooks on every attention module after such a call
+    dense = _pruned("llama")
+    direct, own = _converted(dense, True, monkeypatch), _converted(dense, False, monkeypatch)
+    prompt = torch.tensor([[5, 17, 250, 3, 99, 42, 7]])
+    with torch.inference_mode():
+        hidden = direct(prompt, output_hidden_states=True).hidden_states
+        assert len(hidden) == direct.config.num_hidden_layers + 1
+    assert direct.model.layers[0].self_attn._forward_hooks
+    expected = _steps(own, prompt, 4)
+    calls = _count_own_forward(direct, monkeypatch)
+    got = _steps(direct, prompt, 4)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert len(calls) == direct.config.num_hidden_layers  # the prompt only
 
 
 @needs_avx512

@@ -3,6 +3,7 @@ the cache in between, and adds a token without copying the cache once it has roo
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import pytest
@@ -42,6 +43,26 @@ def test_updates_give_what_a_dynamic_layer_gives(edit: str, monkeypatch: pytest.
         got, expected = mine.update(k, v), theirs.update(k, v)
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
         assert mine.get_seq_length() == theirs.get_seq_length()
+
+
+def test_a_cache_begun_in_inference_mode_goes_on_outside_it() -> None:
+    # generate() only turns gradients off: a chat may fill the cache under inference_mode, then go on without it
+    mine, theirs = GrowingLayer(), DynamicLayer()
+    with torch.inference_mode():
+        for layer in (mine, theirs):
+            layer.update(*_tokens(1, 4, seed=0))
+    with torch.no_grad():
+        got, expected = mine.update(*_tokens(1, 1, seed=1)), theirs.update(*_tokens(1, 1, seed=1))
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_a_shallow_copy_writes_into_its_own_room() -> None:
+    layer = GrowingLayer()
+    layer.update(*_tokens(1, 4, seed=0))
+    twin = copy.copy(layer)
+    keys, _ = layer.update(*_tokens(1, 1, seed=1))
+    twin.update(*_tokens(1, 1, seed=2))
+    assert torch.equal(keys[:, :, -1:], _tokens(1, 1, seed=1)[0])  # not overwritten by the twin's token
 
 
 def test_a_token_is_written_in_place_while_there_is_room() -> None:

@@ -10,7 +10,8 @@ TinyLlama's shape at 70% (int8 values): 26.4 against 30.7 ms a token, with bit-i
 
 Only Llama, Mistral and Qwen2/3 layers are taken, whose forward this follows, and only once one step through both
 forwards on random input has agreed bit for bit, so a transformers release that changes the layer keeps its own
-forward rather than diverging. A layer with hooks on the modules this path skips keeps its own forward too. The
+forward rather than diverging. A layer in training mode, with hooks on the modules this path skips, or with one of
+them replaced since keeps its own forward too. The
 dynamic cache layers it updates become `kv_cache.GrowingLayer`s, which add a token without copying the cache.
 """
 
@@ -56,7 +57,9 @@ class _Plan:
     norms: tuple[FusedRMSNorm, FusedRMSNorm]
     head_norms: tuple[FusedRMSNorm, FusedRMSNorm] | None  # Qwen3's per-head norms of q and k
     index: int
-    skipped: tuple[nn.Module, ...]  # the modules a step does not call: their hooks would not run
+    # (parent, name, module) for each module a step reads or skips: replaced since, or hooked, the layer's own
+    # forward must run (a step would not see the replacement, nor run the hooks)
+    places: tuple[tuple[nn.Module, str, nn.Module], ...]
 
 
 def _stacked(members: list[Any]) -> nn.Module | None:
@@ -124,15 +127,41 @@ def _plan(layer: nn.Module) -> _Plan | None:
         norms=norms,  # type: ignore[arg-type]
         head_norms=None if head_norms == (None, None) else head_norms,  # type: ignore[arg-type]
         index=index,
-        skipped=tuple(m for m in (attn, mlp, *norms, *head_norms, *parts, qkv, gate_up) if m is not None),
+        places=tuple(
+            (parent, name, getattr(parent, name))
+            for parent, names in (
+                (layer, ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")),
+                (attn, ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")),
+                (mlp, ("gate_proj", "up_proj", "down_proj", "act_fn")),
+                (q.stacked, ("linear",)),
+                (gate.stacked, ("linear",)),
+            )
+            for name in names
+            if getattr(parent, name, None) is not None
+        ),
     )
 
 
-def _hooked(modules: tuple[nn.Module, ...]) -> bool:
+def _harmless(hook: Any) -> bool:
+    # transformers' own output capture puts a hook on every attention module the first time a call asks for
+    # attentions or hidden states, and leaves it there. On the attention it records the attention weights, which
+    # the decoding attention op never returns (the hook then records nothing), so skipping it changes nothing.
+    return getattr(hook, "__name__", None) == "output_capturing_hook" and getattr(
+        hook, "__module__", ""
+    ).startswith("transformers.")
+
+
+def _changed(places: tuple[tuple[nn.Module, str, nn.Module], ...]) -> bool:
+    """Whether a module of the plan was replaced, or something hooks into the modules a step skips."""
     hooks = nn.modules.module
     if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    for parent, name, module in places:
+        if parent._modules.get(name) is not module or module._forward_pre_hooks:
+            return True
+        if module._forward_hooks and not all(_harmless(h) for h in module._forward_hooks.values()):
+            return True
+    return False
 
 
 def _step(plan: _Plan, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
@@ -166,7 +195,7 @@ def _step(plan: _Plan, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.T
         or sin.dtype != torch.bfloat16
         or cos.stride(-1) != 1
         or sin.stride(-1) != 1
-        or _hooked(plan.skipped)
+        or _changed(plan.places)
         or dispatch.current_isa() != "avx512"
     ):
         return None
@@ -197,7 +226,8 @@ def _fast(cls: type) -> type:
     if cls not in _FAST:
 
         def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-            out = _step(self.__dict__["_decode_plan"], args, kwargs)
+            # training: dropout, and anything else that mode changes, is the layer's own forward's to apply
+            out = None if self.training else _step(self.__dict__["_decode_plan"], args, kwargs)
             return cls.forward(self, *args, **kwargs) if out is None else out  # type: ignore[attr-defined]
 
         _FAST[cls] = type(cls.__name__, (cls,), {"forward": forward, "__doc__": cls.__doc__})
