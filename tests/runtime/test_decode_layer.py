@@ -116,6 +116,17 @@ def test_decoding_steps_take_the_direct_path_bit_for_bit(arch: str, monkeypatch:
         )
 
 
+class _Doubled(torch.nn.Module):
+    """A module put in a layer after conversion (an adapter, say): the layer's own forward calls it."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) * 2
+
+
 @needs_avx512
 @pytest.mark.parametrize(
     "case",
@@ -152,7 +163,8 @@ def test_what_the_path_does_not_cover_runs_the_layers_own_forward(
             for layer in model.model.layers:
                 layer.mlp.down_proj = _Doubled(layer.mlp.down_proj)
     else:
-        direct.train(), own.train()
+        for model in (direct, own):
+            model.train()
     expected = _steps(own, prompt, 4, **copy.deepcopy(kwargs))
     calls = _count_own_forward(direct, monkeypatch)
     got = _steps(direct, prompt, 4, **kwargs)
@@ -160,17 +172,6 @@ def test_what_the_path_does_not_cover_runs_the_layers_own_forward(
     assert len(calls) == 5 * direct.config.num_hidden_layers  # the prompt and every step
     if case == "a hook on a skipped module":
         assert len(seen) == len(calls)
-
-
-class _Doubled(torch.nn.Module):
-    """A module put in a layer after conversion (an adapter, say): the layer's own forward calls it."""
-
-    def __init__(self, inner: torch.nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x) * 2
 
 
 @needs_avx512

@@ -11,8 +11,8 @@ TinyLlama's shape at 70% (int8 values): 26.4 against 30.7 ms a token, with bit-i
 Only Llama, Mistral and Qwen2/3 layers are taken, whose forward this follows, and only once one step through both
 forwards on random input has agreed bit for bit, so a transformers release that changes the layer keeps its own
 forward rather than diverging. A layer in training mode, with hooks on the modules this path skips, or with one of
-them replaced since keeps its own forward too. The
-dynamic cache layers it updates become `kv_cache.GrowingLayer`s, which add a token without copying the cache.
+them replaced since keeps its own forward too. The dynamic cache layers it updates become
+`kv_cache.GrowingLayer`s, which add a token without copying the cache.
 """
 
 from __future__ import annotations
@@ -72,6 +72,14 @@ def _stacked(members: list[Any]) -> nn.Module | None:
     return linear if members[-1].stop == linear.out_features else None
 
 
+def _cpu_bf16(norm: Any) -> bool:
+    return (
+        isinstance(norm, FusedRMSNorm)
+        and norm.weight.dtype == torch.bfloat16
+        and norm.weight.device.type == "cpu"
+    )
+
+
 def _plan(layer: nn.Module) -> _Plan | None:
     attn: Any = getattr(layer, "self_attn", None)
     mlp: Any = getattr(layer, "mlp", None)
@@ -84,7 +92,7 @@ def _plan(layer: nn.Module) -> _Plan | None:
         or config._attn_implementation != attention.NAME
         or getattr(config, "hidden_act", None) != "silu"
         or not rotary.takes_op(attn)
-        or not all(isinstance(n, FusedRMSNorm) and n.weight.dtype == torch.bfloat16 for n in norms)
+        or not all(_cpu_bf16(n) for n in norms)
     ):
         return None
     parts: list[Any] = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
@@ -93,9 +101,7 @@ def _plan(layer: nn.Module) -> _Plan | None:
         return None
     q, k, v, o, gate, up, down, act = parts
     head_norms = (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None))
-    if head_norms != (None, None) and not all(
-        isinstance(n, FusedRMSNorm) and n.weight.dtype == torch.bfloat16 for n in head_norms
-    ):
+    if head_norms != (None, None) and not all(_cpu_bf16(n) for n in head_norms):
         return None
     qkv, gate_up = _stacked([q, k, v]), _stacked([gate, up])
     head_dim, scale, index = (getattr(attn, n, None) for n in ("head_dim", "scaling", "layer_idx"))
