@@ -224,8 +224,8 @@ def main() -> None:
             f"\nsparseft bf16: {total_ms:.1f} ms/token, of which {other_ms:.1f} ms outside the linears ({other_ms / total_ms:.0%})"
         )
     print(
-        f"copy bandwidth {bandwidth:.1f} GB/s (median of the probes); targets: bf16 >= 2.5x, int8 >= 3.5x dense bf16 "
-        "tokens/s; peak memory <= 0.45x dense bf16"
+        f"copy bandwidth {bandwidth:.1f} GB/s (median of the probes), clock {machine.get('clock_ghz') or 'n/a'} GHz; "
+        "targets: bf16 >= 2.5x, int8 >= 3.5x dense bf16 tokens/s; peak memory <= 0.45x dense bf16"
     )
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,8 +6,9 @@ For each shape (4096x4096, 11008x4096, 4096x11008), sparsity (50/70/80/90%) and 
 side and alternating run by run: torch dense fp32, torch dense bf16, our dense bf16 GEMV (the strongest dense
 baseline we could write), and the sparse kernels (bf16 and int8 values). Each variant cycles through enough copies
 of its weight to read well past the last-level cache, so the figures are memory figures, not cache figures. A
-STREAM-like copy probe runs before each shape; effective GB/s (weight bytes read per second) is reported with its
-fraction of that bandwidth. Medians of `--reps`. A last section finds the batch size where decompress + dense
+STREAM-like copy probe and a clock probe (the core's GHz, which moves figures bound by computation) run before
+and after each batch; effective GB/s (weight bytes read per second) is reported with its fraction of that
+bandwidth. Medians of `--reps`. A last section finds the batch size where decompress + dense
 matmul overtakes the expand kernel (the runtime's prefill switch).
 """
 
@@ -117,12 +118,14 @@ def bench_shape(
     packs = {s: packed_copies(prune(weight, s)) for s in sparsities}
     rows: list[dict[str, Any]] = []
     for batch in batches:
-        before = copy_bandwidth()
+        before, clock_before = copy_bandwidth(), dispatch.clock_ghz()
         dense = dense_variants(fp32, bf16, batch, isa)
         sparse = {s: sparse_variants(packs[s], batch, isa) for s in sparsities}
         time_round_robin(dense + [v for vs in sparse.values() for v in vs], reps)
-        after = copy_bandwidth()
+        after, clock_after = copy_bandwidth(), dispatch.clock_ghz()
         bandwidth = statistics.median([before, after])
+        clocks = [c for c in (clock_before, clock_after) if c is not None]
+        clock = round(statistics.median(clocks), 2) if clocks else None
         base = {v.name: v.median() for v in dense}
         best_bf16 = min(t for n, t in base.items() if "bf16" in n)
         for sparsity, variants in [(0.0, dense), *sparse.items()]:
@@ -138,6 +141,7 @@ def bench_shape(
                         "gb_s": round(gbs, 2),
                         "of_copy_bw": round(gbs / bandwidth, 3),
                         "copy_gb_s": round(bandwidth, 1),
+                        "clock_ghz": clock,
                         "x_best_dense_bf16": round(best_bf16 / v.median(), 2),
                         "x_torch_fp32": round(base["torch fp32"] / v.median(), 2),
                     }
@@ -149,7 +153,8 @@ def bench_shape(
 def print_rows(rows: list[dict[str, Any]]) -> None:
     head = rows[0]
     print(
-        f"\n{head['shape'][0]}x{head['shape'][1]}  batch {head['batch']}  copy bandwidth {head['copy_gb_s']} GB/s"
+        f"\n{head['shape'][0]}x{head['shape'][1]}  batch {head['batch']}  copy bandwidth {head['copy_gb_s']} GB/s  "
+        f"clock {head['clock_ghz'] or 'n/a'} GHz"
     )
     print(
         f"  {'sparsity':>8} {'variant':<16} {'ms':>9} {'GB/s':>7} {'of bw':>6} {'x best dense bf16':>18} {'x torch fp32':>13}"

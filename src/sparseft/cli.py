@@ -484,7 +484,8 @@ def run_bench(args: argparse.Namespace) -> None:
                 f"{row['model_bytes'] / 1e6:>10.1f} {peak:>8}"
             )
     print(
-        f"{machine['threads']} threads, kernels {machine['kernels']}, copy bandwidth {machine['copy_gb_s']} GB/s"
+        f"{machine['threads']} threads, kernels {machine['kernels']}, copy bandwidth {machine['copy_gb_s']} GB/s, "
+        f"clock {machine.get('clock_ghz') or 'n/a'} GHz"
     )
 
 

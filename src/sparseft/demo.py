@@ -381,7 +381,7 @@ def write_report(output: Path, result: dict[str, Any], table: str) -> None:
         table,
         "",
         f"Machine: {machine['cpu']}, {machine.get('threads')} threads, copy bandwidth {machine.get('copy_gb_s')} "
-        f"GB/s. Time per phase: {phases}. Decode speed: medians of alternating runs (prompt "
+        f"GB/s, clock {machine.get('clock_ghz') or 'n/a'} GHz. Time per phase: {phases}. Decode speed: medians of alternating runs (prompt "
         f"{result['size']['bench_prompt']} tokens, {result['size']['bench_tokens']} new tokens).",
         "",
         *[f"![{p.removesuffix('.png')}]({p})" for p in plots],

@@ -146,6 +146,8 @@ def test_bench_encoder_decoder(encdec: dict[str, Path], family: str) -> None:
         assert row["peak_bytes"] is None or row["peak_bytes"] >= row["model_bytes"]
     assert results["sparse bf16"]["model_bytes"] < results["dense bf16"]["model_bytes"]
     assert results["_machine"]["copy_gb_s"] > 0
+    clock = results["_machine"]["clock_ghz"]
+    assert clock is None or clock > 0
 
 
 def test_bench_command_on_whisper_with_beams(

@@ -3,6 +3,7 @@ bf16 and int8 values; batch 1..32; odd sizes; empty and fully dense rows; one an
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable
 
 import pytest
@@ -146,3 +147,14 @@ def test_isa_is_forced_by_setting_and_env(monkeypatch: pytest.MonkeyPatch) -> No
         dispatch.set_isa(None)
     with pytest.raises(SparseftError, match="unknown instruction set"):
         dispatch.set_isa("neon")
+
+
+@pytest.mark.skipif(
+    dispatch.best_isa() == "torch" or platform.machine() not in ("x86_64", "AMD64"),
+    reason="the clock probe needs the C++ kernels on x86-64",
+)
+def test_clock_probe_reads_a_plausible_clock() -> None:
+    # the same probe twice: a clock of a few GHz, and two reads within a factor of two of each other
+    first, second = dispatch.clock_ghz(), dispatch.clock_ghz()
+    assert first is not None and second is not None
+    assert 0.5 < first < 7 and 0.5 < second < 7 and 0.5 < first / second < 2

@@ -2,7 +2,7 @@
 tokens per second of encoder-decoders (T5, Whisper); the bytes a model holds, its peak memory, the memory bandwidth.
 
 Timings on a shared or throttled machine drift, so callers compare models side by side in one process,
-alternating them run by run, and report medians with a copy-bandwidth probe beside them.
+alternating them run by run, and report medians with a copy-bandwidth probe and the core's clock beside them.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparseft.runtime import dispatch
+
 
 def model_bytes(model: nn.Module) -> int:
     """Bytes of the model's tensors (parameters and buffers), shared storage counted once."""
@@ -27,6 +29,11 @@ def model_bytes(model: nn.Module) -> int:
         storage = tensor.untyped_storage()
         seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
+
+
+def _median(values: list[float | None], digits: int) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(statistics.median(known), digits) if known else None
 
 
 def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
@@ -67,9 +74,11 @@ def measure_generation(
         _generate_seconds(model, ids[:, :8], 2)
     prefill: dict[str, list[float]] = {name: [] for name in models}
     decode: dict[str, list[float]] = {name: [] for name in models}
-    bandwidth = []
+    bandwidth: list[float | None] = []
+    clock: list[float | None] = []
     for _ in range(runs):
         bandwidth.append(copy_bandwidth(128, 3))
+        clock.append(dispatch.clock_ghz())
         for name, model in models.items():
             first = _generate_seconds(model, ids, 1)
             full = _generate_seconds(model, ids, new_tokens)
@@ -83,7 +92,11 @@ def measure_generation(
         }
         for name, model in models.items()
     } | {
-        "_machine": {"threads": torch.get_num_threads(), "copy_gb_s": round(statistics.median(bandwidth), 1)}
+        "_machine": {
+            "threads": torch.get_num_threads(),
+            "copy_gb_s": _median(bandwidth, 1),
+            "clock_ghz": _median(clock, 2),
+        }
     }
 
 
@@ -227,9 +240,11 @@ def measure_seq2seq(
         _encode_each(model, first)
         _generate_each(model, first, 2, num_beams)
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in models}
-    bandwidth = []
+    bandwidth: list[float | None] = []
+    clock: list[float | None] = []
     for run in range(runs):
         bandwidth.append(copy_bandwidth(128, 3))
+        clock.append(dispatch.clock_ghz())
         order = list(models) if run % 2 == 0 else list(reversed(models))
         for name in order:
             rows[name].append(_seq2seq_run(models[name], inputs, new_tokens, num_beams))
@@ -243,6 +258,7 @@ def measure_seq2seq(
         } | {"model_bytes": weights, "peak_bytes": weights + max(rises) if rises else None}
     result["_machine"] = {
         "threads": torch.get_num_threads(),
-        "copy_gb_s": round(statistics.median(bandwidth), 1),
+        "copy_gb_s": _median(bandwidth, 1),
+        "clock_ghz": _median(clock, 2),
     }
     return result

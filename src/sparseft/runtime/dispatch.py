@@ -170,6 +170,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return _op("decode_attention")(q, k, v, scale, LEVELS[current_isa()])
 
 
+def clock_ghz() -> float | None:
+    """The core's clock now (see kernels/ops.cpp), or None where the C++ kernels are not built or cannot read it."""
+    if best_isa() == "torch":
+        return None
+    ghz = float(_op("clock_ghz")())
+    return round(ghz, 2) if ghz > 0 else None
+
+
 def dense_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Dense bf16 y = x W^T with the AVX-512 GEMV kernel where available (the decode-time LM head)."""
     if current_isa() != "avx512":

@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <functional>
 #include <optional>
@@ -254,6 +255,23 @@ int64_t parallel_threads() {
   return std::unique(seen.begin(), seen.end()) - seen.begin();
 }
 
+// The core's clock in GHz, from a chain of dependent 64-bit multiplies (3 cycles each on x86-64 cores from Intel
+// since Nehalem and from AMD since Zen). This machine's clock moves between runs, and with it every figure bound by
+// computation rather than memory (the bf16 expand kernel's among them), so benchmarks print it beside the copy
+// probe. 0 where it cannot be read this way.
+double clock_ghz() {
+#if defined(__x86_64__)
+  constexpr int64_t kSteps = 20000000;
+  uint64_t x = 3;
+  const auto start = std::chrono::steady_clock::now();
+  for (int64_t i = 0; i < kSteps; ++i) asm volatile("imul %0, %0" : "+r"(x));
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return 3.0 * kSteps / seconds / 1e9;
+#else
+  return 0.0;
+#endif
+}
+
 }  // namespace
 
 void check_isa(int64_t isa) {
@@ -270,6 +288,7 @@ void check_isa(int64_t isa) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto free = pybind11::call_guard<pybind11::gil_scoped_release>();
   m.def("best_isa", &sparseft::best_isa);
+  m.def("clock_ghz", &sparseft::clock_ghz, free);
   m.def("parallel_threads", &sparseft::parallel_threads, free);
   m.def("sparse_mm", &sparseft::sparse_mm, free);
   m.def("decompress", &sparseft::decompress, free);
