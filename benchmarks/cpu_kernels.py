@@ -8,8 +8,8 @@ baseline we could write), and the sparse kernels (bf16 and int8 values). Each va
 of its weight to read well past the last-level cache, so the figures are memory figures, not cache figures. A
 STREAM-like copy probe and a clock probe (the core's GHz, which moves figures bound by computation) run before
 and after each batch; effective GB/s (weight bytes read per second) is reported with its fraction of that
-bandwidth. Medians of `--reps`. A last section finds the batch size where decompress + dense
-matmul overtakes the expand kernel (the runtime's prefill switch).
+bandwidth. Medians of `--reps`. A last section finds the batch size where decompress + dense matmul overtakes the
+expand kernel (the runtime's prefill switch).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from sparseft.runtime import dispatch
-from sparseft.runtime.bench import copy_bandwidth
+from sparseft.runtime.bench import copy_bandwidth, median_known
 from sparseft.runtime.packing import Packed, pack_dense
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -124,8 +124,7 @@ def bench_shape(
         time_round_robin(dense + [v for vs in sparse.values() for v in vs], reps)
         after, clock_after = copy_bandwidth(), dispatch.clock_ghz()
         bandwidth = statistics.median([before, after])
-        clocks = [c for c in (clock_before, clock_after) if c is not None]
-        clock = round(statistics.median(clocks), 2) if clocks else None
+        clock = median_known([clock_before, clock_after], 2)
         base = {v.name: v.median() for v in dense}
         best_bf16 = min(t for n, t in base.items() if "bf16" in n)
         for sparsity, variants in [(0.0, dense), *sparse.items()]:

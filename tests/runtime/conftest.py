@@ -1,5 +1,6 @@
 """Runtime test helpers: weights with the awkward cases the kernels must handle (an empty row, a fully dense
-row, sizes that are not multiples of 32 or 64), and a pruned tiny Llama."""
+row, sizes that are not multiples of 32 or 64), a pruned tiny Llama, and tiny Llama-family decoders whose head
+size the decoding attention op takes."""
 
 from __future__ import annotations
 
@@ -29,19 +30,56 @@ def awkward_weight() -> Callable[..., torch.Tensor]:
     return _awkward_weight
 
 
-def _pruned_model(
-    arch: str = "llama", sparsity: float = 0.7, **extra: object
-) -> transformers.PreTrainedModel:
-    torch.manual_seed(0)
-    config = tiny_config(arch, vocab_size=320, hidden=96, layers=2, **extra)
-    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
+def _prune_(model: transformers.PreTrainedModel, sparsity: float) -> transformers.PreTrainedModel:
     with torch.no_grad():
         for module in find_targets(model).values():
             module.weight.copy_(magnitude_prune(module.weight, sparsity))
     return model
 
 
+def _pruned_model(
+    arch: str = "llama", sparsity: float = 0.7, **extra: object
+) -> transformers.PreTrainedModel:
+    torch.manual_seed(0)
+    config = tiny_config(arch, vocab_size=320, hidden=96, layers=2, **extra)
+    return _prune_(transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval(), sparsity)
+
+
 @pytest.fixture
 def pruned_model() -> Callable[..., transformers.PreTrainedModel]:
     """A tiny model in bf16 whose block linears are magnitude-pruned to `sparsity`."""
     return _pruned_model
+
+
+_DECODER_CONFIGS = {
+    "llama": transformers.LlamaConfig,
+    "mistral": transformers.MistralConfig,
+    "qwen2": transformers.Qwen2Config,
+    "qwen3": transformers.Qwen3Config,  # per-head norms of q and k; head size 128 by default
+}
+
+
+def _decoder_model(
+    arch: str = "llama", attn: str = "sdpa", sparsity: float | None = None
+) -> transformers.PreTrainedModel:
+    torch.manual_seed(0)
+    sizes: dict[str, object] = dict(
+        hidden_size=128,  # 4 heads of 32: a head size the decoding attention op takes
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        attn_implementation=attn,
+    )
+    if arch == "mistral":
+        sizes["sliding_window"] = 10  # shorter than prompt + new tokens: late steps get a mask
+    model = transformers.AutoModelForCausalLM.from_config(_DECODER_CONFIGS[arch](**sizes))
+    model = model.to(torch.bfloat16).eval()
+    return model if sparsity is None else _prune_(model, sparsity)
+
+
+@pytest.fixture
+def decoder_model() -> Callable[..., transformers.PreTrainedModel]:
+    """A tiny Llama, Mistral (sliding window 10), Qwen2 or Qwen3 in bf16, optionally magnitude-pruned."""
+    return _decoder_model

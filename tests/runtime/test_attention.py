@@ -4,6 +4,7 @@ everything it does not cover goes to transformers' SDPA function."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -152,34 +153,15 @@ def test_a_mask_goes_to_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
     assert torch.equal(got, sdpa_attention_forward(_Attention(2), q, k, v, mask, scaling=0.125)[0])
 
 
-def _llama(attn: str = "sdpa", arch: str = "llama") -> transformers.PreTrainedModel:
-    torch.manual_seed(0)
-    sizes = dict(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=300,
-        attn_implementation=attn,
-    )
-    config = (
-        transformers.MistralConfig(**sizes, sliding_window=10)  # shorter than prompt + new tokens
-        if arch == "mistral"
-        else transformers.LlamaConfig(**sizes)
-    )
-    return transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
-
-
 @needs_avx512
 def test_fuse_attention_takes_the_op_for_decoding_in_the_converted_model_only(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, decoder_model: Callable[..., transformers.PreTrainedModel]
 ) -> None:
-    dense = _llama()
+    dense = decoder_model()
     model = copy.deepcopy(dense)
     assert fuse_attention_(model) == 1
     assert model.config._attn_implementation == NAME and dense.config._attn_implementation == "sdpa"
-    assert fuse_attention_(_llama("eager")) == 0  # chosen on purpose (attention weights): kept
+    assert fuse_attention_(decoder_model(attn="eager")) == 0  # chosen on purpose (attention weights): kept
     gpt2 = transformers.GPT2LMHeadModel(
         transformers.GPT2Config(n_embd=128, n_layer=1, n_head=2, vocab_size=300)
     )
@@ -205,8 +187,10 @@ def test_fuse_attention_takes_the_op_for_decoding_in_the_converted_model_only(
 
 @needs_avx512
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
-def test_converted_model_generates_like_dense(arch: str) -> None:
-    dense = _llama(arch=arch)
+def test_converted_model_generates_like_dense(
+    arch: str, decoder_model: Callable[..., transformers.PreTrainedModel]
+) -> None:
+    dense = decoder_model(arch)
     model = copy.deepcopy(dense)
     fuse_attention_(model)
     prompt = torch.tensor([[5, 17, 250, 3, 99, 42, 7]])

@@ -4,47 +4,19 @@ bit for bit, and every step the path does not cover runs the layer's own forward
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 import transformers
 
-from sparseft.models import find_targets
-from sparseft.pruning.magnitude import magnitude_prune
 from sparseft.runtime import convert, dispatch
 from sparseft.runtime.decode_layer import fuse_layers_
 
 needs_avx512 = pytest.mark.skipif(
     dispatch.best_isa() != "avx512", reason="the path takes the AVX-512 ops (attention among them)"
 )
-
-LAYER_CLASSES = {
-    "llama": transformers.LlamaConfig,
-    "mistral": transformers.MistralConfig,
-    "qwen2": transformers.Qwen2Config,
-    "qwen3": transformers.Qwen3Config,  # per-head norms of q and k; head size 128 by default
-}
-
-
-def _pruned(arch: str) -> transformers.PreTrainedModel:
-    torch.manual_seed(0)
-    sizes: dict[str, Any] = dict(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=300,
-    )
-    if arch == "mistral":
-        sizes["sliding_window"] = 10  # shorter than prompt + new tokens: late steps get a mask
-    config = LAYER_CLASSES[arch](**sizes)
-    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
-    with torch.no_grad():
-        for module in find_targets(model).values():
-            module.weight.copy_(magnitude_prune(module.weight, 0.7))
-    return model
 
 
 def _converted(dense: transformers.PreTrainedModel, direct: bool, monkeypatch: pytest.MonkeyPatch) -> Any:
@@ -90,9 +62,11 @@ def _steps(model: Any, prompt: torch.Tensor, steps: int, **kwargs: Any) -> list[
 
 
 @needs_avx512
-@pytest.mark.parametrize("arch", sorted(LAYER_CLASSES))
-def test_decoding_steps_take_the_direct_path_bit_for_bit(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    dense = _pruned(arch)
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_decoding_steps_take_the_direct_path_bit_for_bit(
+    arch: str, monkeypatch: pytest.MonkeyPatch, decoder_model: Callable[..., Any]
+) -> None:
+    dense = decoder_model(arch, sparsity=0.7)
     direct, own = _converted(dense, True, monkeypatch), _converted(dense, False, monkeypatch)
     prompt = torch.tensor([[5, 17, 250, 3, 99, 42, 7]])
     expected = _steps(own, prompt, 8)
@@ -140,9 +114,9 @@ class _Doubled(torch.nn.Module):
     ],
 )
 def test_what_the_path_does_not_cover_runs_the_layers_own_forward(
-    case: str, monkeypatch: pytest.MonkeyPatch
+    case: str, monkeypatch: pytest.MonkeyPatch, decoder_model: Callable[..., Any]
 ) -> None:
-    dense = _pruned("llama")
+    dense = decoder_model(sparsity=0.7)
     direct, own = _converted(dense, True, monkeypatch), _converted(dense, False, monkeypatch)
     prompt = torch.tensor([[5, 17, 250, 3, 99, 42, 7]])
     kwargs: dict[str, Any] = {}
@@ -175,9 +149,11 @@ def test_what_the_path_does_not_cover_runs_the_layers_own_forward(
 
 
 @needs_avx512
-def test_asking_once_for_hidden_states_keeps_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_asking_once_for_hidden_states_keeps_the_path(
+    monkeypatch: pytest.MonkeyPatch, decoder_model: Callable[..., Any]
+) -> None:
     # transformers leaves its output-capturing hooks on every attention module after such a call
-    dense = _pruned("llama")
+    dense = decoder_model(sparsity=0.7)
     direct, own = _converted(dense, True, monkeypatch), _converted(dense, False, monkeypatch)
     prompt = torch.tensor([[5, 17, 250, 3, 99, 42, 7]])
     with torch.inference_mode():
@@ -192,7 +168,9 @@ def test_asking_once_for_hidden_states_keeps_the_path(monkeypatch: pytest.Monkey
 
 
 @needs_avx512
-def test_a_layer_whose_forward_differs_keeps_it(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_layer_whose_forward_differs_keeps_it(
+    monkeypatch: pytest.MonkeyPatch, decoder_model: Callable[..., Any]
+) -> None:
     layer_class = transformers.models.llama.modeling_llama.LlamaDecoderLayer
     original = layer_class.forward
 
@@ -200,14 +178,16 @@ def test_a_layer_whose_forward_differs_keeps_it(monkeypatch: pytest.MonkeyPatch)
         return original(self, *args, **kwargs) * 2  # a future release computing something else
 
     monkeypatch.setattr(layer_class, "forward", changed)
-    model = _pruned("llama")
+    model = decoder_model(sparsity=0.7)
     assert convert.sparsify_(model, "bf16")["fused_layers"] == 0
     assert type(model.model.layers[0]) is layer_class
 
 
 @needs_avx512
-def test_copies_and_other_architectures(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = _converted(_pruned("llama"), True, monkeypatch)
+def test_copies_and_other_architectures(
+    monkeypatch: pytest.MonkeyPatch, decoder_model: Callable[..., Any]
+) -> None:
+    model = _converted(decoder_model(sparsity=0.7), True, monkeypatch)
     clone = copy.deepcopy(model)
     for layer, copied in zip(model.model.layers, clone.model.layers, strict=True):
         # the copy's direct path reads the copy's own modules
@@ -219,4 +199,6 @@ def test_copies_and_other_architectures(monkeypatch: pytest.MonkeyPatch) -> None
         transformers.GPT2Config(n_embd=128, n_layer=1, n_head=4, vocab_size=300)
     )
     assert convert.sparsify_(gpt2.to(torch.bfloat16), "bf16")["fused_layers"] == 0
-    assert fuse_layers_(_pruned("llama")) == 0  # its norms, rotary and attention are transformers' own
+    assert (
+        fuse_layers_(decoder_model(sparsity=0.7)) == 0
+    )  # its norms, rotary and attention are transformers' own

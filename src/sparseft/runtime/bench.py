@@ -31,7 +31,8 @@ def model_bytes(model: nn.Module) -> int:
     return sum(seen.values())
 
 
-def _median(values: list[float | None], digits: int) -> float | None:
+def median_known(values: list[float | None], digits: int) -> float | None:
+    """The median of the probes that read something (a clock probe reads None where it cannot), rounded."""
     known = [v for v in values if v is not None]
     return round(statistics.median(known), digits) if known else None
 
@@ -94,8 +95,8 @@ def measure_generation(
     } | {
         "_machine": {
             "threads": torch.get_num_threads(),
-            "copy_gb_s": _median(bandwidth, 1),
-            "clock_ghz": _median(clock, 2),
+            "copy_gb_s": median_known(bandwidth, 1),
+            "clock_ghz": median_known(clock, 2),
         }
     }
 
@@ -258,7 +259,7 @@ def measure_seq2seq(
         } | {"model_bytes": weights, "peak_bytes": weights + max(rises) if rises else None}
     result["_machine"] = {
         "threads": torch.get_num_threads(),
-        "copy_gb_s": _median(bandwidth, 1),
-        "clock_ghz": _median(clock, 2),
+        "copy_gb_s": median_known(bandwidth, 1),
+        "clock_ghz": median_known(clock, 2),
     }
     return result

@@ -5,9 +5,8 @@ Decoding calls every linear once per token, and each call cost 15-20 µs before 
 measured (Python, torch's op dispatcher, since replaced by a pybind11 binding, waking the threads), while a
 grouped-query model's k and v projections hold only a fraction of a megabyte each. One `SparseLinear` over the
 stacked rows serves the whole group: the first member called computes every row, and the others slice that result
-while their input is the same tensor. Every transformers attention and
-MLP calls the members back to back on one tensor; in a cross-attention they read different tensors, so only
-modules named `self_attn` and `mlp` are fused.
+while their input is the same tensor. Every transformers attention and MLP calls the members back to back on one
+tensor; in a cross-attention they read different tensors, so only modules named `self_attn` and `mlp` are fused.
 """
 
 from __future__ import annotations
