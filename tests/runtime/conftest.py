@@ -1,6 +1,6 @@
 """Runtime test helpers: weights with the awkward cases the kernels must handle (an empty row, a fully dense
-row, sizes that are not multiples of 32 or 64), a pruned tiny Llama, and tiny Llama-family decoders whose head
-size the decoding attention op takes."""
+row, sizes that are not multiples of 32 or 64), a pruned tiny Llama, and tiny Llama-family decoders and a tiny
+Whisper whose head size the decoding attention op takes."""
 
 from __future__ import annotations
 
@@ -83,3 +83,22 @@ def _decoder_model(
 def decoder_model() -> Callable[..., transformers.PreTrainedModel]:
     """A tiny Llama, Mistral (sliding window 10), Qwen2 or Qwen3 in bf16, optionally magnitude-pruned."""
     return _decoder_model
+
+
+def _whisper_model(sparsity: float | None = None) -> transformers.PreTrainedModel:
+    torch.manual_seed(0)
+    config = transformers.WhisperConfig(
+        vocab_size=100, d_model=128, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=50,
+        max_target_positions=64, pad_token_id=0, eos_token_id=1, bos_token_id=1, decoder_start_token_id=0,
+        begin_suppress_tokens=None, suppress_tokens=None,
+    )  # fmt: skip
+    model = transformers.WhisperForConditionalGeneration(config).to(torch.bfloat16).eval()
+    return model if sparsity is None else _prune_(model, sparsity)
+
+
+@pytest.fixture
+def whisper_model() -> Callable[..., transformers.PreTrainedModel]:
+    """A tiny Whisper in bf16 (heads of 32, 2 decoder layers), optionally magnitude-pruned; its input features
+    are (batch, 16, 100)."""
+    return _whisper_model

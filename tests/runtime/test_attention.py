@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -201,15 +202,10 @@ def test_converted_model_generates_like_dense(
 
 
 @needs_avx512
-def test_whisper_decoder_takes_the_op_and_transcribes_like_dense(monkeypatch: pytest.MonkeyPatch) -> None:
-    torch.manual_seed(0)
-    config = transformers.WhisperConfig(
-        vocab_size=100, d_model=128, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=50,
-        max_target_positions=64, pad_token_id=0, eos_token_id=1, bos_token_id=1, decoder_start_token_id=0,
-        begin_suppress_tokens=None, suppress_tokens=None,
-    )  # fmt: skip
-    dense = transformers.WhisperForConditionalGeneration(config).to(torch.bfloat16).eval()
+def test_whisper_decoder_takes_the_op_and_transcribes_like_dense(
+    monkeypatch: pytest.MonkeyPatch, whisper_model: Callable[..., Any]
+) -> None:
+    dense = whisper_model()
     model = copy.deepcopy(dense)
     assert fuse_attention_(model) == 1
     features = torch.randn(1, 16, 100, generator=torch.Generator().manual_seed(0)).bfloat16()

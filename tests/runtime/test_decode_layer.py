@@ -1,5 +1,5 @@
-"""Converted Llama, Mistral and Qwen2/3 layers decode through the direct path with the logits of their own forward,
-bit for bit, and every step the path does not cover runs the layer's own forward."""
+"""Converted Llama, Mistral, Qwen2/3 and Whisper decoder layers decode through the direct path with the logits of
+their own forward, bit for bit, and every step the path does not cover runs the layer's own forward."""
 
 from __future__ import annotations
 
@@ -29,9 +29,13 @@ def _converted(dense: transformers.PreTrainedModel, direct: bool, monkeypatch: p
     return model
 
 
+def _decoder_layers(model: Any) -> Any:
+    return model.model.decoder.layers if hasattr(model.model, "decoder") else model.model.layers
+
+
 def _count_own_forward(model: Any, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts calls of the layer class's own forward (the fallback) from here on."""
-    cls = type(model.model.layers[0]).__mro__[1]
+    cls = type(_decoder_layers(model)[0]).__mro__[1]
     calls: list[int] = []
     own = cls.forward
 
@@ -168,19 +172,23 @@ def test_asking_once_for_hidden_states_keeps_the_path(
 
 
 @needs_avx512
+@pytest.mark.parametrize("arch", ["llama", "whisper"])
 def test_a_layer_whose_forward_differs_keeps_it(
-    monkeypatch: pytest.MonkeyPatch, decoder_model: Callable[..., Any]
+    arch: str,
+    monkeypatch: pytest.MonkeyPatch,
+    decoder_model: Callable[..., Any],
+    whisper_model: Callable[..., Any],
 ) -> None:
-    layer_class = transformers.models.llama.modeling_llama.LlamaDecoderLayer
+    model = whisper_model(sparsity=0.7) if arch == "whisper" else decoder_model(sparsity=0.7)
+    layer_class = type(_decoder_layers(model)[0])
     original = layer_class.forward
 
     def changed(self: Any, *args: Any, **kwargs: Any) -> Any:
         return original(self, *args, **kwargs) * 2  # a future release computing something else
 
     monkeypatch.setattr(layer_class, "forward", changed)
-    model = decoder_model(sparsity=0.7)
     assert convert.sparsify_(model, "bf16")["fused_layers"] == 0
-    assert type(model.model.layers[0]) is layer_class
+    assert type(_decoder_layers(model)[0]) is layer_class
 
 
 @needs_avx512
@@ -202,3 +210,45 @@ def test_copies_and_other_architectures(
     assert (
         fuse_layers_(decoder_model(sparsity=0.7)) == 0
     )  # its norms, rotary and attention are transformers' own
+
+
+def _transcribe(model: Any, features: torch.Tensor, **kwargs: Any) -> Any:
+    with torch.inference_mode():
+        return model.generate(
+            features,
+            max_new_tokens=8,
+            min_new_tokens=8,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+            **kwargs,
+        )
+
+
+@needs_avx512
+@pytest.mark.parametrize("case", ["greedy", "beam search", "a hook on a skipped module"])
+def test_whisper_decoding_steps_take_the_direct_path_bit_for_bit(
+    case: str, monkeypatch: pytest.MonkeyPatch, whisper_model: Callable[..., Any]
+) -> None:
+    dense = whisper_model(sparsity=0.7)
+    layers = dense.config.decoder_layers
+    direct, own = (copy.deepcopy(dense) for _ in range(2))
+    assert convert.sparsify_(direct, "int8")["fused_layers"] == layers
+    with monkeypatch.context() as patch:
+        patch.setattr(convert, "fuse_layers_", lambda m: 0)
+        convert.sparsify_(own, "int8")
+    features = torch.randn(2, 16, 100, generator=torch.Generator().manual_seed(0)).bfloat16()
+    options = {"num_beams": 3} if case == "beam search" else {}
+    expected = _transcribe(own, features, **options)
+    seen: list[int] = []
+    if case == "a hook on a skipped module":
+        for layer in direct.model.decoder.layers:
+            layer.fc1.register_forward_hook(lambda *args: seen.append(1))
+    calls = _count_own_forward(direct, monkeypatch)
+    got = _transcribe(direct, features, **options)
+    assert got.sequences.tolist() == expected.sequences.tolist()
+    assert all(torch.equal(a, b) for a, b in zip(got.scores, expected.scores, strict=True))
+    if case == "a hook on a skipped module":
+        assert len(calls) == len(seen) == 8 * layers  # every step
+    else:
+        assert len(calls) == layers  # the first step only: it computes the encoder's keys and values

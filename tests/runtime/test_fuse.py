@@ -95,3 +95,19 @@ def test_only_like_self_attention_groups_are_fused() -> None:
     model.self_attn = _attention(("int8",) * 3)
     assert fuse_siblings_(model) == 1
     assert model.self_attn.v_proj.kind == "int8"
+
+
+def test_a_member_without_a_bias_fuses_with_those_that_have_one() -> None:
+    # Whisper's self-attention: q and v have a bias, k has none
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.self_attn = nn.Module()
+    originals = {}
+    for name, bias in (("q_proj", True), ("k_proj", False), ("v_proj", True)):
+        linear = nn.Linear(64, 32, bias=bias)
+        originals[name] = SparseLinear.from_linear(linear, "bf16")  # type: ignore[arg-type]
+        setattr(model.self_attn, name, copy.deepcopy(originals[name]))
+    assert fuse_siblings_(model) == 1
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    for name, original in originals.items():
+        assert torch.equal(getattr(model.self_attn, name)(x), original(x))

@@ -98,8 +98,8 @@ class Slice(nn.Module):
 
 
 def fuse_siblings_(model: nn.Module) -> int:
-    """Fuse every q/k/v and gate/up group of SparseLinears (same input size, value kind and bias presence) in
-    place; returns how many groups were fused."""
+    """Fuse every q/k/v and gate/up group of SparseLinears (same input size and value kind) in place; returns how
+    many groups were fused. A member without a bias (Whisper's k_proj) gets zeros in the stacked bias."""
     fused = 0
     # Only the parents are listed: a list holding the members too would keep every replaced weight alive until
     # the end, doubling the peak memory of a model being loaded.
@@ -110,14 +110,14 @@ def fuse_siblings_(model: nn.Module) -> int:
         if not all(isinstance(m, SparseLinear) for m in members):
             continue
         first = members[0]
-        if any(
-            m.in_features != first.in_features
-            or m.kind != first.kind
-            or (m.bias is None) != (first.bias is None)
-            for m in members
-        ):
+        if any(m.in_features != first.in_features or m.kind != first.kind for m in members):
             continue
-        bias = None if first.bias is None else torch.cat([m.bias for m in members])
+        biases = [m.bias for m in members if m.bias is not None]
+        bias = None
+        if biases:
+            bias = torch.cat(
+                [m.bias if m.bias is not None else biases[0].new_zeros(m.out_features) for m in members]
+            )
         stacked = Stacked(SparseLinear(concat_rows([m.packed for m in members]), bias), len(members))
         start = 0
         for name, member in zip(names, members, strict=True):
@@ -127,3 +127,13 @@ def fuse_siblings_(model: nn.Module) -> int:
         release_freed_memory()
         fused += 1
     return fused
+
+
+def stacked_linear(members: list[Any]) -> nn.Module | None:
+    """The stacked linear of a fused group whose members, in this order, cover its rows front to back."""
+    if not all(isinstance(m, Slice) for m in members) or len({id(m.stacked) for m in members}) != 1:
+        return None
+    if [m.start for m in members] != [0, *[m.stop for m in members[:-1]]]:
+        return None
+    linear: nn.Module = members[0].stacked.linear
+    return linear if members[-1].stop == linear.out_features else None
