@@ -56,6 +56,7 @@ _DECODER_CONFIGS = {
     "mistral": transformers.MistralConfig,
     "qwen2": transformers.Qwen2Config,
     "qwen3": transformers.Qwen3Config,  # per-head norms of q and k; head size 128 by default
+    "phi3": transformers.Phi3Config,  # q/k/v and gate/up stacked in its own weights
 }
 
 
@@ -74,6 +75,8 @@ def _decoder_model(
     )
     if arch == "mistral":
         sizes["sliding_window"] = 10  # shorter than prompt + new tokens: late steps get a mask
+    if arch == "phi3":
+        sizes.update(pad_token_id=0, eos_token_id=1)
     model = transformers.AutoModelForCausalLM.from_config(_DECODER_CONFIGS[arch](**sizes))
     model = model.to(torch.bfloat16).eval()
     return model if sparsity is None else _prune_(model, sparsity)
@@ -81,7 +84,7 @@ def _decoder_model(
 
 @pytest.fixture
 def decoder_model() -> Callable[..., transformers.PreTrainedModel]:
-    """A tiny Llama, Mistral (sliding window 10), Qwen2 or Qwen3 in bf16, optionally magnitude-pruned."""
+    """A tiny Llama, Mistral (sliding window 10), Qwen2, Qwen3 or Phi-3 in bf16, optionally magnitude-pruned."""
     return _decoder_model
 
 

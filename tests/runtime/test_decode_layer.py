@@ -1,4 +1,4 @@
-"""Converted Llama, Mistral, Qwen2/3 and Whisper decoder layers decode through the direct path with the logits of
+"""Converted Llama, Mistral, Qwen2/3, Phi-3 and Whisper decoder layers decode through the direct path with the logits of
 their own forward, bit for bit, and every step the path does not cover runs the layer's own forward."""
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def _steps(model: Any, prompt: torch.Tensor, steps: int, **kwargs: Any) -> list[
 
 
 @needs_avx512
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
 def test_decoding_steps_take_the_direct_path_bit_for_bit(
     arch: str, monkeypatch: pytest.MonkeyPatch, decoder_model: Callable[..., Any]
 ) -> None:

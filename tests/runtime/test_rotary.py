@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 from transformers.models.llama import modeling_llama
+from transformers.models.phi3 import modeling_phi3
 
 from sparseft.runtime import dispatch, rotary
 from sparseft.runtime.rotary import fast_rotary, fuse_rotary_
@@ -41,10 +42,11 @@ def _count_op_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 @needs_kernels
+@pytest.mark.parametrize("modeling", [modeling_llama, modeling_phi3], ids=["llama", "phi3"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_op_equals_transformers_bit_for_bit(dtype: torch.dtype) -> None:
+def test_op_equals_transformers_bit_for_bit(modeling: object, dtype: torch.dtype) -> None:
     q, k, cos, sin = _qkcs(dtype)
-    expected = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+    expected = modeling.apply_rotary_pos_emb(q, k, cos, sin)  # type: ignore[attr-defined]
     got = dispatch.rotary(q, k, cos, sin)
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
@@ -71,6 +73,11 @@ def test_inside_a_marked_call_what_the_op_does_not_cover_runs_transformers_ops(
         assert len(calls) == 1
         for args in [(q.half(), k.half(), cos.half(), sin.half()), (q.float(), k, cos, sin)]:  # fp16; mixed
             assert torch.equal(apply(*args)[0], modeling_llama.apply_rotary_pos_emb(*args)[0])
+        assert len(calls) == 1
+        # Phi-3's partial rotary (Phi-4-mini's 0.75): cos and sin cover only the first features of each head
+        partial = fast_rotary(modeling_phi3.apply_rotary_pos_emb)
+        args = (q, k, cos[..., :12], sin[..., :12])
+        assert torch.equal(partial(*args)[0], modeling_phi3.apply_rotary_pos_emb(*args)[0])
         assert len(calls) == 1
     finally:
         rotary._INSIDE.reset(token)
@@ -108,3 +115,4 @@ def test_fuse_rotary_takes_the_op_in_the_converted_model_only(
     assert len(calls) == layers
     assert fuse_rotary_(model) == layers  # a second call changes nothing
     assert fuse_rotary_(pruned_model("gpt2")) == 0  # no rotary embedding there
+    assert fuse_rotary_(pruned_model("gpt_neox")) == 0  # another function: partial rotary, its own layout

@@ -1,6 +1,6 @@
-"""The direct decoding step of a Llama, Mistral or Qwen2/3 decoder layer (see decode_layer): RMSNorm, the
+"""The direct decoding step of a Llama, Mistral, Qwen2/3 or Phi-3 decoder layer (see decode_layer): RMSNorm, the
 stacked q/k/v, Qwen3's per-head norms, rotary embedding, the cache update, attention, o_proj, the stacked gate/up,
-SiLU times up, down_proj, as op calls."""
+SiLU times up, down_proj, as op calls. Phi-3 keeps q/k/v and gate/up stacked in its own weights."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from sparseft.runtime import attention, dispatch, rotary, step_guard
 from sparseft.runtime.fuse import stacked_linear
 from sparseft.runtime.norm import FusedRMSNorm
 
-ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
 # What those models pass a decoder layer at a decoding step besides the hidden states.
 _ARGUMENTS = attention.HARMLESS | {"attention_mask", "position_embeddings", "cache", "past_key_values"}
 
@@ -136,7 +136,8 @@ class LlamaStep:
 
 def plan(layer: nn.Module) -> LlamaStep | None:
     """The direct step of `layer` if it is a converted layer of one of `ARCHITECTURES` (its q/k/v and gate/up
-    fused, its norms, rotary embedding and attention taken by the ops), else None."""
+    fused, or stacked in Phi-3's own weights; its norms, rotary embedding and attention taken by the ops), else
+    None."""
     attn: Any = getattr(layer, "self_attn", None)
     mlp: Any = getattr(layer, "mlp", None)
     norms = (getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None))
@@ -151,50 +152,70 @@ def plan(layer: nn.Module) -> LlamaStep | None:
         or not all(_cpu_bf16(n) for n in norms)
     ):
         return None
-    parts: list[Any] = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-    parts += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")]
-    if not all(isinstance(m, nn.Module) for m in parts):
+    head_dim, scale, index = (getattr(attn, n, None) for n in ("head_dim", "scaling", "layer_idx"))
+    if not isinstance(head_dim, int) or not isinstance(scale, float) or not isinstance(index, int):
         return None
-    q, k, v, o, gate, up, down, act = parts
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    o: Any = getattr(attn, "o_proj", None)
+    down: Any = getattr(mlp, "down_proj", None)
+    qkv: Any = getattr(attn, "qkv_proj", None)
+    gate_up: Any = getattr(mlp, "gate_up_proj", None)
+    stacks: tuple[tuple[nn.Module, tuple[str, ...]], ...]
+    if qkv is not None:  # Phi-3
+        inner = getattr(gate_up, "out_features", 0) // 2
+        stacks = (
+            (attn, ("qkv_proj", "o_proj", "q_norm", "k_norm")),
+            (mlp, ("gate_up_proj", "down_proj", "activation_fn")),
+        )
+    else:
+        members: list[Any] = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+        gate: Any = getattr(mlp, "gate_proj", None)
+        up: Any = getattr(mlp, "up_proj", None)
+        qkv, gate_up = stacked_linear(members), stacked_linear([gate, up])
+        if (
+            qkv is None
+            or gate_up is None
+            or members[0].out_features != heads * head_dim
+            or members[1].out_features != members[2].out_features
+        ):
+            return None
+        inner = gate.out_features
+        stacks = (
+            (attn, ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")),
+            (mlp, ("gate_proj", "up_proj", "down_proj", "act_fn")),
+            (members[0].stacked, ("linear",)),
+            (gate.stacked, ("linear",)),
+        )
     head_norms = (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None))
     if head_norms != (None, None) and not all(_cpu_bf16(n) for n in head_norms):
         return None
-    qkv, gate_up = stacked_linear([q, k, v]), stacked_linear([gate, up])
-    head_dim, scale, index = (getattr(attn, n, None) for n in ("head_dim", "scaling", "layer_idx"))
     if (
-        qkv is None
-        or gate_up is None
-        or not isinstance(head_dim, int)
+        not all(isinstance(m, nn.Module) for m in (qkv, gate_up, o, down))
         or head_dim % 32
         or head_dim > 256
-        or not isinstance(scale, float)
-        or not isinstance(index, int)
+        or qkv.out_features != (heads + 2 * kv_heads) * head_dim
+        or gate_up.out_features != 2 * inner
     ):
-        return None
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    if q.out_features != heads * head_dim or not k.out_features == v.out_features == kv_heads * head_dim:
         return None
     return LlamaStep(
         config=config,
         qkv=qkv,
-        q_rows=q.out_features,
-        kv_rows=k.out_features,
+        q_rows=heads * head_dim,
+        kv_rows=kv_heads * head_dim,
         heads=heads,
         kv_heads=kv_heads,
         head_dim=head_dim,
         scale=scale,
         o_proj=o,
         gate_up=gate_up,
-        inner=gate.out_features,
+        inner=inner,
         down=down,
         norms=norms,  # type: ignore[arg-type]
         head_norms=None if head_norms == (None, None) else head_norms,  # type: ignore[arg-type]
         index=index,
         places=step_guard.places(
             (layer, ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")),
-            (attn, ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")),
-            (mlp, ("gate_proj", "up_proj", "down_proj", "act_fn")),
-            (q.stacked, ("linear",)),
-            (gate.stacked, ("linear",)),
+            (layer, ("resid_attn_dropout", "resid_mlp_dropout")),
+            *stacks,
         ),
     )

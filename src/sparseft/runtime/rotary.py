@@ -7,8 +7,9 @@ TinyLlama-shaped model with its linears stubbed out, alternating with and withou
 function is replaced there; the replacement takes the op only inside the attention modules of a model given to
 `fuse_rotary_` (their class becomes a subclass that marks the call), so any other model of the same architecture in
 the process, a dense baseline for one, keeps transformers' own ops. The op gives the same result bit for bit (it
-rounds each product and the sum as torch does). It is used only where the modeling module's function is Llama's,
-text for text, and anything it does not cover (another device, dtype or layout) goes to the original.
+rounds each product and the sum as torch does). It is used only where the modeling module's function is Llama's or
+Phi-3's, text for text, and anything it does not cover (another device, dtype or layout; Phi-3's partial rotary,
+where cos and sin are narrower than the head) goes to the original.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from torch import nn
 
 from sparseft.runtime import dispatch
 
-_REFERENCE = "transformers.models.llama.modeling_llama"
+# Modeling modules whose apply_rotary_pos_emb the op computes. Phi-3's rotates the first cos.shape[-1] features
+# of each head and passes the rest; where that is the whole head, it is Llama's.
+_REFERENCES = ("transformers.models.llama.modeling_llama", "transformers.models.phi3.modeling_phi3")
 _INSIDE = contextvars.ContextVar("sparseft_rotary", default=False)
 _MARKED: dict[type, type] = {}
 
@@ -39,13 +42,15 @@ def _source(function: Any) -> str | None:
         return None
 
 
-def _is_llama_rotary(module: Any) -> bool:
-    reference = importlib.import_module(_REFERENCE)
-    for name in ("apply_rotary_pos_emb", "rotate_half"):
-        mine = _source(getattr(module, name, None))
-        if mine is None or mine != _source(getattr(reference, name)):
-            return False
-    return True
+def _known_rotary(module: Any) -> bool:
+    names = ("apply_rotary_pos_emb", "rotate_half")
+    mine = [_source(getattr(module, name, None)) for name in names]
+    if None in mine:
+        return False
+    return any(
+        mine == [_source(getattr(importlib.import_module(reference), name)) for name in names]
+        for reference in _REFERENCES
+    )
 
 
 def _covered(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
@@ -67,7 +72,7 @@ def _covered(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
 
 
 def fast_rotary(original: Callable[..., Any]) -> Callable[..., Any]:
-    """`original` (Llama's apply_rotary_pos_emb), run by the op inside a marked attention call."""
+    """`original` (Llama's or Phi-3's apply_rotary_pos_emb), run by the op inside a marked attention call."""
 
     @functools.wraps(original)
     def apply(
@@ -103,12 +108,13 @@ def takes_op(module: nn.Module) -> bool:
 
 def fuse_rotary_(model: nn.Module) -> int:
     """Run the rotary embedding of `model`'s attention modules through the op; returns how many modules now do.
-    Nothing changes where the C++ kernels could not be built or the modeling module's function is not Llama's."""
+    Nothing changes where the C++ kernels could not be built or the modeling module's function is not Llama's or
+    Phi-3's."""
     if dispatch.best_isa() == "torch":
         return 0
     module = sys.modules.get(type(model).__module__)
     current = getattr(module, "apply_rotary_pos_emb", None)
-    if module is None or current is None or not _is_llama_rotary(module):
+    if module is None or current is None or not _known_rotary(module):
         return 0
     if not getattr(current, "sparseft_rotary", False):
         module.apply_rotary_pos_emb = fast_rotary(current)  # type: ignore[attr-defined]
