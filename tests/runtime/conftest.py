@@ -105,3 +105,44 @@ def whisper_model() -> Callable[..., transformers.PreTrainedModel]:
     """A tiny Whisper in bf16 (heads of 32, 2 decoder layers), optionally magnitude-pruned; its input features
     are (batch, 16, 100)."""
     return _whisper_model
+
+
+_LLAMA_LIKE: dict[str, int] = dict(
+    hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=320,
+)  # fmt: skip
+
+
+# One small config per family: other attention, norm, MLP and position layouts than Llama's (ALiBi, parallel
+# blocks, partial rotary, q/k/v stacked in one weight, GPT-2's transposed Conv1D weights). Heads of 32.
+_FAMILIES: dict[str, Callable[[], transformers.PretrainedConfig]] = {
+    "mistral": lambda: transformers.MistralConfig(**_LLAMA_LIKE),
+    "qwen3": lambda: transformers.Qwen3Config(**_LLAMA_LIKE, head_dim=32),
+    "phi3": lambda: transformers.Phi3Config(**_LLAMA_LIKE, pad_token_id=0, eos_token_id=1),
+    "gemma": lambda: transformers.GemmaConfig(**_LLAMA_LIKE, head_dim=32, pad_token_id=0),
+    "opt": lambda: transformers.OPTConfig(
+        hidden_size=128, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=128,
+        vocab_size=320,
+    ),
+    "mpt": lambda: transformers.MptConfig(d_model=128, n_layers=2, n_heads=4, expansion_ratio=2, vocab_size=320),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, vocab_size=320
+    ),
+    "falcon": lambda: transformers.FalconConfig(
+        hidden_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=320
+    ),
+    "bloom": lambda: transformers.BloomConfig(hidden_size=128, n_layer=2, n_head=4, vocab_size=320),
+    "gpt2": lambda: transformers.GPT2Config(n_embd=128, n_layer=2, n_head=4, vocab_size=320),  # Conv1D, int8 too
+}  # fmt: skip
+
+
+@pytest.fixture
+def family_model() -> Callable[[str], transformers.PreTrainedModel]:
+    """A tiny random model of a family in `_FAMILIES`, in bf16."""
+
+    def build(family: str) -> transformers.PreTrainedModel:
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(_FAMILIES[family]())
+        return model.to(torch.bfloat16).eval()
+
+    return build

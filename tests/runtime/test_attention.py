@@ -163,12 +163,12 @@ def test_fuse_attention_takes_the_op_for_decoding_in_the_converted_model_only(
     assert fuse_attention_(model) == 1
     assert model.config._attn_implementation == NAME and dense.config._attn_implementation == "sdpa"
     assert fuse_attention_(decoder_model(attn="eager")) == 0  # chosen on purpose (attention weights): kept
-    gpt2 = transformers.GPT2LMHeadModel(
-        transformers.GPT2Config(n_embd=128, n_layer=1, n_head=2, vocab_size=300)
+    falcon = transformers.FalconForCausalLM(
+        transformers.FalconConfig(hidden_size=128, num_hidden_layers=1, num_attention_heads=4, vocab_size=300)
     )
     assert (
-        fuse_attention_(gpt2) == 0 and gpt2.config._attn_implementation == "sdpa"
-    )  # not a checked architecture
+        fuse_attention_(falcon) == 0 and falcon.config._attn_implementation == "sdpa"
+    )  # it branches on the name "sdpa"
 
     calls = _count_op_calls(monkeypatch)
     prompt = torch.tensor([[5, 17, 250, 3, 99, 42, 7]])
@@ -215,3 +215,26 @@ def test_whisper_decoder_takes_the_op_and_transcribes_like_dense(
         assert len(calls) > 0  # the decoder's self- and cross-attention at each new token
         expected = dense.generate(features, max_new_tokens=8, do_sample=False)
     assert got.tolist() == expected.tolist()
+
+
+@needs_avx512
+@pytest.mark.parametrize("family", ["gemma", "gpt2", "gpt_neox", "opt"])
+def test_other_families_take_the_op_when_decoding(
+    family: str, monkeypatch: pytest.MonkeyPatch, family_model: Callable[[str], Any]
+) -> None:
+    dense = family_model(family)
+    model = copy.deepcopy(dense)
+    assert fuse_attention_(model) == 1
+    prompt = torch.tensor([[5, 17, 250, 3, 99, 42, 7]])
+    options: dict[str, Any] = dict(
+        max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
+        return_dict_in_generate=True,
+    )  # fmt: skip
+    with torch.inference_mode():
+        expected = dense.generate(prompt, **options)
+        calls = _count_op_calls(monkeypatch)
+        got = model.generate(prompt, **options)
+    assert len(calls) == 5 * model.config.num_hidden_layers  # every step after the prompt
+    assert got.sequences.tolist() == expected.sequences.tolist()
+    for a, b in zip(got.logits, expected.logits, strict=True):
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 0.02

@@ -13,7 +13,8 @@ import transformers
 
 from sparseft import formats
 from sparseft.errors import SparseftError
-from sparseft.models import find_targets
+from sparseft.models import find_targets, weight_matrix
+from sparseft.pruning.magnitude import magnitude_prune
 from sparseft.quant import QuantSpec, rtn_quantize
 from sparseft.runtime import DenseLinear, SparseLinear, load, sparsify_
 from sparseft.runtime.bench import model_bytes
@@ -42,7 +43,9 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def _write_archive(model: torch.nn.Module, path: Path, int8: bool = False) -> Path:
     targets = find_targets(model)
     quantized = (
-        {n: rtn_quantize(m.weight.detach(), QuantSpec(8)) for n, m in targets.items()} if int8 else None
+        {n: rtn_quantize(weight_matrix(m).detach(), QuantSpec(8)) for n, m in targets.items()}
+        if int8
+        else None
     )
     path.mkdir()
     formats.write_bitmask(model, targets, path, quantized, QuantSpec(8).describe() if int8 else None)
@@ -111,6 +114,25 @@ def test_load_int8_archive(tmp_path: Path, pruned_model: Callable[..., torch.nn.
     dequantized = formats.load_dir(archive, torch.bfloat16)
     assert _relative(_logits(sparse), _logits(dequantized)) < 0.05
     assert load(archive, values="bf16").model.layers[0].mlp.up_proj.kind == "bf16"
+
+
+@pytest.mark.parametrize(
+    "family", ["bloom", "falcon", "gemma", "gpt2", "gpt_neox", "mistral", "mpt", "opt", "phi3", "qwen3"]
+)
+def test_archives_of_other_families_load_and_decode(
+    tmp_path: Path, family: str, family_model: Callable[[str], torch.nn.Module]
+) -> None:
+    dense = family_model(family)
+    targets = find_targets(dense)
+    with torch.no_grad():
+        for module in targets.values():
+            module.weight.copy_(magnitude_prune(module.weight, 0.6))
+    reference = _logits(dense)
+    for int8, tolerance in ((False, 0.02), (True, 0.05)):
+        sparse = load(_write_archive(dense, tmp_path / f"{family}-{int8}", int8=int8))
+        assert all(isinstance(sparse.get_submodule(n), (SparseLinear, Slice)) for n in targets)
+        assert _relative(_logits(sparse), reference) < tolerance
+        assert len(_greedy(sparse, tokens=4)) == 4
 
 
 def _edit_config(archive: Path, **changes: object) -> None:

@@ -7,10 +7,11 @@ SDPA mask rules) and names it in the converted model's config: other models in t
 
 Only architectures checked to behave the same under another name than "sdpa" are converted: some transformers
 models branch on that exact name (Falcon takes its eager path, DeepSeek-V3.2's indexer passes its top-k as an
-argument SDPA never reads). For Llama, Mistral, Qwen2/3, Phi-3 and Whisper, generation with SDPA registered under
-another name gave the same logits bit for bit, sliding windows included. The op takes the calls it covers (CPU,
-bf16, one query token, no mask, a head size that is a multiple of 32, nothing among the arguments that it does not
-know to be harmless) and hands everything else, prefill and encoders included, to transformers' SDPA function
+argument SDPA never reads). For each architecture of `ARCHITECTURES`, greedy generation with SDPA registered under
+another name gave the same scores bit for bit, with and without a padded batch (sliding windows included;
+transformers 5.24). The op takes the calls it covers (CPU, bf16, one query token, no mask, a head size that is a
+multiple of 32, nothing among the arguments that it does not know to be harmless: Gemma-2-style logit soft-capping
+goes to SDPA, say) and hands everything else, prefill and encoders included, to transformers' SDPA function
 unchanged. Whisper's decoder gains most: its cross-attention reads 1500 encoder positions per layer and token
 (whisper-small's shape: 243 µs a call with SDPA, 152 µs with the op).
 """
@@ -28,7 +29,24 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from sparseft.runtime import dispatch
 
 NAME = "sparseft"
-ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "whisper"})
+ARCHITECTURES = frozenset(
+    {
+        *("llama", "mistral", "qwen2", "qwen3", "phi3", "whisper", "gemma", "gemma3_text", "gpt2", "opt"),
+        *(
+            "gpt_neox",
+            "gptj",
+            "phi",
+            "stablelm",
+            "olmo",
+            "olmo2",
+            "smollm3",
+            "granite",
+            "cohere",
+            "starcoder2",
+        ),
+        *("helium", "seed_oss", "ernie4_5"),
+    }
+)
 # What those models pass besides q, k, v, the mask, dropout and scaling, none of which changes the result. A
 # sliding window is already in the mask (SDPA's mask rules leave it out only where the window covers every key);
 # attention weights are not returned under SDPA either. Any other argument goes to SDPA.
