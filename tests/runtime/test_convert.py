@@ -60,6 +60,7 @@ def test_sparsify_bf16_generates_like_dense(arch: str, pruned_model: Callable[..
     assert summary["layers"] == len(find_targets(dense))
     assert summary["sparse_bytes"] < 0.45 * summary["dense_bytes"]
     assert isinstance(sparse.get_output_embeddings(), DenseLinear)
+    assert not any(m.training for m in sparse.modules())  # what replaced a module took its eval mode
     assert _greedy(sparse) == _greedy(dense)
 
 

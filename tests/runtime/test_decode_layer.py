@@ -115,6 +115,8 @@ class _Doubled(torch.nn.Module):
         "a float32 model",
         "a module replaced since",
         "training mode",
+        "an attention in training mode",  # as Monte-Carlo dropout leaves it
+        "attention switched to SDPA since",
     ],
 )
 def test_what_the_path_does_not_cover_runs_the_layers_own_forward(
@@ -140,9 +142,16 @@ def test_what_the_path_does_not_cover_runs_the_layers_own_forward(
         for model in (direct, own):
             for layer in model.model.layers:
                 layer.mlp.down_proj = _Doubled(layer.mlp.down_proj)
-    else:
+    elif case == "training mode":
         for model in (direct, own):
             model.train()
+    elif case == "an attention in training mode":
+        for model in (direct, own):
+            for layer in model.model.layers:
+                layer.self_attn.train()
+    else:
+        for model in (direct, own):
+            model.config._attn_implementation = "sdpa"
     expected = _steps(own, prompt, 4, **copy.deepcopy(kwargs))
     calls = _count_own_forward(direct, monkeypatch)
     got = _steps(direct, prompt, 4, **kwargs)
@@ -192,6 +201,19 @@ def test_a_layer_whose_forward_differs_keeps_it(
 
 
 @needs_avx512
+def test_a_model_converted_in_training_mode_takes_the_path_in_eval_mode(
+    monkeypatch: pytest.MonkeyPatch, decoder_model: Callable[..., Any]
+) -> None:
+    model = decoder_model(sparsity=0.7).train()
+    assert convert.sparsify_(model, "bf16")["fused_layers"] == model.config.num_hidden_layers
+    assert model.model.layers[0].training and model.model.layers[0].mlp.down_proj.training  # modes kept
+    model.eval()
+    calls = _count_own_forward(model, monkeypatch)
+    _steps(model, torch.tensor([[5, 17, 250, 3]]), 3)
+    assert len(calls) == model.config.num_hidden_layers  # the prompt only
+
+
+@needs_avx512
 def test_copies_and_other_architectures(
     monkeypatch: pytest.MonkeyPatch, decoder_model: Callable[..., Any]
 ) -> None:
@@ -210,6 +232,10 @@ def test_copies_and_other_architectures(
     assert (
         fuse_layers_(decoder_model(sparsity=0.7)) == 0
     )  # its norms, rotary and attention are transformers' own
+    phi3 = decoder_model("phi3", sparsity=0.7)
+    for layer in phi3.model.layers:
+        layer.self_attn.qkv_proj = _Doubled(layer.self_attn.qkv_proj)  # wrapped before conversion
+    assert convert.sparsify_(phi3, "bf16")["fused_layers"] == 0
 
 
 def _transcribe(model: Any, features: torch.Tensor, **kwargs: Any) -> Any:
@@ -226,24 +252,25 @@ def _transcribe(model: Any, features: torch.Tensor, **kwargs: Any) -> Any:
 
 
 @needs_avx512
-@pytest.mark.parametrize("case", ["greedy", "beam search", "a hook on a skipped module"])
+@pytest.mark.parametrize("case", ["greedy", "beam search", "bf16 values", "a hook on a skipped module"])
 def test_whisper_decoding_steps_take_the_direct_path_bit_for_bit(
     case: str, monkeypatch: pytest.MonkeyPatch, whisper_model: Callable[..., Any]
 ) -> None:
     dense = whisper_model(sparsity=0.7)
     layers = dense.config.decoder_layers
     direct, own = (copy.deepcopy(dense) for _ in range(2))
-    assert convert.sparsify_(direct, "int8")["fused_layers"] == layers
+    values = "bf16" if case == "bf16 values" else "int8"
+    assert convert.sparsify_(direct, values)["fused_layers"] == layers
     with monkeypatch.context() as patch:
         patch.setattr(convert, "fuse_layers_", lambda m: 0)
-        convert.sparsify_(own, "int8")
+        convert.sparsify_(own, values)
     features = torch.randn(2, 16, 100, generator=torch.Generator().manual_seed(0)).bfloat16()
     options = {"num_beams": 3} if case == "beam search" else {}
     expected = _transcribe(own, features, **options)
     seen: list[int] = []
     if case == "a hook on a skipped module":
-        for layer in direct.model.decoder.layers:
-            layer.fc1.register_forward_hook(lambda *args: seen.append(1))
+        for layer in direct.model.decoder.layers:  # the step calls layer_norm itself, not the module
+            layer.final_layer_norm.register_forward_hook(lambda *args: seen.append(1))
     calls = _count_own_forward(direct, monkeypatch)
     got = _transcribe(direct, features, **options)
     assert got.sequences.tolist() == expected.sequences.tolist()

@@ -24,9 +24,10 @@ from sparseft.runtime.rotary import fuse_rotary_
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` in the place of the one called `name`, in its training mode."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+    setattr(parent, child, module.train(getattr(parent, child).training))
 
 
 def _check_values(values: str) -> None:

@@ -9,11 +9,11 @@ directly, and hands every other call to the layer's own forward. Decode steps al
 TinyLlama's shape at 70%: int8 30.8-32.8 against 34.3-36.8 ms a token, bf16 48.2-51.6 against 51.7-55.3,
 with bit-identical logits.
 
-The steps themselves are in decode_llama (Llama, Mistral, Qwen2/3) and decode_whisper (Whisper's decoder). A layer
+The steps themselves are in decode_llama (Llama, Mistral, Qwen2/3, Phi-3) and decode_whisper (Whisper's decoder). A layer
 class takes its step only once one check on random input through both forwards has agreed bit for bit, so a
 transformers release that changes the layer keeps its own forward rather than diverging. A layer in training mode,
-with hooks on the modules its step skips, or with one of them replaced since keeps its own forward too
-(step_guard). The dynamic cache layers a step updates become `kv_cache.GrowingLayer`s, which add a token without
+or with one of the modules its step reads or skips in training mode, hooked, or replaced since, keeps its own
+forward too (step_guard). The dynamic cache layers a step updates become `kv_cache.GrowingLayer`s, which add a token without
 copying the cache.
 """
 
@@ -42,7 +42,7 @@ def _fast(cls: type) -> type:
 
 
 def fuse_layers_(model: nn.Module) -> int:
-    """Give every converted Llama, Mistral, Qwen2/3 or Whisper decoder layer of `model` the direct decoding step;
+    """Give every converted Llama, Mistral, Qwen2/3, Phi-3 or Whisper decoder layer of `model` the direct decoding step;
     returns how many layers have it. Nothing changes where the AVX-512 kernels are not available."""
     if dispatch.best_isa() != "avx512":
         return 0

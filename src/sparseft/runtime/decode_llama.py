@@ -117,7 +117,7 @@ class LlamaStep:
         name = "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
         caches = (DynamicCache(config=self.config), DynamicCache(config=self.config))
         g = torch.Generator().manual_seed(0)
-        with torch.inference_mode():
+        with torch.inference_mode(), step_guard.evaluating(layer):
             for position in range(2):
                 h = torch.randn(1, 1, self.config.hidden_size, generator=g).to(torch.bfloat16)
                 ids = torch.tensor([[position]])
@@ -162,7 +162,7 @@ def plan(layer: nn.Module) -> LlamaStep | None:
     gate_up: Any = getattr(mlp, "gate_up_proj", None)
     stacks: tuple[tuple[nn.Module, tuple[str, ...]], ...]
     if qkv is not None:  # Phi-3
-        inner = getattr(gate_up, "out_features", 0) // 2
+        inner = getattr(config, "intermediate_size", None)
         stacks = (
             (attn, ("qkv_proj", "o_proj", "q_norm", "k_norm")),
             (mlp, ("gate_up_proj", "down_proj", "activation_fn")),
@@ -191,10 +191,12 @@ def plan(layer: nn.Module) -> LlamaStep | None:
         return None
     if (
         not all(isinstance(m, nn.Module) for m in (qkv, gate_up, o, down))
+        or not isinstance(inner, int)
         or head_dim % 32
         or head_dim > 256
-        or qkv.out_features != (heads + 2 * kv_heads) * head_dim
-        or gate_up.out_features != 2 * inner
+        # a module wrapped before conversion may not say its size: it keeps the layer's own forward
+        or getattr(qkv, "out_features", None) != (heads + 2 * kv_heads) * head_dim
+        or getattr(gate_up, "out_features", None) != 2 * inner
     ):
         return None
     return LlamaStep(

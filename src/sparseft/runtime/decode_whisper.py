@@ -146,7 +146,7 @@ class WhisperStep:
         caches = [EncoderDecoderCache(DynamicCache(), DynamicCache()) for _ in range(2)]
         g = torch.Generator().manual_seed(0)
         encoded = torch.randn(1, 6, self.width, generator=g).to(torch.bfloat16)
-        with torch.inference_mode():
+        with torch.inference_mode(), step_guard.evaluating(layer):
             for position in range(3):
                 h = torch.randn(1, 1, self.width, generator=g).to(torch.bfloat16)
                 args = (h, None, encoded)
@@ -185,9 +185,8 @@ def plan(layer: nn.Module) -> WhisperStep | None:
         return None
     q, k, v, self_out, cross_q, cross_out, fc1, fc2 = parts
     qkv = stacked_linear([q, k, v])
-    heads, head_dim, scaling, index = (
-        getattr(own, n, None) for n in ("num_heads", "head_dim", "scaling", "layer_idx")
-    )
+    names_of_sizes = ("num_heads", "head_dim", "scaling", "layer_idx")
+    heads, head_dim, scaling, index = (getattr(own, n, None) for n in names_of_sizes)
     if (
         qkv is None
         or not isinstance(heads, int)
@@ -196,8 +195,7 @@ def plan(layer: nn.Module) -> WhisperStep | None:
         or head_dim > 256
         or not isinstance(scaling, float)
         or not isinstance(index, int)
-        or (cross.num_heads, cross.head_dim, cross.scaling, cross.layer_idx)
-        != (heads, head_dim, scaling, index)
+        or tuple(getattr(cross, n, None) for n in names_of_sizes) != (heads, head_dim, scaling, index)
     ):
         return None
     return WhisperStep(

@@ -119,9 +119,10 @@ def fuse_siblings_(model: nn.Module) -> int:
                 [m.bias if m.bias is not None else biases[0].new_zeros(m.out_features) for m in members]
             )
         stacked = Stacked(SparseLinear(concat_rows([m.packed for m in members]), bias), len(members))
+        stacked.train(first.training)
         start = 0
         for name, member in zip(names, members, strict=True):
-            setattr(parent, name, Slice(stacked, start, start + member.out_features))
+            setattr(parent, name, Slice(stacked, start, start + member.out_features).train(member.training))
             start += member.out_features
         del members, member
         release_freed_memory()

@@ -57,5 +57,6 @@ def fuse_norms_(model: nn.Module) -> int:
     ]
     for name, module in found:
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, FusedRMSNorm(module))
+        fused = FusedRMSNorm(module).train(module.training)
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, fused)
     return len(found)

@@ -1,9 +1,11 @@
 """What every direct decoding step (decode_llama, decode_whisper) checks before it skips a layer's own forward:
-that the modules it reads are still the ones it planned with and nothing hooks into those it skips, and that the
-cache layer it updates is one it knows."""
+that the modules it reads are still the ones it planned with, none of them is in training mode (dropout) and
+nothing hooks into them, and that the cache layer it updates is one it knows."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from torch import nn
@@ -37,12 +39,13 @@ def _harmless(hook: Any) -> bool:
 
 
 def changed(planned: Places) -> bool:
-    """Whether a module of the plan was replaced, or something hooks into the modules a step skips."""
+    """Whether a module of the plan was replaced or put in training mode (Monte-Carlo dropout puts only the
+    dropouts or attentions back in it), or something hooks into the modules a step skips."""
     hooks = nn.modules.module
     if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
         return True
     for parent, name, module in planned:
-        if parent._modules.get(name) is not module or module._forward_pre_hooks:
+        if parent._modules.get(name) is not module or module.training or module._forward_pre_hooks:
             return True
         if module._forward_hooks and not all(_harmless(h) for h in module._forward_hooks.values()):
             return True
@@ -57,3 +60,16 @@ def grow_(layers: Any, index: int) -> None:
     """Make a dynamic cache layer add tokens in place instead of concatenating (kv_cache)."""
     if type(layers[index]) is DynamicLayer:
         layers[index].__class__ = GrowingLayer
+
+
+@contextmanager
+def evaluating(layer: nn.Module) -> Iterator[None]:
+    """`layer` in eval mode for a check, each of its modules back in its own mode afterwards: a model converted
+    in training mode still gets the direct step once it is put in eval mode."""
+    modes = [(m, m.training) for m in layer.modules()]
+    layer.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
