@@ -61,10 +61,11 @@ _DECODER_CONFIGS = {
 
 
 def _decoder_model(
-    arch: str = "llama", attn: str = "sdpa", sparsity: float | None = None
+    arch: str = "llama", attn: str = "sdpa", sparsity: float | None = None, **extra: object
 ) -> transformers.PreTrainedModel:
     torch.manual_seed(0)
     sizes: dict[str, object] = dict(
+        **extra,
         hidden_size=128,  # 4 heads of 32: a head size the decoding attention op takes
         intermediate_size=256,
         num_hidden_layers=2,
