@@ -1,5 +1,6 @@
-"""Every kernel path agrees with its plain-torch reference: each instruction-set level this CPU has, forced;
-bf16 and int8 values; batch 1..32; odd sizes; empty and fully dense rows; one and several threads."""
+"""Every kernel path agrees with its plain-torch reference: each instruction-set level this CPU has, forced (the
+AMX kernel takes bf16 batches of 3-16 at the AVX-512 level); bf16 and int8 values; batch 1..32; odd sizes; empty and
+fully dense rows; one and several threads."""
 
 from __future__ import annotations
 
@@ -48,6 +49,25 @@ def test_sparse_mm_matches_reference(
             y = dispatch.sparse_mm(x, packed, bias, isa)
             ref = reference.sparse_mm(x, packed, bias)
             _assert_close(y, ref, x.float().abs() @ bound_w * (1 + 1 / 64), kind)
+
+
+@pytest.mark.skipif(not KERNEL_ISAS or not dispatch.amx_ready(), reason="no AMX-BF16 here")
+def test_bf16_batches_of_3_to_16_run_on_amx(
+    monkeypatch: pytest.MonkeyPatch, awkward_weight: Callable[..., torch.Tensor]
+) -> None:
+    # the AMX kernel sums in another order than the expand kernel: equal within rounding, not bit for bit
+    packed = pack_dense(awkward_weight(70, 1000), "bf16")
+    x = torch.randn(16, 1000)
+    amx = dispatch.sparse_mm(x, packed, None, "avx512")
+    assert dispatch.dense_above("bf16") == dispatch.AMX_DENSE_ABOVE
+    monkeypatch.setenv("SPARSEFT_AMX", "0")
+    assert not dispatch.amx_ready() and dispatch.dense_above("bf16") == dispatch.DENSE_ABOVE["bf16"]
+    expand = dispatch.sparse_mm(x, packed, None, "avx512")
+    assert not torch.equal(amx, expand)
+    torch.testing.assert_close(amx, expand, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("SPARSEFT_AMX", "1")
+    monkeypatch.setenv("SPARSEFT_ISA", "avx2")
+    assert not dispatch.amx_ready()  # the AVX-512 kernels only
 
 
 @pytest.mark.skipif(not KERNEL_ISAS, reason="the C++ kernels are not built here")

@@ -140,7 +140,7 @@ class DenseLinear(nn.Module):
         tokens = x.numel() // max(self.in_features, 1)
         w = self.weight
         if (
-            tokens > dispatch.dense_above("bf16")
+            tokens > dispatch.dense_above("dense")
             or x.dtype not in _INPUT_DTYPES
             or w.dtype != torch.bfloat16
             or x.device.type != "cpu"

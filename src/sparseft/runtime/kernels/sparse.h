@@ -29,6 +29,7 @@ struct Activations {
   const void* data;    // bf16 bits, or int8 (uint8 = int8 + 128 for the VNNI kernel)
   const float* scale;  // int8 only: per-row quantization scale
   int64_t batch, stride;
+  const uint32_t* pairs = nullptr;  // AMX kernel only: bf16 column pairs, (stride / 2) x batch (bf16_pairs)
 };
 
 struct Output {
@@ -46,6 +47,9 @@ void int8_scalar(const SparseMatrix&, const Activations&, const Output&, int64_t
 void bf16_avx2(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
 void int8_avx2(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
 void bf16_avx512(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
+// AMX (tdpbf16ps) for batch 1..16 with `pairs` prepared.
+void bf16_amx(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
+void bf16_pairs(const uint16_t* x, int64_t batch, int64_t stride, uint32_t* pairs);
 void int8_avx512(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
 
 // Dense bf16 y = W x (W rows x cols, row-major, unpadded): the strongest dense baseline we can write, also
