@@ -2,8 +2,8 @@
 
 Levels, best first: "avx512" (VBMI2 expand + BF16 + VNNI), "avx2", "scalar" (portable C++), "torch" (no C++;
 the plain-torch reference). The default is the best the CPU reports; `SPARSEFT_ISA=avx2` (or `set_isa`)
-forces a level, for tests and comparisons. At that level, bf16 batches of 3-16 tokens run on the AMX kernel
-where the CPU and Linux allow it (`amx_ready`; SPARSEFT_AMX=0 turns it off). Inputs with more tokens than
+forces a level, for tests and comparisons. At that level, batches of 3 (bf16) or 8 (int8) tokens and more run on
+the AMX kernels where the CPU and Linux allow it (`amx_ready`; SPARSEFT_AMX=0 turns it off). Inputs with more tokens than
 `dense_above(...)` take the decompress-then-dense-matmul path: at prefill the matmul is compute-bound and torch's
 dense GEMM (oneDNN, AMX where present) beats re-expanding every weight chunk for every token.
 A GPU branch belongs in `linear` next to the CPU one.
@@ -80,9 +80,9 @@ def _resolve_isa(name: str) -> str:
 # it between 8 and 16 tokens for bf16 values (2.3 vs 4.4 ms at 8, 10.6 vs 4.6 at 16) and between 32 and 64 for
 # int8 (3.4 vs 3.7 ms at 32, 5.9 vs 4.8 at 64).
 DENSE_ABOVE = {"bf16": 8, "int8": 32, "dense": 8}  # "dense": our dense bf16 GEMV (linear.DenseLinear)
-# With AMX the bf16 kernel (16 tokens at a time) beats decompressing up to about 128 tokens. 4096x4096 at 70%,
-# alternated: 1.50 against 5.47 ms at 16 tokens, 2.89 against 6.96 at 32, 5.52 against 9.63 at 64, 9.52 against
-# 11.85 at 128.
+# With AMX the kernels (16 tokens at a time) beat decompressing up to 128 tokens and more. 4096x4096 at 70%,
+# alternated, bf16: 1.50 against 5.47 ms at 16 tokens, 2.89 against 6.96 at 32, 9.52 against 11.85 at 128;
+# int8: 1.61 against 5.59 ms at 32, 5.94 against 9.19 at 128, 10.02 against 11.51 at 256.
 AMX_DENSE_ABOVE = 128
 _DECOMPRESS_BYTES = 8 * 2**20
 
@@ -92,12 +92,13 @@ def dense_above(kind: str, isa: str | None = None) -> int:
     env = os.environ.get("SPARSEFT_DENSE_ABOVE")
     if env:
         return _parse_count(env)
-    return AMX_DENSE_ABOVE if kind == "bf16" and amx_ready(isa) else DENSE_ABOVE[kind]
+    return AMX_DENSE_ABOVE if kind != "dense" and amx_ready(isa) else DENSE_ABOVE[kind]
 
 
 def amx_ready(isa: str | None = None) -> bool:
-    """Whether bf16 batches of 3-16 tokens run on the AMX kernel: the CPU has AMX-BF16, Linux lets this process
-    use it, the AVX-512 kernels are in use (`isa`, by default the current level) and SPARSEFT_AMX is not 0."""
+    """Whether batches of 3 (bf16 values) or 8 (int8) tokens and more run on the AMX kernels: the CPU has AMX,
+    Linux lets this process use it, the AVX-512 kernels are in use (`isa`, by default the current level) and
+    SPARSEFT_AMX is not 0."""
     return _amx_supported() and (isa or current_isa()) == "avx512" and os.environ.get("SPARSEFT_AMX") != "0"
 
 

@@ -1,17 +1,21 @@
-// AMX kernel for bf16 weights at batch 2..16 (prefill of short prompts, beam search, batched decoding).
+// AMX kernels for batches of tokens (prefill of short prompts, beam search, batched decoding): bf16 weights from
+// 3 tokens, int8 from 8 (ops.cpp decides).
 //
-// The expand kernels of avx512.cpp multiply each expanded chunk of 32 weights with every batch row separately,
-// so their cost grows with the batch: at batch 16 the bf16 kernel ran at 0.42x torch's dense bf16 matmul. Here
-// 16 rows' expanded chunks are stored to a 16 x 32 tile in L1 and one tdpbf16ps multiplies it with the 32 x batch
-// tile of activations, so the work per weight hardly depends on the batch. Measured on 4096x4096 at 70%, out of
-// cache, 2 threads, alternated with the expand kernel: 1.24x at batch 3, 1.48x at 4, 2.83x at 8, 5.13x at 16
-// (2.18x torch's dense bf16 matmul, against 0.42x); at batch 2 no faster, so the expand kernel keeps it. Products
-// of two bf16 values are exact in fp32, so only the order of the fp32 sums differs.
+// The expand kernels of avx512.cpp multiply each expanded chunk of weights with every batch row separately, so
+// their cost grows with the batch: at batch 16 the bf16 kernel ran at 0.42x torch's dense bf16 matmul. Here 16
+// rows' expanded chunks are stored to a 16 x 64-byte tile in L1 and one tdpbf16ps (bf16) or tdpbssd (int8)
+// multiplies it with the tile of activations for all batch rows, so the work per weight hardly depends on the
+// batch. bf16, 4096x4096 at 70%, out of cache, 2 threads, alternated with the expand kernel: 1.24x at batch 3,
+// 1.48x at 4, 2.83x at 8, 5.13x at 16 (2.18x torch's dense bf16 matmul, against 0.42x). Products of two bf16
+// values are exact in fp32, so only the order of the fp32 sums differs; int8 sums are exact integers, so the
+// int8 results equal the expand kernel's bit for bit.
 #include <immintrin.h>
+
+#include <type_traits>
 
 #include "sparse.h"
 
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,avx512bf16,popcnt,amx-tile,amx-bf16")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,avx512bf16,popcnt,amx-tile,amx-bf16,amx-int8")
 
 namespace sparseft {
 namespace {
@@ -49,64 +53,92 @@ void configure(int64_t rows, int64_t batch) {
 // Rows r, r + step, ... (spaced, as the expand kernels' tiles, so each row stream runs on into the next tile's for
 // the hardware prefetcher) times the batch: kRows of them, or `count` (fewer) for the last rows of a range, in a
 // tile configured for that many. Each row's sum comes out the same either way, so results do not depend on how
-// rows were split between threads.
-template <bool kFull>
+// rows were split between threads. A chunk is 32 bf16 or 64 int8 columns: 64 bytes of a tile row either way.
+template <bool kInt8, bool kFull>
 void tile(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r, int64_t step, int count) {
+  using Value = std::conditional_t<kInt8, int8_t, uint16_t>;
+  using Bits = std::conditional_t<kInt8, uint64_t, uint32_t>;
   if constexpr (kFull) count = kRows;
-  const uint32_t* m[kRows];
-  const uint16_t* p[kRows];
+  const Bits* m[kRows];
+  const Value* p[kRows];
   for (int i = 0; i < count; ++i) {
     const int64_t row = r + i * step;
-    m[i] = reinterpret_cast<const uint32_t*>(w.mask + row * w.words);
-    p[i] = static_cast<const uint16_t*>(w.values) + w.row_start[row];
+    m[i] = reinterpret_cast<const Bits*>(w.mask + row * w.words);
+    p[i] = static_cast<const Value*>(w.values) + w.row_start[row];
   }
   // Two buffers: the expands of the next chunk need not wait for the tile load of this one.
-  alignas(64) uint16_t expanded[2][kRows * 32];
-  const int64_t chunks = (w.cols + 31) / 32;
+  alignas(64) uint8_t expanded[2][kRows * 64];
+  const int64_t chunks = kInt8 ? w.words : (w.cols + 31) / 32;
   const int64_t pair_bytes = a.batch * 4;
   _tile_zero(0);
   for (int64_t k = 0; k < chunks; ++k) {
-    uint16_t* e = expanded[k & 1];
+    uint8_t* e = expanded[k & 1];
 #pragma GCC unroll 16
     for (int i = 0; i < count; ++i) {
-      const uint32_t bits = m[i][k];
+      const Bits bits = m[i][k];
       _mm_prefetch(reinterpret_cast<const char*>(p[i]) + 512, _MM_HINT_T0);
       const __m512i packed = load_opaque(p[i]);
-      p[i] += _mm_popcnt_u32(bits);
-      _mm512_store_si512(e + i * 32, _mm512_maskz_expand_epi16(bits, packed));
+      if constexpr (kInt8) {
+        p[i] += _mm_popcnt_u64(bits);
+        _mm512_store_si512(e + i * 64, _mm512_maskz_expand_epi8(bits, packed));
+      } else {
+        p[i] += _mm_popcnt_u32(bits);
+        _mm512_store_si512(e + i * 64, _mm512_maskz_expand_epi16(bits, packed));
+      }
     }
     _tile_loadd(1, e, 64);
     _tile_loadd(2, a.pairs + k * 16 * a.batch, pair_bytes);
-    _tile_dpbf16ps(0, 1, 2);
+    if constexpr (kInt8)
+      _tile_dpbssd(0, 1, 2);
+    else
+      _tile_dpbf16ps(0, 1, 2);
   }
-  alignas(64) float sums[kRows * 16];
+  alignas(64) std::conditional_t<kInt8, int32_t, float> sums[kRows * 16];
   _tile_stored(0, sums, pair_bytes);
-  for (int i = 0; i < count; ++i)
-    for (int64_t b = 0; b < a.batch; ++b) store(o, b, r + i * step, sums[i * a.batch + b]);
+  for (int i = 0; i < count; ++i) {
+    const int64_t row = r + i * step;
+    for (int64_t b = 0; b < a.batch; ++b) {
+      if constexpr (kInt8)  // the exact integer dot product, scaled as the expand kernel scales it
+        store(o, b, row, static_cast<float>(sums[i * a.batch + b]) * a.scale[b] * w.scale[row]);
+      else
+        store(o, b, row, sums[i * a.batch + b]);
+    }
+  }
+}
+
+template <bool kInt8>
+void rows(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
+  const int64_t step = (r1 - r0) / kRows;
+  const int64_t rest = r1 - r0 - kRows * step;
+  if (step > 0) {
+    configure(kRows, a.batch);
+    for (int64_t t = 0; t < step; ++t) tile<kInt8, true>(w, a, o, r0 + t, step, kRows);
+  }
+  if (rest > 0) {
+    configure(rest, a.batch);
+    tile<kInt8, false>(w, a, o, r0 + kRows * step, 1, static_cast<int>(rest));
+  }
+  _tile_release();
 }
 
 }  // namespace
 
 void bf16_amx(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
-  const int64_t step = (r1 - r0) / kRows;
-  const int64_t rest = r1 - r0 - kRows * step;
-  if (step > 0) {
-    configure(kRows, a.batch);
-    for (int64_t t = 0; t < step; ++t) tile<true>(w, a, o, r0 + t, step, kRows);
-  }
-  if (rest > 0) {
-    configure(rest, a.batch);
-    tile<false>(w, a, o, r0 + kRows * step, 1, static_cast<int>(rest));
-  }
-  _tile_release();
+  rows<false>(w, a, o, r0, r1);
 }
 
-void bf16_pairs(const uint16_t* x, int64_t batch, int64_t stride, uint32_t* pairs) {
-  // pairs[c * batch + b] = columns 2c and 2c + 1 of batch row b: the layout tdpbf16ps reads its second tile in
-  const uint32_t* words = reinterpret_cast<const uint32_t*>(x);
-  const int64_t half = stride / 2;
-  for (int64_t c = 0; c < half; ++c)
-    for (int64_t b = 0; b < batch; ++b) pairs[c * batch + b] = words[b * half + c];
+void int8_amx(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
+  rows<true>(w, a, o, r0, r1);
+}
+
+void interleave(const void* x, int64_t batch, int64_t row_words, bool signed_bytes, uint32_t* out) {
+  // out[c * batch + b] = 32-bit word c of batch row b: two bf16 of neighbouring columns, or four int8, the layout
+  // the second tile of tdpbf16ps / tdpbssd is read in. The int8 kernels' activations are stored as uint8 (int8 +
+  // 128) for vpdpbusd; tdpbssd takes them signed again (flipping each byte's top bit subtracts 128).
+  const uint32_t* words = static_cast<const uint32_t*>(x);
+  const uint32_t flip = signed_bytes ? 0x80808080u : 0u;
+  for (int64_t c = 0; c < row_words; ++c)
+    for (int64_t b = 0; b < batch; ++b) out[c * batch + b] = words[b * row_words + c] ^ flip;
 }
 
 }  // namespace sparseft

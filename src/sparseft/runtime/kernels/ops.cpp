@@ -44,6 +44,7 @@ bool amx_supported() {
     __builtin_cpu_init();
     constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
     return best_isa() == kAvx512 && __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
+           __builtin_cpu_supports("amx-int8") &&
            syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
   }();
   return supported;
@@ -54,9 +55,10 @@ bool amx_ready() {
   return amx_supported() && !(env && std::strcmp(env, "0") == 0);
 }
 
-// The AMX kernel's batch range: below 3 the expand kernel is as fast (0.97-1.00x at batch 2; 1.13-1.24x for AMX
-// at 3), and larger batches go in pieces of at most 16 (a tile row holds 16 fp32 sums).
-constexpr int64_t kAmxMinBatch = 3, kAmxMaxBatch = 16;
+// The AMX kernels' batch range. Below it the expand kernels are as fast or faster: bf16 0.97-1.00x at batch 2
+// (AMX 1.13-1.24x at 3); int8, whose expand kernel does twice the work per instruction, 0.81-0.87x at 4 (AMX
+// 1.02-1.16x at 8, 1.66-1.87x at 16). Larger batches go in pieces of at most 16 (a tile row holds 16 sums).
+constexpr int64_t kAmxMinBatch = 3, kAmxMinBatchInt8 = 8, kAmxMaxBatch = 16;
 
 // Scratch for the prepared activations, reused across calls of the same thread.
 std::vector<uint8_t>& scratch() {
@@ -210,19 +212,21 @@ void check_input(const at::Tensor& x, int64_t cols) {
               cols, " features");
 }
 
-// bf16 weights through the AMX kernel, batch rows at most 16 at a time.
-void amx_mm(const SparseMatrix& w, const Activations& a, const Output& o) {
+// Through the AMX kernels, batch rows at most 16 at a time.
+void amx_mm(const SparseMatrix& w, const Activations& a, const Output& o, bool int8) {
   thread_local std::vector<uint32_t> pairs;
+  const int64_t element = int8 ? 1 : 2, row_words = a.stride * element / 4;
   for (int64_t b0 = 0; b0 < a.batch; b0 += kAmxMaxBatch) {
     const int64_t nb = std::min(kAmxMaxBatch, a.batch - b0);
-    const uint16_t* x = static_cast<const uint16_t*>(a.data) + b0 * a.stride;
-    pairs.resize(static_cast<size_t>(a.stride / 2 * nb));
-    bf16_pairs(x, nb, a.stride, pairs.data());
-    const Activations part{x, nullptr, nb, a.stride, pairs.data()};
+    const char* x = static_cast<const char*>(a.data) + b0 * a.stride * element;
+    pairs.resize(static_cast<size_t>(row_words * nb));
+    interleave(x, nb, row_words, int8, pairs.data());
+    const Activations part{x, a.scale ? a.scale + b0 : nullptr, nb, a.stride, pairs.data()};
     const Output out{static_cast<char*>(o.data) + b0 * o.stride * (o.bf16 ? 2 : 4), o.bf16, o.stride, o.bias};
-    // a last piece of 1-2 rows: the expand kernel is faster there, and the choice depends on the batch only
-    Kernel kernel = nb >= kAmxMinBatch ? bf16_amx : bf16_avx512;
-    run_parallel(w, 2, nb, [&](int64_t r0, int64_t r1) { kernel(w, part, out, r0, r1); });
+    // a last piece below the AMX range goes to the expand kernel: the choice depends on the batch only
+    Kernel kernel = int8 ? (nb >= kAmxMinBatchInt8 ? int8_amx : int8_avx512)
+                         : (nb >= kAmxMinBatch ? bf16_amx : bf16_avx512);
+    run_parallel(w, element, nb, [&](int64_t r0, int64_t r1) { kernel(w, part, out, r0, r1); });
   }
 }
 
@@ -245,8 +249,8 @@ at::Tensor sparse_mm(const at::Tensor& x, const at::Tensor& mask, const at::Tens
   if (isa == kAvx512) kernel = int8 ? int8_avx512 : bf16_avx512;
   if (isa == kAvx2) kernel = int8 ? int8_avx2 : bf16_avx2;
   if (isa == kScalar) kernel = int8 ? int8_scalar : bf16_scalar;
-  if (isa == kAvx512 && !int8 && batch >= kAmxMinBatch && amx_ready()) {
-    amx_mm(w, a, o);
+  if (isa == kAvx512 && batch >= (int8 ? kAmxMinBatchInt8 : kAmxMinBatch) && amx_ready()) {
+    amx_mm(w, a, o, int8);
     return y;
   }
   run_parallel(w, int8 ? 1 : 2, batch, [&](int64_t r0, int64_t r1) { kernel(w, a, o, r0, r1); });

@@ -29,7 +29,7 @@ struct Activations {
   const void* data;    // bf16 bits, or int8 (uint8 = int8 + 128 for the VNNI kernel)
   const float* scale;  // int8 only: per-row quantization scale
   int64_t batch, stride;
-  const uint32_t* pairs = nullptr;  // AMX kernel only: bf16 column pairs, (stride / 2) x batch (bf16_pairs)
+  const uint32_t* pairs = nullptr;  // AMX kernels only: 32-bit words of columns, word-major (interleave)
 };
 
 struct Output {
@@ -47,9 +47,10 @@ void int8_scalar(const SparseMatrix&, const Activations&, const Output&, int64_t
 void bf16_avx2(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
 void int8_avx2(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
 void bf16_avx512(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
-// AMX (tdpbf16ps) for batch 1..16 with `pairs` prepared.
+// AMX (tdpbf16ps, tdpbssd) for batch 1..16 with `pairs` prepared by `interleave`.
 void bf16_amx(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
-void bf16_pairs(const uint16_t* x, int64_t batch, int64_t stride, uint32_t* pairs);
+void int8_amx(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
+void interleave(const void* x, int64_t batch, int64_t row_words, bool signed_bytes, uint32_t* out);
 void int8_avx512(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
 
 // Dense bf16 y = W x (W rows x cols, row-major, unpadded): the strongest dense baseline we can write, also
