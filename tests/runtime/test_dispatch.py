@@ -58,11 +58,12 @@ def test_batches_run_on_amx(
     weight = awkward_weight(70, 1000)
     x = torch.randn(16, 1000)
     bf16, int8 = pack_dense(weight, "bf16"), pack_dense(weight, "int8")
-    amx = [dispatch.sparse_mm(x, p, None, "avx512") for p in (bf16, int8)]
+    bias = torch.randn(70)
+    amx = [dispatch.sparse_mm(x, p, bias, "avx512") for p in (bf16, int8)]
     assert dispatch.dense_above("int8") == dispatch.AMX_DENSE_ABOVE["int8"]
     monkeypatch.setenv("SPARSEFT_AMX", "0")
     assert not dispatch.amx_ready() and dispatch.dense_above("bf16") == dispatch.DENSE_ABOVE["bf16"]
-    expand = [dispatch.sparse_mm(x, p, None, "avx512") for p in (bf16, int8)]
+    expand = [dispatch.sparse_mm(x, p, bias, "avx512") for p in (bf16, int8)]
     # bf16: another order of the fp32 sums, equal within rounding; int8: exact integer sums, equal
     assert not torch.equal(amx[0], expand[0])
     torch.testing.assert_close(amx[0], expand[0], rtol=1e-5, atol=1e-5)

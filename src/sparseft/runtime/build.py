@@ -29,7 +29,9 @@ LIBRARY = "sparseft_cpu.so"
 # -fopenmp is what makes at::parallel_for split the rows: without it torch's header-only parallel_for compiles
 # to a serial loop. The library then needs libgomp.so.1, which the dynamic loader resolves to the copy torch has
 # already loaded, so there is one OpenMP runtime and one thread pool in the process.
-CFLAGS = ["-O3", "-std=c++17", "-fopenmp"]
+# -ffp-contract=off: no fused multiply-adds the source did not ask for, so kernels that compute the same
+# expression round the same way (an AMX kernel's scale-then-bias had become one FMA, one ulp off the other's).
+CFLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
 LDFLAGS = ["-fopenmp"]
 
 _state: dict[str, Any] = {}  # "loaded": whether the kernels are usable; "module": the extension module

@@ -47,7 +47,7 @@ def best_isa() -> str:
 
 def forget_kernels() -> None:
     """Drop what this process decided about the kernels, so the next call looks again (after a rebuild)."""
-    for cached in (best_isa, _resolve_isa, _ops, _op):
+    for cached in (best_isa, _resolve_isa, _ops, _op, _amx_supported):
         cached.cache_clear()
 
 
@@ -100,7 +100,8 @@ def amx_ready(isa: str | None = None) -> bool:
     """Whether batches of 3 (bf16 values) or 8 (int8) tokens and more run on the AMX kernels: the CPU has AMX,
     Linux lets this process use it, the AVX-512 kernels are in use (`isa`, by default the current level) and
     SPARSEFT_AMX is not 0."""
-    return _amx_supported() and (isa or current_isa()) == "avx512" and os.environ.get("SPARSEFT_AMX") != "0"
+    # the hardware last: asking Linux for the tile registers is for processes that would use them
+    return (isa or current_isa()) == "avx512" and os.environ.get("SPARSEFT_AMX") != "0" and _amx_supported()
 
 
 @functools.cache
@@ -154,7 +155,9 @@ def linear(x: torch.Tensor, p: Packed, bias: torch.Tensor | None) -> torch.Tenso
     if not x.is_contiguous():
         x = x.contiguous()
     tokens = x.numel() // p.shape[1] if p.shape[1] else 0
-    if tokens <= dense_above(p.kind, isa):
+    # decoding (few tokens, no override) skips the AMX checks: a microsecond on each of some 100 calls a token
+    few = tokens <= DENSE_ABOVE[p.kind] and not os.environ.get("SPARSEFT_DENSE_ABOVE")
+    if few or tokens <= dense_above(p.kind, isa):
         return sparse_mm(x, p, bias, isa)
     # A block of rows at a time: a fused gate/up weight of a 1B model is 46 MB dense, and decompressing it whole
     # at prefill raised the peak memory of the whole model by a fifth. Measured on that model: 8 MB blocks add

@@ -9,16 +9,28 @@
 // 1.48x at 4, 2.83x at 8, 5.13x at 16 (2.18x torch's dense bf16 matmul, against 0.42x). Products of two bf16
 // values are exact in fp32, so only the order of the fp32 sums differs; int8 sums are exact integers, so the
 // int8 results equal the expand kernel's bit for bit.
+#include "sparse.h"
+
+// AMX intrinsics need GCC 11 (or clang); with an older compiler the other kernels still build and ops.cpp never
+// calls these (kAmxBuilt).
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 11)
+
 #include <immintrin.h>
 
 #include <type_traits>
 
-#include "sparse.h"
-
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,avx512bf16,popcnt,amx-tile,amx-bf16,amx-int8")
 
 namespace sparseft {
+
+const bool kAmxBuilt = true;
+
 namespace {
+
+// GCC's AMX intrinsics do not tell the optimizer which memory they read or write (ldtilecfg is said to read 8 of
+// its 64 bytes, tileloadd nothing), so it may drop or sink the stores they depend on: at -O1 the tile
+// configuration's stores vanished. A compiler barrier before each such instruction keeps them.
+inline void memory_barrier() { asm volatile("" ::: "memory"); }
 
 constexpr int kRows = 16;  // rows of a weight tile (and of the result tile)
 
@@ -47,7 +59,7 @@ void configure(int64_t rows, int64_t batch) {
   config.bytes_per_row[1] = 64;
   config.rows[2] = 16;  // activations: 16 column pairs x batch
   config.bytes_per_row[2] = static_cast<uint16_t>(batch * 4);
-  _tile_loadconfig(&config);
+  asm volatile("ldtilecfg %0" : : "m"(config) : "memory");
 }
 
 // Rows r, r + step, ... (spaced, as the expand kernels' tiles, so each row stream runs on into the next tile's for
@@ -86,6 +98,7 @@ void tile(const SparseMatrix& w, const Activations& a, const Output& o, int64_t 
         _mm512_store_si512(e + i * 64, _mm512_maskz_expand_epi16(bits, packed));
       }
     }
+    memory_barrier();
     _tile_loadd(1, e, 64);
     _tile_loadd(2, a.pairs + k * 16 * a.batch, pair_bytes);
     if constexpr (kInt8)
@@ -95,6 +108,7 @@ void tile(const SparseMatrix& w, const Activations& a, const Output& o, int64_t 
   }
   alignas(64) std::conditional_t<kInt8, int32_t, float> sums[kRows * 16];
   _tile_stored(0, sums, pair_bytes);
+  memory_barrier();
   for (int i = 0; i < count; ++i) {
     const int64_t row = r + i * step;
     for (int64_t b = 0; b < a.batch; ++b) {
@@ -108,6 +122,10 @@ void tile(const SparseMatrix& w, const Activations& a, const Output& o, int64_t 
 
 template <bool kInt8>
 void rows(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
+  if (a.batch < 1 || a.batch > 16 || a.pairs == nullptr) {  // not a batch a tile holds: ops.cpp never passes one
+    (kInt8 ? int8_avx512 : bf16_avx512)(w, a, o, r0, r1);
+    return;
+  }
   const int64_t step = (r1 - r0) / kRows;
   const int64_t rest = r1 - r0 - kRows * step;
   if (step > 0) {
@@ -142,3 +160,18 @@ void interleave(const void* x, int64_t batch, int64_t row_words, bool signed_byt
 }
 
 }  // namespace sparseft
+
+#else  // no AMX intrinsics in this compiler
+
+namespace sparseft {
+const bool kAmxBuilt = false;
+void bf16_amx(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
+  bf16_avx512(w, a, o, r0, r1);
+}
+void int8_amx(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
+  int8_avx512(w, a, o, r0, r1);
+}
+void interleave(const void*, int64_t, int64_t, bool, uint32_t*) {}
+}  // namespace sparseft
+
+#endif

@@ -43,7 +43,8 @@ bool amx_supported() {
   static const bool supported = [] {
     __builtin_cpu_init();
     constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
-    return best_isa() == kAvx512 && __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
+    return kAmxBuilt && best_isa() == kAvx512 && __builtin_cpu_supports("amx-tile") &&
+           __builtin_cpu_supports("amx-bf16") &&
            __builtin_cpu_supports("amx-int8") &&
            syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
   }();

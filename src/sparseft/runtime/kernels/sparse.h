@@ -47,7 +47,9 @@ void int8_scalar(const SparseMatrix&, const Activations&, const Output&, int64_t
 void bf16_avx2(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
 void int8_avx2(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
 void bf16_avx512(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
-// AMX (tdpbf16ps, tdpbssd) for batch 1..16 with `pairs` prepared by `interleave`.
+// AMX (tdpbf16ps, tdpbssd) for batch 1..16 with `pairs` prepared by `interleave`; kAmxBuilt is false where the
+// compiler had no AMX intrinsics (the kernels then run the expand kernels).
+extern const bool kAmxBuilt;
 void bf16_amx(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
 void int8_amx(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
 void interleave(const void* x, int64_t batch, int64_t row_words, bool signed_bytes, uint32_t* out);
