@@ -9,12 +9,12 @@ directly, and hands every other call to the layer's own forward. Decode steps al
 TinyLlama's shape at 70%: int8 30.8-32.8 against 34.3-36.8 ms a token, bf16 48.2-51.6 against 51.7-55.3,
 with bit-identical logits.
 
-The steps themselves are in decode_llama (Llama, Mistral, Qwen2/3, Phi-3) and decode_whisper (Whisper's decoder). A layer
-class takes its step only once one check on random input through both forwards has agreed bit for bit, so a
-transformers release that changes the layer keeps its own forward rather than diverging. A layer in training mode,
-or with one of the modules its step reads or skips in training mode, hooked, or replaced since, keeps its own
-forward too (step_guard). The dynamic cache layers a step updates become `kv_cache.GrowingLayer`s, which add a token without
-copying the cache.
+The steps themselves are in decode_llama (Llama, Mistral, Qwen2/3, Phi-3) and decode_whisper (Whisper's
+decoder). A layer class takes its step only once one check on random input through both forwards has agreed bit
+for bit, so a transformers release that changes the layer keeps its own forward rather than diverging. A layer in
+training mode, or with one of the modules its step reads or skips in training mode, hooked, or replaced since,
+keeps its own forward too (step_guard). The dynamic cache layers a step updates become `kv_cache.GrowingLayer`s,
+which add a token without copying the cache.
 """
 
 from __future__ import annotations

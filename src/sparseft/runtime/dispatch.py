@@ -3,9 +3,9 @@
 Levels, best first: "avx512" (VBMI2 expand + BF16 + VNNI), "avx2", "scalar" (portable C++), "torch" (no C++;
 the plain-torch reference). The default is the best the CPU reports; `SPARSEFT_ISA=avx2` (or `set_isa`)
 forces a level, for tests and comparisons. At that level, batches of 3 (bf16) or 8 (int8) tokens and more run on
-the AMX kernels where the CPU and Linux allow it (`amx_ready`; SPARSEFT_AMX=0 turns it off). Inputs with more tokens than
-`dense_above(...)` take the decompress-then-dense-matmul path: at prefill the matmul is compute-bound and torch's
-dense GEMM (oneDNN, AMX where present) beats re-expanding every weight chunk for every token.
+the AMX kernels where the CPU and Linux allow it (`amx_ready`; SPARSEFT_AMX=0 turns them off). Inputs with more
+tokens than `dense_above(...)` take the decompress-then-dense-matmul path: at prefill the matmul is compute-bound
+and torch's dense GEMM (oneDNN, AMX where present) beats re-expanding every weight chunk for every token.
 A GPU branch belongs in `linear` next to the CPU one.
 """
 

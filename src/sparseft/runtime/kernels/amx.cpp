@@ -53,11 +53,11 @@ inline __m512i load_opaque(const void* p) {
 void configure(int64_t rows, int64_t batch) {
   TileConfig config{};
   config.palette = 1;
-  config.rows[0] = static_cast<uint8_t>(rows);  // sums: rows x batch fp32
+  config.rows[0] = static_cast<uint8_t>(rows);  // sums: rows x batch, fp32 or int32
   config.bytes_per_row[0] = static_cast<uint16_t>(batch * 4);
-  config.rows[1] = static_cast<uint8_t>(rows);  // expanded weights: rows x 32 bf16
+  config.rows[1] = static_cast<uint8_t>(rows);  // expanded weights: rows x 64 bytes (32 bf16 or 64 int8)
   config.bytes_per_row[1] = 64;
-  config.rows[2] = 16;  // activations: 16 column pairs x batch
+  config.rows[2] = 16;  // activations: 16 words of columns (bf16 pairs or int8 quads) x batch
   config.bytes_per_row[2] = static_cast<uint16_t>(batch * 4);
   asm volatile("ldtilecfg %0" : : "m"(config) : "memory");
 }

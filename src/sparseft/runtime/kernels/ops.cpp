@@ -37,15 +37,15 @@ int64_t best_isa() {
   return kScalar;
 }
 
-// Whether the AMX kernel may run: the CPU has AMX-BF16 and Linux lets this process use the tile registers (they
-// must be asked for once, ARCH_REQ_XCOMP_PERM for XTILEDATA). SPARSEFT_AMX=0 turns it off.
+// Whether the AMX kernels can run: they were compiled, the CPU has AMX (tiles, BF16, INT8) and Linux lets this
+// process use the tile registers (asked for once, ARCH_REQ_XCOMP_PERM for XTILEDATA). amx_ready adds the
+// SPARSEFT_AMX=0 switch.
 bool amx_supported() {
   static const bool supported = [] {
     __builtin_cpu_init();
     constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
     return kAmxBuilt && best_isa() == kAvx512 && __builtin_cpu_supports("amx-tile") &&
-           __builtin_cpu_supports("amx-bf16") &&
-           __builtin_cpu_supports("amx-int8") &&
+           __builtin_cpu_supports("amx-bf16") && __builtin_cpu_supports("amx-int8") &&
            syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
   }();
   return supported;
