@@ -41,6 +41,17 @@ def test_prune_writes_checkpoint_and_report(
     )
 
 
+def test_pruning_a_mixture_of_experts_says_the_experts_stay_dense(
+    make_model_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    with pytest.warns(UserWarning, match="mixture-of-experts tensors .* stay dense"):
+        report = sparseft.prune(
+            str(make_model_dir("mixtral")), tmp_path / "out", method="magnitude", sparsity=0.5, progress=False
+        )
+    assert report["dense_fused_weights"] and all(".experts." in n for n in report["dense_fused_weights"])
+    assert report["targets_sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
 def test_prune_from_a_recipe_with_flag_override(
     make_model_dir: Callable[..., Path], text_file: Path, tmp_path: Path
 ) -> None:

@@ -9,6 +9,7 @@ from sparseft.models import (
     find_block_lists,
     find_blocks,
     find_targets,
+    fused_weights,
     load_model,
     max_positions,
     weight_matrix,
@@ -39,6 +40,15 @@ def test_default_targets_are_block_linears_only(make_model_dir: Callable[..., Pa
     targets = find_targets(model)
     assert len(targets) == 2 * 7
     assert all(n.startswith("model.layers.") for n in targets)
+
+
+def test_fused_expert_weights_are_found(make_model_dir: Callable[..., Path]) -> None:
+    mixtral = load_model(str(make_model_dir("mixtral")))
+    fused = fused_weights(mixtral)
+    assert fused and all(".experts." in name for name in fused)
+    # the experts hold most of the weights, and no linear layer targets them
+    assert sum(fused.values()) > sum(weight_matrix(m).numel() for m in find_targets(mixtral).values())
+    assert fused_weights(load_model(str(make_model_dir("llama")))) == {}
 
 
 def test_conv1d_weight_is_seen_as_out_by_in(make_model_dir: Callable[..., Path]) -> None:

@@ -9,6 +9,7 @@ sparseft.finetune(model, output, teacher=..., dataset=...) sparse fine-tuning wi
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from sparseft.errors import SparseftError
 from sparseft.evaluate import perplexity
 from sparseft.models import (
     find_targets,
+    fused_weights,
     layer_sparsity,
     load_model,
     load_tokenizer,
@@ -95,6 +97,14 @@ def prune(
         samples = calibration_samples(tokenizer, source, cfg.num_samples, cfg.seqlen, cfg.seed)
         calibration = source.describe()
 
+    fused = fused_weights(net)
+    if fused:
+        share = sum(fused.values()) / sum(p.numel() for p in net.parameters())
+        warnings.warn(
+            f"{len(fused)} weights of the blocks ({share:.0%} of the model's parameters, e.g. {next(iter(fused))}) "
+            "are mixture-of-experts tensors that sparseft does not prune yet: they stay dense",
+            stacklevel=2,
+        )
     prune_model(net, targets, settings_, samples, device=device, progress=progress)
 
     layers = {
@@ -112,6 +122,7 @@ def prune(
         if calibration is None
         else {**calibration, "num_samples": cfg.num_samples, "seqlen": cfg.seqlen, "seed": cfg.seed},
         "targets_sparsity": zeros / numel,
+        "dense_fused_weights": fused,
         "seconds": round(time.perf_counter() - started, 2),
         "layers": layers,
     }

@@ -211,6 +211,18 @@ def find_targets(
     return chosen
 
 
+def fused_weights(model: nn.Module) -> dict[str, int]:
+    """Weights inside the transformer blocks that hold several matrices in one tensor of 3 or more dimensions (a
+    mixture of experts' experts, as transformers 5 stores Mixtral's and Qwen-MoE's), by name, with their element
+    counts. Pruning, export and the runtime take linear layers only, so these stay dense."""
+    blocks = [name for name, _ in find_block_lists(model)]
+    return {
+        name: parameter.numel()
+        for name, parameter in model.named_parameters()
+        if parameter.dim() >= 3 and any(name.startswith(prefix + ".") for prefix in blocks)
+    }
+
+
 def layer_sparsity(module: nn.Module) -> float:
     weight = weight_matrix(module)
     return float((weight == 0).sum().item()) / weight.numel()

@@ -88,6 +88,18 @@ def tiny_config(arch: str, vocab_size: int = 256, hidden: int = 64, layers: int 
         cfg = transformers.MptConfig(
             d_model=hidden, n_layers=layers, n_heads=heads, max_seq_len=512, expansion_ratio=2, **common
         )
+    elif arch == "mixtral":  # a mixture of experts: transformers 5 keeps each layer's experts in 3-D tensors
+        cfg = transformers.MixtralConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=max(heads // 2, 1),
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            max_position_embeddings=512,
+            **common,
+        )
     elif arch == "gpt_neox":
         cfg = transformers.GPTNeoXConfig(
             hidden_size=hidden,
