@@ -52,26 +52,21 @@ def tiny_config(arch: str, vocab_size: int = 256, hidden: int = 64, layers: int 
     heads = max(hidden // 16, 2)
     common: dict[str, Any] = {"vocab_size": vocab_size}
     cfg: transformers.PretrainedConfig
+    llama_like: dict[str, Any] = dict(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(heads // 2, 1),
+        max_position_embeddings=512,
+        **common,
+    )
     if arch == "llama":
-        cfg = transformers.LlamaConfig(
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=max(heads // 2, 1),
-            max_position_embeddings=512,
-            **common,
-        )
+        cfg = transformers.LlamaConfig(**llama_like)
     elif arch == "qwen2":
-        cfg = transformers.Qwen2Config(
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=max(heads // 2, 1),
-            max_position_embeddings=512,
-            **common,
-        )
+        cfg = transformers.Qwen2Config(**llama_like)
+    elif arch == "mixtral":  # a mixture of experts: transformers 5 keeps each layer's experts in 3-D tensors
+        cfg = transformers.MixtralConfig(**llama_like, num_local_experts=4, num_experts_per_tok=2)
     elif arch == "gpt2":
         cfg = transformers.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=512, **common)
     elif arch == "opt":
@@ -87,18 +82,6 @@ def tiny_config(arch: str, vocab_size: int = 256, hidden: int = 64, layers: int 
     elif arch == "mpt":
         cfg = transformers.MptConfig(
             d_model=hidden, n_layers=layers, n_heads=heads, max_seq_len=512, expansion_ratio=2, **common
-        )
-    elif arch == "mixtral":  # a mixture of experts: transformers 5 keeps each layer's experts in 3-D tensors
-        cfg = transformers.MixtralConfig(
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=max(heads // 2, 1),
-            num_local_experts=4,
-            num_experts_per_tok=2,
-            max_position_embeddings=512,
-            **common,
         )
     elif arch == "gpt_neox":
         cfg = transformers.GPTNeoXConfig(
