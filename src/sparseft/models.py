@@ -223,6 +223,13 @@ def fused_weights(model: nn.Module) -> dict[str, int]:
     }
 
 
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` in the place of `model`'s submodule called `name`, in that submodule's training mode."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module.train(getattr(parent, child).training))
+
+
 def layer_sparsity(module: nn.Module) -> float:
     weight = weight_matrix(module)
     return float((weight == 0).sum().item()) / weight.numel()

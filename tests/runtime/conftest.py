@@ -51,6 +51,13 @@ def pruned_model() -> Callable[..., transformers.PreTrainedModel]:
     return _pruned_model
 
 
+# 4 heads of 32: a head size the decoding attention op takes
+_LLAMA_LIKE: dict[str, int] = dict(
+    hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=320,
+)  # fmt: skip
+
+
 _DECODER_CONFIGS = {
     "llama": transformers.LlamaConfig,
     "mistral": transformers.MistralConfig,
@@ -64,16 +71,7 @@ def _decoder_model(
     arch: str = "llama", attn: str = "sdpa", sparsity: float | None = None, **extra: object
 ) -> transformers.PreTrainedModel:
     torch.manual_seed(0)
-    sizes: dict[str, object] = dict(
-        **extra,
-        hidden_size=128,  # 4 heads of 32: a head size the decoding attention op takes
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=300,
-        attn_implementation=attn,
-    )
+    sizes: dict[str, object] = dict(_LLAMA_LIKE, vocab_size=300, attn_implementation=attn, **extra)
     if arch == "mistral":
         sizes["sliding_window"] = 10  # shorter than prompt + new tokens: late steps get a mask
     if arch == "phi3":
@@ -106,12 +104,6 @@ def whisper_model() -> Callable[..., transformers.PreTrainedModel]:
     """A tiny Whisper in bf16 (heads of 32, 2 decoder layers), optionally magnitude-pruned; its input features
     are (batch, 16, 100)."""
     return _whisper_model
-
-
-_LLAMA_LIKE: dict[str, int] = dict(
-    hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=320,
-)  # fmt: skip
 
 
 # One small config per family: other attention, norm, MLP and position layouts than Llama's (ALiBi, parallel

@@ -31,22 +31,11 @@ from sparseft.runtime import dispatch
 NAME = "sparseft"
 ARCHITECTURES = frozenset(
     {
-        *("llama", "mistral", "qwen2", "qwen3", "phi3", "whisper", "gemma", "gemma3_text", "gpt2", "opt"),
-        *(
-            "gpt_neox",
-            "gptj",
-            "phi",
-            "stablelm",
-            "olmo",
-            "olmo2",
-            "smollm3",
-            "granite",
-            "cohere",
-            "starcoder2",
-        ),
-        *("helium", "seed_oss", "ernie4_5"),
+        "llama", "mistral", "qwen2", "qwen3", "phi3", "whisper", "gemma", "gemma3_text", "gpt2", "opt", "gpt_neox",
+        "gptj", "phi", "stablelm", "olmo", "olmo2", "smollm3", "granite", "cohere", "starcoder2", "helium",
+        "seed_oss", "ernie4_5",
     }
-)
+)  # fmt: skip
 # What those models pass besides q, k, v, the mask, dropout and scaling, none of which changes the result. A
 # sliding window is already in the mask (SDPA's mask rules leave it out only where the window covers every key);
 # attention weights are not returned under SDPA either. Any other argument goes to SDPA.

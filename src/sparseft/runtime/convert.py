@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from sparseft.errors import SparseftError
-from sparseft.models import find_targets, is_linear, weight_matrix
+from sparseft.models import find_targets, is_linear, replace_module, weight_matrix
 from sparseft.runtime.attention import fuse_attention_
 from sparseft.runtime.decode_layer import fuse_layers_
 from sparseft.runtime.fuse import fuse_siblings_
@@ -21,13 +21,6 @@ from sparseft.runtime.norm import fuse_norms_
 from sparseft.runtime.packing import PAD_BYTES, Values, pack_dense, pack_full_int8
 from sparseft.runtime.reader import TensorReader
 from sparseft.runtime.rotary import fuse_rotary_
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put `module` in the place of the one called `name`, in its training mode."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module.train(getattr(parent, child).training))
 
 
 def _check_values(values: str) -> None:
@@ -54,9 +47,9 @@ def fast_head_(model: nn.Module, values: Values = "bf16") -> None:
     if not isinstance(head, nn.Linear) or head.weight.device.type != "cpu":
         return
     if values == "int8":
-        _set_module(model, name, SparseLinear(pack_full_int8(head.weight), head.bias))
+        replace_module(model, name, SparseLinear(pack_full_int8(head.weight), head.bias))
     elif head.weight.dtype == torch.bfloat16:
-        _set_module(model, name, DenseLinear(head))
+        replace_module(model, name, DenseLinear(head))
 
 
 def sparsify_(
@@ -83,7 +76,7 @@ def sparsify_(
         sparse = SparseLinear(pack_dense(matrix, values, name), bias)
         dense_bytes += matrix.numel() * matrix.element_size()
         sparse_bytes += sparse.nbytes()
-        _set_module(model, name, sparse)
+        replace_module(model, name, sparse)
     fused = _fuse(model) if fuse else dict.fromkeys(_FUSED, 0)
     if fast_head:
         fast_head_(model, head_values)
@@ -227,7 +220,7 @@ def load(
         bias = reader.read(bias_name) if bias_name in tensor_names else None
         tensor_names.discard(bias_name)
         parts = _read_parts(reader, name, quant)
-        _set_module(model, module_name, _sparse_from_parts(parts, name, module, values, bias))
+        replace_module(model, module_name, _sparse_from_parts(parts, name, module, values, bias))
         del parts
         release_freed_memory()  # as we go: the peak is what counts
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparseft.models import replace_module
 from sparseft.runtime.heap import release_freed_memory
 from sparseft.runtime.linear import SparseLinear
 from sparseft.runtime.packing import concat_rows
@@ -119,10 +120,9 @@ def fuse_siblings_(model: nn.Module) -> int:
                 [m.bias if m.bias is not None else biases[0].new_zeros(m.out_features) for m in members]
             )
         stacked = Stacked(SparseLinear(concat_rows([m.packed for m in members]), bias), len(members))
-        stacked.train(first.training)
         start = 0
         for name, member in zip(names, members, strict=True):
-            setattr(parent, name, Slice(stacked, start, start + member.out_features).train(member.training))
+            replace_module(parent, name, Slice(stacked, start, start + member.out_features))
             start += member.out_features
         del members, member
         release_freed_memory()

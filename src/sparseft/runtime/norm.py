@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from sparseft.errors import SparseftError
+from sparseft.models import replace_module
 from sparseft.runtime import dispatch
 
 # transformers classes whose forward is LlamaRMSNorm's, line for line (Gemma's adds 1 to the weight: not here).
@@ -56,7 +57,5 @@ def fuse_norms_(model: nn.Module) -> int:
         if type(module).__name__ in LLAMA_STYLE and isinstance(getattr(module, "weight", None), nn.Parameter)
     ]
     for name, module in found:
-        parent_name, _, child = name.rpartition(".")
-        fused = FusedRMSNorm(module).train(module.training)
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, fused)
+        replace_module(model, name, FusedRMSNorm(module))
     return len(found)
