@@ -1,13 +1,15 @@
 """End-to-end CPU decoding: sparseft (bf16 and int8 values) vs transformers dense bf16 and fp32.
 
-    .venv/bin/python benchmarks/cpu_decode.py [--new-tokens 128] [--runs 3] [--workdir /tmp/sparseft-decode]
+    .venv/bin/python benchmarks/cpu_decode.py [--new-tokens 128] [--prompt-tokens 16] [--runs 3]
+        [--workdir /tmp/sparseft-decode]
 
 A randomly initialised Llama of TinyLlama's shape (hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 KV heads,
 vocab 32000; about 1.1B parameters) is pruned to 70% by magnitude (speed does not depend on which weights survive)
 and saved three ways in --workdir (reused by later runs): a dense bf16 HF checkpoint, a bitmask archive and an int8
 bitmask archive; the int8 archive also runs with its LM head in int8 (`head_values="int8"`). Then:
-- tokens/s of greedy decoding (`model.generate`, --new-tokens new tokens after a 16-token prompt) for the five
-  models, loaded side by side in this process and run alternately; medians of --runs, a copy-bandwidth probe per run;
+- tokens/s of greedy decoding (`model.generate`, --new-tokens new tokens after a --prompt-tokens prompt) and of the
+  prompt's prefill for the five models, loaded side by side in this process and run alternately; medians of
+  --runs, a copy-bandwidth probe per run;
 - peak memory of each, each in a fresh process that loads the model from disk and generates (ru_maxrss, and the
   same minus the process's size before loading);
 - the milliseconds per token spent outside the linears (attention, norms, rotary, sampling, Python): the sparse
@@ -166,6 +168,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="/tmp/sparseft-decode")
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=PROMPT_TOKENS,
+        help="prompt length for the speed runs (memory: 16)",
+    )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--layers", type=int, default=22, help="fewer layers for a quick smoke run")
     parser.add_argument("--sparsity", type=float, default=0.7)
@@ -190,7 +198,7 @@ def main() -> None:
     print(f"decoding {args.new_tokens} tokens, {args.runs} alternating runs...", flush=True)
     models = {name: load_variant(name, workdir) for name in variants}
     started = time.perf_counter()
-    speed = measure_generation(models, PROMPT_TOKENS, args.new_tokens, args.runs)
+    speed = measure_generation(models, args.prompt_tokens, args.new_tokens, args.runs)
     machine = speed.pop("_machine")
     other_ms = (
         outside_linears(models["sparseft bf16"], min(args.new_tokens, 32), args.runs)
@@ -200,10 +208,12 @@ def main() -> None:
     bandwidth = statistics.median([machine["copy_gb_s"], copy_bandwidth()])
 
     reference = speed.get("transformers bf16", {}).get("decode_tok_s")
+    prefill_reference = speed.get("transformers bf16", {}).get("prefill_tok_s")
     dense_peak = memory.get("transformers bf16", {}).get("peak_minus_before")
     rows: dict[str, Any] = {}
     print(
-        f"\n{'variant':<25} {'decode tok/s':>12} {'x dense bf16':>13} {'ms/token':>9} {'peak RSS MB':>12} {'model+act MB':>13} {'x dense bf16':>13}"
+        f"\n{'variant':<25} {'decode tok/s':>12} {'x dense bf16':>13} {'ms/token':>9} "
+        f"{'prefill tok/s':>14} {'x dense bf16':>13} {'peak RSS MB':>12} {'model+act MB':>13} {'x dense bf16':>13}"
     )
     for name in variants:
         tok_s = speed[name]["decode_tok_s"]
@@ -212,10 +222,14 @@ def main() -> None:
             **speed[name],
             **mem,
             "x_dense_bf16_speed": round(tok_s / reference, 2) if reference else None,
+            "x_dense_bf16_prefill": round(speed[name]["prefill_tok_s"] / prefill_reference, 2)
+            if prefill_reference
+            else None,
             "x_dense_bf16_memory": round(mem["peak_minus_before"] / dense_peak, 3) if dense_peak else None,
         }
         print(
             f"{name:<25} {tok_s:>12.2f} {rows[name]['x_dense_bf16_speed'] or 0:>13.2f} {1000 / tok_s:>9.1f} "
+            f"{speed[name]['prefill_tok_s']:>14.1f} {rows[name]['x_dense_bf16_prefill'] or 0:>13.2f} "
             f"{mem['peak_rss'] / 1e6:>12.0f} {mem['peak_minus_before'] / 1e6:>13.0f} {rows[name]['x_dense_bf16_memory'] or 0:>13.3f}"
         )
     if other_ms is not None:
@@ -232,6 +246,7 @@ def main() -> None:
     report = {
         "machine": {**machine, "copy_gb_s": round(bandwidth, 1), "kernels": runtime.current_isa()},
         "new_tokens": args.new_tokens,
+        "prompt_tokens": args.prompt_tokens,
         "runs": args.runs,
         "layers": args.layers,
         "sparsity": args.sparsity,

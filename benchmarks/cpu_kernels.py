@@ -166,20 +166,18 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
 
 
 def crossover(isa: str, reps: int) -> list[dict[str, Any]]:
-    """Batch sizes at which the decompress + dense matmul path beats the expand kernel (4096x4096, 70%)."""
+    """Batch sizes at which the decompress + dense matmul path beats the kernels (4096x4096, 70%): the expand
+    kernel, or the AMX kernel from 3 (bf16) or 8 (int8) tokens where the CPU has AMX."""
     weight = prune(torch.randn(4096, 4096), 0.7)
     out = []
-    print("\nprefill switch, 4096x4096 at 70%: expand kernel vs decompress + dense matmul (ms)")
+    print("\nprefill switch, 4096x4096 at 70%: sparse kernel vs decompress + dense matmul (ms)")
     for kind in ("bf16", "int8"):
         packed = pack_dense(weight, kind)  # type: ignore[arg-type]
-        for batch in (4, 8, 16, 32, 64, 128):
+        for batch in (4, 8, 16, 32, 64, 128, 256, 512):
             x = torch.randn(batch, 4096).bfloat16()
             kernel = Variant("kernel", 0, 1, lambda i, x=x, p=packed: dispatch.sparse_mm(x, p, None, isa))
             dense = Variant(
-                "decompress",
-                0,
-                1,
-                lambda i, x=x, p=packed: torch.nn.functional.linear(x, dispatch.decompress(p, isa)),
+                "decompress", 0, 1, lambda i, x=x, p=packed: dispatch.decompressed_linear(x, p, None, isa)
             )
             time_round_robin([kernel, dense], reps)
             row = {

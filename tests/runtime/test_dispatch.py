@@ -1,6 +1,6 @@
 """Every kernel path agrees with its plain-torch reference: each instruction-set level this CPU has, forced (the
 AMX kernels take batches of 3 (bf16) or 8 (int8) and more at the AVX-512 level); bf16 and int8 values; batch
-1..32; odd sizes; empty and fully dense rows; one and several threads."""
+1..130 (the AMX kernels take 64 a pass); odd sizes; empty and fully dense rows; one and several threads."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ from sparseft.runtime import dispatch, reference
 from sparseft.runtime.packing import pack_dense
 
 KERNEL_ISAS = [name for name in dispatch.available_isas() if name != "torch"]
+# Where AMX takes batches of 3 and more, the expand kernels' batch tiles are reached with it turned off.
+AMX_SETTINGS = ["1", "0"] if KERNEL_ISAS and dispatch.amx_ready("avx512") else ["1"]
 SHAPES = [(1, 1), (5, 31), (37, 100), (64, 64), (70, 130), (33, 257)]
-BATCHES = [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 32]
+BATCHES = [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 32, 65, 130]
 
 
 def _assert_close(y: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, kind: str) -> None:
@@ -34,9 +36,16 @@ def _assert_close(y: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, kind:
 @pytest.mark.parametrize("isa", KERNEL_ISAS)
 @pytest.mark.parametrize("kind", ["bf16", "int8"])
 @pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("amx", AMX_SETTINGS)
 def test_sparse_mm_matches_reference(
-    isa: str, kind: str, shape: tuple[int, int], awkward_weight: Callable[..., torch.Tensor]
+    isa: str,
+    kind: str,
+    shape: tuple[int, int],
+    amx: str,
+    awkward_weight: Callable[..., torch.Tensor],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("SPARSEFT_AMX", amx)
     rows, cols = shape
     weight = awkward_weight(rows, cols)
     packed = pack_dense(weight, kind)  # type: ignore[arg-type]

@@ -80,12 +80,15 @@ def _resolve_isa(name: str) -> str:
 # it between 8 and 16 tokens for bf16 values (2.3 vs 4.4 ms at 8, 10.6 vs 4.6 at 16) and between 32 and 64 for
 # int8 (3.4 vs 3.7 ms at 32, 5.9 vs 4.8 at 64).
 DENSE_ABOVE = {"bf16": 8, "int8": 32, "dense": 8}  # "dense": our dense bf16 GEMV (linear.DenseLinear)
-# With AMX the bf16 kernel (16 tokens at a time) beats decompressing up to about 100 tokens. 4096x4096 at 70%,
-# alternated: 1.50 against 5.47 ms at 16 tokens, 2.89 against 6.96 at 32, 4.99 against 6.21 at 64, 9.52-9.70
-# against 11.85-8.61 at 128 (two runs). The int8 kernel would win up to 256 tokens too (6.25 against 8.71 ms at
-# 128), but it quantizes the activations to int8 where decompressing keeps them bf16: moved to 128, it cost the
-# demo model 0.2 points of accuracy, so int8 prompts keep the switch at 32.
-AMX_DENSE_ABOVE = {"bf16": 64}
+# With AMX the bf16 kernel (64 tokens a pass) beats decompressing (in 8 MB blocks, as `decompressed_linear`) up
+# to 512 tokens on one weight: 4096x4096 at 70%, two runs, 1.55-1.86 against 4.71-5.52 ms at 32 tokens, 6.27
+# against 9.49-10.03 at 128, 12.8-12.9 against 16.2-17.0 at 256, 25.5-25.6 against 28.2-32.2 at 512. In a whole
+# model the gain fades sooner: TinyLlama's shape at 70%, prompts prefilled with the switch at 256 against 64,
+# alternated: 1.14-1.29x at 128 tokens, 0.97-1.09x at 256, 0.76x with the switch at 512 for 512 tokens. Hence
+# 128. The int8 kernel would win up to 512 tokens too (4.14 against 9.60 ms at 128), but it quantizes the
+# activations to int8 where decompressing keeps them bf16: moved to 128, it cost the demo model 0.2 points of
+# accuracy, so int8 prompts keep the switch at 32.
+AMX_DENSE_ABOVE = {"bf16": 128}
 _DECOMPRESS_BYTES = 8 * 2**20
 
 
@@ -160,6 +163,11 @@ def linear(x: torch.Tensor, p: Packed, bias: torch.Tensor | None) -> torch.Tenso
     few = tokens <= DENSE_ABOVE[p.kind] and not os.environ.get("SPARSEFT_DENSE_ABOVE")
     if few or tokens <= dense_above(p.kind, isa):
         return sparse_mm(x, p, bias, isa)
+    return decompressed_linear(x, p, bias, isa)
+
+
+def decompressed_linear(x: torch.Tensor, p: Packed, bias: torch.Tensor | None, isa: str) -> torch.Tensor:
+    """The path for many tokens: decompress W and use torch's dense bf16 matmul."""
     # A block of rows at a time: a fused gate/up weight of a 1B model is 46 MB dense, and decompressing it whole
     # at prefill raised the peak memory of the whole model by a fifth. Measured on that model: 8 MB blocks add
     # 60 MB to the peak and 5% to the prefill time; 16 MB blocks 200 MB and 0%, 4 MB blocks 20 MB and 16-23%.

@@ -4,8 +4,8 @@
 // The expand kernels of avx512.cpp multiply each expanded chunk of weights with every batch row separately, so
 // their cost grows with the batch: at batch 16 the bf16 kernel ran at 0.42x torch's dense bf16 matmul. Here 16
 // rows' expanded chunks are stored to a 16 x 64-byte tile in L1 and one tdpbf16ps (bf16) or tdpbssd (int8)
-// multiplies it with the tile of activations for all batch rows, so the work per weight hardly depends on the
-// batch. bf16, 4096x4096 at 70%, out of cache, 2 threads, alternated with the expand kernel: 1.24x at batch 3,
+// multiplies it with the tile of activations of 16 batch rows; four such groups (64 batch rows, a call) share
+// each expanded tile, so the work per weight hardly depends on the batch. bf16, 4096x4096 at 70%, out of cache, 2 threads, alternated with the expand kernel: 1.24x at batch 3,
 // 1.48x at 4, 2.83x at 8, 5.13x at 16 (2.18x torch's dense bf16 matmul, against 0.42x). Products of two bf16
 // values are exact in fp32, so only the order of the fp32 sums differs; int8 sums are exact integers, so the
 // int8 results equal the expand kernel's bit for bit.
@@ -32,7 +32,8 @@ namespace {
 // configuration's stores vanished. A compiler barrier before each such instruction keeps them.
 inline void memory_barrier() { asm volatile("" ::: "memory"); }
 
-constexpr int kRows = 16;  // rows of a weight tile (and of the result tile)
+constexpr int kRows = 16;    // rows of a weight tile (and of the result tiles)
+constexpr int kTokens = 16;  // batch rows of a result tile (16 fp32 or int32 sums make its 64-byte row)
 
 struct alignas(64) TileConfig {
   uint8_t palette;
@@ -50,23 +51,49 @@ inline __m512i load_opaque(const void* p) {
   return v;
 }
 
-void configure(int64_t rows, int64_t batch) {
+// Tiles 0-3: the sums of up to four groups of 16 batch rows (rows x 16, fp32 or int32); 4: expanded weights (rows
+// x 64 bytes: 32 bf16 or 64 int8); 5 and 6: activations, 16 words of columns (bf16 pairs or int8 quads) x 16
+// batch rows, taken in turn by the groups so that loading one group's need not wait for the multiply reading the
+// other's.
+void configure(int64_t rows) {
   TileConfig config{};
   config.palette = 1;
-  config.rows[0] = static_cast<uint8_t>(rows);  // sums: rows x batch, fp32 or int32
-  config.bytes_per_row[0] = static_cast<uint16_t>(batch * 4);
-  config.rows[1] = static_cast<uint8_t>(rows);  // expanded weights: rows x 64 bytes (32 bf16 or 64 int8)
-  config.bytes_per_row[1] = 64;
-  config.rows[2] = 16;  // activations: 16 words of columns (bf16 pairs or int8 quads) x batch
-  config.bytes_per_row[2] = static_cast<uint16_t>(batch * 4);
+  for (int t = 0; t < 7; ++t) {
+    config.rows[t] = static_cast<uint8_t>(t < 5 ? rows : 16);
+    config.bytes_per_row[t] = 64;
+  }
   asm volatile("ldtilecfg %0" : : "m"(config) : "memory");
 }
 
+// One chunk of columns for group G: the activations' tile (from `pairs`, laid out by `interleave`), multiplied with
+// the expanded weights into the group's sums. The intrinsics take tile numbers as literals only.
+template <bool kInt8, int G>
+inline void multiply(const uint32_t* pairs) {
+  if constexpr (G % 2 == 0)
+    _tile_loadd(5, pairs, 64);
+  else
+    _tile_loadd(6, pairs, 64);
+  if constexpr (kInt8 && G == 0) _tile_dpbssd(0, 4, 5);
+  if constexpr (kInt8 && G == 1) _tile_dpbssd(1, 4, 6);
+  if constexpr (kInt8 && G == 2) _tile_dpbssd(2, 4, 5);
+  if constexpr (kInt8 && G == 3) _tile_dpbssd(3, 4, 6);
+  if constexpr (!kInt8 && G == 0) _tile_dpbf16ps(0, 4, 5);
+  if constexpr (!kInt8 && G == 1) _tile_dpbf16ps(1, 4, 6);
+  if constexpr (!kInt8 && G == 2) _tile_dpbf16ps(2, 4, 5);
+  if constexpr (!kInt8 && G == 3) _tile_dpbf16ps(3, 4, 6);
+}
+
 // Rows r, r + step, ... (spaced, as the expand kernels' tiles, so each row stream runs on into the next tile's for
-// the hardware prefetcher) times the batch: kRows of them, or `count` (fewer) for the last rows of a range, in a
-// tile configured for that many. Each row's sum comes out the same either way, so results do not depend on how
-// rows were split between threads. A chunk is 32 bf16 or 64 int8 columns: 64 bytes of a tile row either way.
-template <bool kInt8, bool kFull>
+// the hardware prefetcher) times kGroups groups of 16 batch rows: kRows rows, or `count` (fewer) for the last rows
+// of a range, in tiles configured for that many. Every group multiplies the same expanded weights, so the expand
+// (the costly part at batch 1) is done once for up to 64 batch rows. Each row's sum comes out the same for any
+// number of rows or groups, so results depend neither on how rows were split between threads nor on the batch.
+// A chunk is 32 bf16 or 64 int8 columns: 64 bytes of a tile row either way.
+//
+// Keeping a tile's expanded chunks in L2 for the next 64 batch rows, rather than expanding them again, was slower
+// (4096x4096: 8.3 against 6.3 ms at 128 batch rows, 48 against 26 at 512): each tile then reads the activations
+// of the whole batch, which outgrow L2, where a call of 64 reads the same 512 KB for every tile.
+template <bool kInt8, bool kFull, int kGroups>
 void tile(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r, int64_t step, int count) {
   using Value = std::conditional_t<kInt8, int8_t, uint16_t>;
   using Bits = std::conditional_t<kInt8, uint64_t, uint32_t>;
@@ -81,8 +108,12 @@ void tile(const SparseMatrix& w, const Activations& a, const Output& o, int64_t 
   // Two buffers: the expands of the next chunk need not wait for the tile load of this one.
   alignas(64) uint8_t expanded[2][kRows * 64];
   const int64_t chunks = kInt8 ? w.words : (w.cols + 31) / 32;
-  const int64_t pair_bytes = a.batch * 4;
+  // one group's activations: its rows are padded to whole 64-column words, where bf16 chunks may stop short
+  const int64_t group_words = w.words * (kInt8 ? 16 : 32) * kTokens;
   _tile_zero(0);
+  if constexpr (kGroups > 1) _tile_zero(1);
+  if constexpr (kGroups > 2) _tile_zero(2);
+  if constexpr (kGroups > 3) _tile_zero(3);
   for (int64_t k = 0; k < chunks; ++k) {
     uint8_t* e = expanded[k & 1];
 #pragma GCC unroll 16
@@ -99,23 +130,27 @@ void tile(const SparseMatrix& w, const Activations& a, const Output& o, int64_t 
       }
     }
     memory_barrier();
-    _tile_loadd(1, e, 64);
-    _tile_loadd(2, a.pairs + k * 16 * a.batch, pair_bytes);
-    if constexpr (kInt8)
-      _tile_dpbssd(0, 1, 2);
-    else
-      _tile_dpbf16ps(0, 1, 2);
+    _tile_loadd(4, e, 64);
+    const uint32_t* x = a.pairs + k * 16 * kTokens;
+    multiply<kInt8, 0>(x);
+    if constexpr (kGroups > 1) multiply<kInt8, 1>(x + group_words);
+    if constexpr (kGroups > 2) multiply<kInt8, 2>(x + 2 * group_words);
+    if constexpr (kGroups > 3) multiply<kInt8, 3>(x + 3 * group_words);
   }
-  alignas(64) std::conditional_t<kInt8, int32_t, float> sums[kRows * 16];
-  _tile_stored(0, sums, pair_bytes);
+  alignas(64) std::conditional_t<kInt8, int32_t, float> sums[kGroups][kRows * kTokens];
+  _tile_stored(0, sums[0], 64);
+  if constexpr (kGroups > 1) _tile_stored(1, sums[1], 64);
+  if constexpr (kGroups > 2) _tile_stored(2, sums[2], 64);
+  if constexpr (kGroups > 3) _tile_stored(3, sums[3], 64);
   memory_barrier();
   for (int i = 0; i < count; ++i) {
     const int64_t row = r + i * step;
     for (int64_t b = 0; b < a.batch; ++b) {
+      const auto sum = sums[b / kTokens][i * kTokens + b % kTokens];
       if constexpr (kInt8)  // the exact integer dot product, scaled as the expand kernel scales it
-        store(o, b, row, static_cast<float>(sums[i * a.batch + b]) * a.scale[b] * w.scale[row]);
+        store(o, b, row, static_cast<float>(sum) * a.scale[b] * w.scale[row]);
       else
-        store(o, b, row, sums[i * a.batch + b]);
+        store(o, b, row, sum);
     }
   }
 }
@@ -144,21 +179,32 @@ inline void transpose16(__m512i r[16]) {
   }
 }
 
+template <bool kInt8, bool kFull>
+void groups(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r, int64_t step, int count) {
+  switch ((a.batch + kTokens - 1) / kTokens) {
+    case 1: tile<kInt8, kFull, 1>(w, a, o, r, step, count); break;
+    case 2: tile<kInt8, kFull, 2>(w, a, o, r, step, count); break;
+    case 3: tile<kInt8, kFull, 3>(w, a, o, r, step, count); break;
+    default: tile<kInt8, kFull, 4>(w, a, o, r, step, count); break;
+  }
+}
+
 template <bool kInt8>
 void rows(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
-  if (a.batch < 1 || a.batch > 16 || a.pairs == nullptr) {  // not a batch a tile holds: ops.cpp never passes one
+  // not a batch the tiles hold (ops.cpp never passes one)
+  if (a.batch < 1 || a.batch > kAmxBatch || a.pairs == nullptr) {
     (kInt8 ? int8_avx512 : bf16_avx512)(w, a, o, r0, r1);
     return;
   }
   const int64_t step = (r1 - r0) / kRows;
   const int64_t rest = r1 - r0 - kRows * step;
   if (step > 0) {
-    configure(kRows, a.batch);
-    for (int64_t t = 0; t < step; ++t) tile<kInt8, true>(w, a, o, r0 + t, step, kRows);
+    configure(kRows);
+    for (int64_t t = 0; t < step; ++t) groups<kInt8, true>(w, a, o, r0 + t, step, kRows);
   }
   if (rest > 0) {
-    configure(rest, a.batch);
-    tile<kInt8, false>(w, a, o, r0 + kRows * step, 1, static_cast<int>(rest));
+    configure(rest);
+    groups<kInt8, false>(w, a, o, r0 + kRows * step, 1, static_cast<int>(rest));
   }
   _tile_release();
 }
@@ -174,26 +220,27 @@ void int8_amx(const SparseMatrix& w, const Activations& a, const Output& o, int6
 }
 
 void interleave(const void* x, int64_t batch, int64_t row_words, bool signed_bytes, uint32_t* out) {
-  // out[c * batch + b] = 32-bit word c of batch row b: two bf16 of neighbouring columns, or four int8, the layout
-  // the second tile of tdpbf16ps / tdpbssd is read in. The int8 kernels' activations are stored as uint8 (int8 +
-  // 128) for vpdpbusd; tdpbssd takes them signed again (flipping each byte's top bit subtracts 128). Blocks of 16
-  // words of every row are transposed in registers: 1.5-4.3x the plain loop (15 us less at batch 16 and 2048
-  // words a row), which had cost a third of a small weight's call.
+  // Group g of 16 batch rows: out[(g * row_words + c) * 16 + t] = 32-bit word c of batch row 16 g + t (two bf16 of
+  // neighbouring columns, or four int8), zero past the last batch row; that is the layout the activations' tile
+  // of tdpbf16ps / tdpbssd is read in, 1 KB for each chunk of columns. The int8 kernels' activations are stored as
+  // uint8 (int8 + 128) for vpdpbusd; tdpbssd takes them signed again (flipping each byte's top bit subtracts 128).
+  // Blocks of 16 words of 16 rows are transposed in registers: 1.5-4.3x a plain loop (15 us less at batch 16 and
+  // 2048 words a row), which had cost a third of a small weight's call. row_words is a multiple of 16: the rows
+  // are padded to whole 64-column words.
   const uint32_t* words = static_cast<const uint32_t*>(x);
-  const uint32_t flip = signed_bytes ? 0x80808080u : 0u;
-  const __m512i flip_all = _mm512_set1_epi32(static_cast<int>(flip));
-  const __mmask16 lanes = static_cast<__mmask16>((1u << batch) - 1u);
-  int64_t c0 = 0;
-  for (; c0 + 16 <= row_words; c0 += 16) {
-    __m512i r[16];
-    for (int b = 0; b < 16; ++b)
-      r[b] = b < batch ? _mm512_xor_si512(_mm512_loadu_si512(words + b * row_words + c0), flip_all)
-                       : _mm512_setzero_si512();
-    transpose16(r);
-    for (int j = 0; j < 16; ++j) _mm512_mask_storeu_epi32(out + (c0 + j) * batch, lanes, r[j]);
+  const __m512i flip = _mm512_set1_epi32(signed_bytes ? static_cast<int>(0x80808080u) : 0);
+  for (int64_t g = 0; g * kTokens < batch; ++g) {
+    const int64_t here = batch - g * kTokens;
+    uint32_t* group = out + g * row_words * kTokens;
+    for (int64_t c0 = 0; c0 < row_words; c0 += 16) {
+      __m512i r[16];
+      for (int t = 0; t < 16; ++t)
+        r[t] = t < here ? _mm512_xor_si512(_mm512_loadu_si512(words + (g * kTokens + t) * row_words + c0), flip)
+                        : _mm512_setzero_si512();
+      transpose16(r);
+      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(group + (c0 + j) * kTokens, r[j]);
+    }
   }
-  for (int64_t c = c0; c < row_words; ++c)
-    for (int64_t b = 0; b < batch; ++b) out[c * batch + b] = words[b * row_words + c] ^ flip;
 }
 
 }  // namespace sparseft

@@ -5,6 +5,8 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <cstdint>
+#include <vector>
 
 #include "sparse.h"
 
@@ -43,10 +45,11 @@ inline __mmask32 tail_mask32(int64_t count) {
 //
 // The sparse tiles of up to 4 batch rows multiply in fp32 rather than with vdpbf16ps: each 32-bit lane of the
 // expanded weights holds an even and an odd column, which a shift and an and turn into two fp32 vectors for two
-// FMAs against the activations split the same way. On this Xeon vdpbf16ps and vpexpandw each hold port 5 for two
-// cycles, while FMAs also issue on port 0: 4.1 instead of 5.1 cycles per 32 columns in L2, and 1.03-1.27x out of
-// cache (batch 1, 70%). The products of two bf16 values are exact in fp32, so this is also the more accurate of
-// the two. Larger batch tiles keep vdpbf16ps, which needs half the accumulator registers.
+// FMAs against the activations split the same way (a.split, made once per call by bf16_avx512). On this Xeon
+// vdpbf16ps takes 3 cycles and vpexpandw 2, both on port 5, while FMAs also issue on port 0: 4.1 instead of 5.1
+// cycles per 32 columns in L2, and 1.03-1.27x out of cache (batch 1, 70%). The products of two bf16 values are
+// exact in fp32, so this is also the more accurate of the two. Larger batch tiles keep vdpbf16ps, which needs
+// half the accumulator registers.
 template <int NR, int NB, bool DENSE>
 void bf16_tile(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r, int64_t step, int64_t b0) {
   constexpr bool kFma = !DENSE && NB <= 4;
@@ -74,16 +77,16 @@ void bf16_tile(const SparseMatrix& w, const Activations& a, const Output& o, int
 #pragma GCC unroll 2
       for (int h = 0; h < kHalves; ++h) acc[i][j][h] = _mm512_setzero_ps();
 
+  const float* split = kFma ? a.split + b0 * chunks * 32 : nullptr;
   for (int64_t k = 0; k < chunks; ++k) {
     __m512i xv[NB][kHalves];
 #pragma GCC unroll 8
     for (int j = 0; j < NB; ++j) {
-      const __m512i v = _mm512_loadu_si512(x + j * a.stride + k * 32);
       if constexpr (kFma) {
-        xv[j][0] = _mm512_slli_epi32(v, 16);
-        xv[j][kHalves - 1] = _mm512_and_si512(v, odd);
+        xv[j][0] = _mm512_load_si512(split + (j * chunks + k) * 32);
+        xv[j][kHalves - 1] = _mm512_load_si512(split + (j * chunks + k) * 32 + 16);
       } else {
-        xv[j][0] = v;
+        xv[j][0] = _mm512_loadu_si512(x + j * a.stride + k * 32);
       }
     }
 #pragma GCC unroll 8
@@ -211,20 +214,39 @@ void spaced_tiles(const SparseMatrix& w, const Activations& a, const Output& o, 
 }
 
 // Batch 1 takes eight rows at a time (eight independent chains and read streams; measured faster than four for
-// the dense kernel, equal for the sparse ones), larger batches two (the batch rows already
-// give the multiply-adds enough independent work, and registers run out: 2 x 8 accumulators + 8 inputs).
+// the dense kernel and int8), six for sparse bf16 (with eight the compiler runs out of general registers for the
+// 16 stream pointers and moves them through vector registers, on the ports the expand needs), larger batches two
+// (the batch rows already give the multiply-adds enough independent work, and registers run out: 2 x 8
+// accumulators + 8 inputs).
 template <int KIND>
 void rows(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
   if (a.batch == 1)
-    spaced_tiles<8, KIND>(w, a, o, r0, r1);
+    spaced_tiles<KIND == 0 ? 6 : 8, KIND>(w, a, o, r0, r1);
   else
     spaced_tiles<2, KIND>(w, a, o, r0, r1);
 }
 
 }  // namespace
 
+// The fp32 tiles (up to 4 batch rows) read the activations split into even and odd columns as fp32, made here once
+// per call rather than by a shift and an and for every 32 columns of every tile: those two ops shared the ports of
+// the expand. With six rows a tile, 1.15-1.23x out of cache (4096x4096, 70%, batch 1, alternated in one process).
 void bf16_avx512(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
-  rows<0>(w, a, o, r0, r1);
+  const int64_t chunks = (w.cols + 31) / 32;
+  thread_local std::vector<float> buffer;
+  buffer.resize(static_cast<size_t>(a.batch * chunks * 32 + 16));
+  float* split = buffer.data();
+  split += (16 - reinterpret_cast<uintptr_t>(split) / 4 % 16) % 16;  // 64-byte aligned
+  const __m512i odd = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  for (int64_t b = 0; b < a.batch; ++b)
+    for (int64_t k = 0; k < chunks; ++k) {
+      const __m512i v = _mm512_loadu_si512(static_cast<const uint16_t*>(a.data) + b * a.stride + k * 32);
+      _mm512_store_si512(split + (b * chunks + k) * 32, _mm512_slli_epi32(v, 16));
+      _mm512_store_si512(split + (b * chunks + k) * 32 + 16, _mm512_and_si512(v, odd));
+    }
+  Activations with_split = a;
+  with_split.split = split;
+  rows<0>(w, with_split, o, r0, r1);
 }
 
 void dense_bf16_avx512(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {

@@ -58,8 +58,8 @@ bool amx_ready() {
 
 // The AMX kernels' batch range. Below it the expand kernels are as fast or faster: bf16 0.97-1.00x at batch 2
 // (AMX 1.13-1.24x at 3); int8, whose expand kernel does twice the work per instruction, 0.81-0.87x at 4 (AMX
-// 1.02-1.16x at 8, 1.66-1.87x at 16). Larger batches go in pieces of at most 16 (a tile row holds 16 sums).
-constexpr int64_t kAmxMinBatch = 3, kAmxMinBatchInt8 = 8, kAmxMaxBatch = 16;
+// 1.02-1.16x at 8, 1.66-1.87x at 16). Larger batches go in pieces of at most kAmxBatch.
+constexpr int64_t kAmxMinBatch = 3, kAmxMinBatchInt8 = 8;
 
 // Scratch for the prepared activations, reused across calls of the same thread.
 std::vector<uint8_t>& scratch() {
@@ -213,14 +213,14 @@ void check_input(const at::Tensor& x, int64_t cols) {
               cols, " features");
 }
 
-// Through the AMX kernels, batch rows at most 16 at a time.
+// Through the AMX kernels, batch rows at most kAmxBatch at a time.
 void amx_mm(const SparseMatrix& w, const Activations& a, const Output& o, bool int8) {
   thread_local std::vector<uint32_t> pairs;
   const int64_t element = int8 ? 1 : 2, row_words = a.stride * element / 4;
-  for (int64_t b0 = 0; b0 < a.batch; b0 += kAmxMaxBatch) {
-    const int64_t nb = std::min(kAmxMaxBatch, a.batch - b0);
+  for (int64_t b0 = 0; b0 < a.batch; b0 += kAmxBatch) {
+    const int64_t nb = std::min(kAmxBatch, a.batch - b0);
     const char* x = static_cast<const char*>(a.data) + b0 * a.stride * element;
-    pairs.resize(static_cast<size_t>(row_words * nb));
+    pairs.resize(static_cast<size_t>(row_words * 16 * ((nb + 15) / 16)));
     interleave(x, nb, row_words, int8, pairs.data());
     const Activations part{x, a.scale ? a.scale + b0 : nullptr, nb, a.stride, pairs.data()};
     const Output out{static_cast<char*>(o.data) + b0 * o.stride * (o.bf16 ? 2 : 4), o.bf16, o.stride, o.bias};
