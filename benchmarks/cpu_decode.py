@@ -147,7 +147,7 @@ def _stub(out_features: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: x.new_zeros(*x.shape[:-1], out_features)
 
 
-def outside_linears(model: nn.Module, new_tokens: int, runs: int) -> float:
+def outside_linears(model: nn.Module, prompt_tokens: int, new_tokens: int, runs: int) -> float:
     """Decode ms/token with every linear stubbed out: the cost of everything else. The stub replaces each linear's
     forward in place, not the module, since the direct decoding step of a layer holds the modules themselves."""
     linears = [
@@ -156,7 +156,7 @@ def outside_linears(model: nn.Module, new_tokens: int, runs: int) -> float:
     for m in linears:
         m.forward = _stub(m.out_features)  # type: ignore[method-assign]
     try:
-        result = measure_generation({"stubbed": model}, PROMPT_TOKENS, new_tokens, runs)
+        result = measure_generation({"stubbed": model}, prompt_tokens, new_tokens, runs)
     finally:
         for m in linears:
             del m.forward
@@ -201,7 +201,7 @@ def main() -> None:
     speed = measure_generation(models, args.prompt_tokens, args.new_tokens, args.runs)
     machine = speed.pop("_machine")
     other_ms = (
-        outside_linears(models["sparseft bf16"], min(args.new_tokens, 32), args.runs)
+        outside_linears(models["sparseft bf16"], args.prompt_tokens, min(args.new_tokens, 32), args.runs)
         if "sparseft bf16" in models
         else None
     )

@@ -15,10 +15,10 @@ from sparseft.runtime import dispatch, reference
 from sparseft.runtime.packing import pack_dense
 
 KERNEL_ISAS = [name for name in dispatch.available_isas() if name != "torch"]
-# Where AMX takes batches of 3 and more, the expand kernels' batch tiles are reached with it turned off.
-AMX_SETTINGS = ["1", "0"] if KERNEL_ISAS and dispatch.amx_ready("avx512") else ["1"]
+# Where AMX takes batches of 3 and more, the AVX-512 expand kernels' batch tiles are reached with it turned off.
+AMX_OFF = [False, True] if KERNEL_ISAS and dispatch.amx_ready("avx512") else [False]
 SHAPES = [(1, 1), (5, 31), (37, 100), (64, 64), (70, 130), (33, 257)]
-BATCHES = [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 32, 65, 130]
+BATCHES = [1, 2, 3, 4, 5, 7, 8, 9, 12, 16, 17, 32, 40, 50, 65, 130]
 
 
 def _assert_close(y: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, kind: str) -> None:
@@ -36,16 +36,19 @@ def _assert_close(y: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, kind:
 @pytest.mark.parametrize("isa", KERNEL_ISAS)
 @pytest.mark.parametrize("kind", ["bf16", "int8"])
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("amx", AMX_SETTINGS)
+@pytest.mark.parametrize("amx_off", AMX_OFF)
 def test_sparse_mm_matches_reference(
     isa: str,
     kind: str,
     shape: tuple[int, int],
-    amx: str,
+    amx_off: bool,
     awkward_weight: Callable[..., torch.Tensor],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("SPARSEFT_AMX", amx)
+    if amx_off:
+        if isa != "avx512":
+            pytest.skip("AMX runs at the AVX-512 level only")
+        monkeypatch.setenv("SPARSEFT_AMX", "0")
     rows, cols = shape
     weight = awkward_weight(rows, cols)
     packed = pack_dense(weight, kind)  # type: ignore[arg-type]
@@ -101,10 +104,11 @@ def test_int8_agrees_with_dequantized_product(isa: str, awkward_weight: Callable
 @pytest.mark.skipif(not KERNEL_ISAS, reason="the C++ kernels are not built here")
 @pytest.mark.parametrize("isa", KERNEL_ISAS)
 @pytest.mark.parametrize("kind", ["bf16", "int8"])
-@pytest.mark.parametrize("batch", [1, 4, 16])  # 16: the AMX kernels, where present
+@pytest.mark.parametrize("batch", [1, 4, 16, 40])  # 16, 40: the AMX kernels, where present (40: three groups)
 def test_threads_split_uneven_rows(isa: str, kind: str, batch: int) -> None:
     # dense first half, nearly empty second half: the split by bytes must still cover every row once, and a
-    # thread's tiles of spaced rows (8 at batch 1, 2 above) must leave none out where its range does not divide
+    # thread's tiles of spaced rows (6 or 8 at batch 1, 2 above, 16 on AMX) must leave none out where its range
+    # does not divide
     weight = torch.randn(301, 515)
     weight[150:][torch.rand(151, 515) < 0.97] = 0
     packed = pack_dense(weight, kind)  # type: ignore[arg-type]

@@ -4,9 +4,10 @@
 // The expand kernels of avx512.cpp multiply each expanded chunk of weights with every batch row separately, so
 // their cost grows with the batch: at batch 16 the bf16 kernel ran at 0.42x torch's dense bf16 matmul. Here 16
 // rows' expanded chunks are stored to a 16 x 64-byte tile in L1 and one tdpbf16ps (bf16) or tdpbssd (int8)
-// multiplies it with the tile of activations of 16 batch rows; four such groups (64 batch rows, a call) share
-// each expanded tile, so the work per weight hardly depends on the batch. bf16, 4096x4096 at 70%, out of cache, 2 threads, alternated with the expand kernel: 1.24x at batch 3,
-// 1.48x at 4, 2.83x at 8, 5.13x at 16 (2.18x torch's dense bf16 matmul, against 0.42x). Products of two bf16
+// multiplies it with the tile of activations of up to 16 batch rows; four such groups (64 batch rows, a call)
+// share each expanded tile, so the work per weight hardly depends on the batch. bf16, 4096x4096 at 70%, out of
+// cache, 2 threads, alternated with the expand kernel: 1.24x at batch 3, 1.48x at 4, 2.83x at 8, 5.13x at 16
+// (2.18x torch's dense bf16 matmul, against 0.42x), when a call took 16 batch rows. Products of two bf16
 // values are exact in fp32, so only the order of the fp32 sums differs; int8 sums are exact integers, so the
 // int8 results equal the expand kernel's bit for bit.
 #include "sparse.h"
@@ -33,7 +34,11 @@ namespace {
 inline void memory_barrier() { asm volatile("" ::: "memory"); }
 
 constexpr int kRows = 16;    // rows of a weight tile (and of the result tiles)
-constexpr int kTokens = 16;  // batch rows of a result tile (16 fp32 or int32 sums make its 64-byte row)
+constexpr int kTokens = 16;  // most batch rows of a result tile (16 fp32 or int32 sums make its 64-byte row)
+
+// Batch rows of each group: the batch itself below 16, so that small batches load and multiply no padding; 16
+// above, the last group padded with zeros.
+inline int64_t group_width(int64_t batch) { return batch < kTokens ? batch : kTokens; }
 
 struct alignas(64) TileConfig {
   uint8_t palette;
@@ -51,16 +56,16 @@ inline __m512i load_opaque(const void* p) {
   return v;
 }
 
-// Tiles 0-3: the sums of up to four groups of 16 batch rows (rows x 16, fp32 or int32); 4: expanded weights (rows
-// x 64 bytes: 32 bf16 or 64 int8); 5 and 6: activations, 16 words of columns (bf16 pairs or int8 quads) x 16
-// batch rows, taken in turn by the groups so that loading one group's need not wait for the multiply reading the
-// other's.
-void configure(int64_t rows) {
+// Tiles 0-3: the sums of up to four groups of `width` batch rows (rows x width, fp32 or int32); 4: expanded
+// weights (rows x 64 bytes: 32 bf16 or 64 int8); 5 and 6: activations, 16 words of columns (bf16 pairs or int8
+// quads) x width batch rows, taken in turn by the groups so that loading one group's need not wait for the
+// multiply reading the other's.
+void configure(int64_t rows, int64_t width) {
   TileConfig config{};
   config.palette = 1;
   for (int t = 0; t < 7; ++t) {
     config.rows[t] = static_cast<uint8_t>(t < 5 ? rows : 16);
-    config.bytes_per_row[t] = 64;
+    config.bytes_per_row[t] = static_cast<uint16_t>(t == 4 ? 64 : width * 4);
   }
   asm volatile("ldtilecfg %0" : : "m"(config) : "memory");
 }
@@ -68,11 +73,11 @@ void configure(int64_t rows) {
 // One chunk of columns for group G: the activations' tile (from `pairs`, laid out by `interleave`), multiplied with
 // the expanded weights into the group's sums. The intrinsics take tile numbers as literals only.
 template <bool kInt8, int G>
-inline void multiply(const uint32_t* pairs) {
+inline void multiply(const uint32_t* pairs, int64_t stride) {
   if constexpr (G % 2 == 0)
-    _tile_loadd(5, pairs, 64);
+    _tile_loadd(5, pairs, stride);
   else
-    _tile_loadd(6, pairs, 64);
+    _tile_loadd(6, pairs, stride);
   if constexpr (kInt8 && G == 0) _tile_dpbssd(0, 4, 5);
   if constexpr (kInt8 && G == 1) _tile_dpbssd(1, 4, 6);
   if constexpr (kInt8 && G == 2) _tile_dpbssd(2, 4, 5);
@@ -108,8 +113,10 @@ void tile(const SparseMatrix& w, const Activations& a, const Output& o, int64_t 
   // Two buffers: the expands of the next chunk need not wait for the tile load of this one.
   alignas(64) uint8_t expanded[2][kRows * 64];
   const int64_t chunks = kInt8 ? w.words : (w.cols + 31) / 32;
-  // one group's activations: its rows are padded to whole 64-column words, where bf16 chunks may stop short
-  const int64_t group_words = w.words * (kInt8 ? 16 : 32) * kTokens;
+  // one group's activations, as `interleave` lays them out from rows of a.stride elements (whole 64-column
+  // words, where bf16 chunks may stop short)
+  const int64_t width = group_width(a.batch), stride = width * 4;
+  const int64_t group_words = a.stride * (kInt8 ? 1 : 2) / 4 * width;
   _tile_zero(0);
   if constexpr (kGroups > 1) _tile_zero(1);
   if constexpr (kGroups > 2) _tile_zero(2);
@@ -131,22 +138,22 @@ void tile(const SparseMatrix& w, const Activations& a, const Output& o, int64_t 
     }
     memory_barrier();
     _tile_loadd(4, e, 64);
-    const uint32_t* x = a.pairs + k * 16 * kTokens;
-    multiply<kInt8, 0>(x);
-    if constexpr (kGroups > 1) multiply<kInt8, 1>(x + group_words);
-    if constexpr (kGroups > 2) multiply<kInt8, 2>(x + 2 * group_words);
-    if constexpr (kGroups > 3) multiply<kInt8, 3>(x + 3 * group_words);
+    const uint32_t* x = a.pairs + k * 16 * width;
+    multiply<kInt8, 0>(x, stride);
+    if constexpr (kGroups > 1) multiply<kInt8, 1>(x + group_words, stride);
+    if constexpr (kGroups > 2) multiply<kInt8, 2>(x + 2 * group_words, stride);
+    if constexpr (kGroups > 3) multiply<kInt8, 3>(x + 3 * group_words, stride);
   }
   alignas(64) std::conditional_t<kInt8, int32_t, float> sums[kGroups][kRows * kTokens];
-  _tile_stored(0, sums[0], 64);
-  if constexpr (kGroups > 1) _tile_stored(1, sums[1], 64);
-  if constexpr (kGroups > 2) _tile_stored(2, sums[2], 64);
-  if constexpr (kGroups > 3) _tile_stored(3, sums[3], 64);
+  _tile_stored(0, sums[0], stride);
+  if constexpr (kGroups > 1) _tile_stored(1, sums[1], stride);
+  if constexpr (kGroups > 2) _tile_stored(2, sums[2], stride);
+  if constexpr (kGroups > 3) _tile_stored(3, sums[3], stride);
   memory_barrier();
   for (int i = 0; i < count; ++i) {
     const int64_t row = r + i * step;
     for (int64_t b = 0; b < a.batch; ++b) {
-      const auto sum = sums[b / kTokens][i * kTokens + b % kTokens];
+      const auto sum = sums[b / width][i * width + b % width];
       if constexpr (kInt8)  // the exact integer dot product, scaled as the expand kernel scales it
         store(o, b, row, static_cast<float>(sum) * a.scale[b] * w.scale[row]);
       else
@@ -199,11 +206,11 @@ void rows(const SparseMatrix& w, const Activations& a, const Output& o, int64_t 
   const int64_t step = (r1 - r0) / kRows;
   const int64_t rest = r1 - r0 - kRows * step;
   if (step > 0) {
-    configure(kRows);
+    configure(kRows, group_width(a.batch));
     for (int64_t t = 0; t < step; ++t) groups<kInt8, true>(w, a, o, r0 + t, step, kRows);
   }
   if (rest > 0) {
-    configure(rest);
+    configure(rest, group_width(a.batch));
     groups<kInt8, false>(w, a, o, r0 + kRows * step, 1, static_cast<int>(rest));
   }
   _tile_release();
@@ -220,25 +227,28 @@ void int8_amx(const SparseMatrix& w, const Activations& a, const Output& o, int6
 }
 
 void interleave(const void* x, int64_t batch, int64_t row_words, bool signed_bytes, uint32_t* out) {
-  // Group g of 16 batch rows: out[(g * row_words + c) * 16 + t] = 32-bit word c of batch row 16 g + t (two bf16 of
-  // neighbouring columns, or four int8), zero past the last batch row; that is the layout the activations' tile
-  // of tdpbf16ps / tdpbssd is read in, 1 KB for each chunk of columns. The int8 kernels' activations are stored as
+  // Group g of `width` batch rows (group_width): out[(g * row_words + c) * width + t] = 32-bit word c of batch row
+  // g * width + t (two bf16 of neighbouring columns, or four int8), zero past the last batch row; that is the
+  // layout the activations' tile of tdpbf16ps / tdpbssd is read in. The int8 kernels' activations are stored as
   // uint8 (int8 + 128) for vpdpbusd; tdpbssd takes them signed again (flipping each byte's top bit subtracts 128).
   // Blocks of 16 words of 16 rows are transposed in registers: 1.5-4.3x a plain loop (15 us less at batch 16 and
   // 2048 words a row), which had cost a third of a small weight's call. row_words is a multiple of 16: the rows
   // are padded to whole 64-column words.
   const uint32_t* words = static_cast<const uint32_t*>(x);
   const __m512i flip = _mm512_set1_epi32(signed_bytes ? static_cast<int>(0x80808080u) : 0);
-  for (int64_t g = 0; g * kTokens < batch; ++g) {
-    const int64_t here = batch - g * kTokens;
-    uint32_t* group = out + g * row_words * kTokens;
+  const int64_t width = group_width(batch);
+  const __mmask16 lanes = static_cast<__mmask16>((1u << width) - 1u);
+  for (int64_t g = 0; g * width < batch; ++g) {
+    const int64_t here = batch - g * width;
+    uint32_t* group = out + g * row_words * width;
     for (int64_t c0 = 0; c0 < row_words; c0 += 16) {
       __m512i r[16];
       for (int t = 0; t < 16; ++t)
-        r[t] = t < here ? _mm512_xor_si512(_mm512_loadu_si512(words + (g * kTokens + t) * row_words + c0), flip)
-                        : _mm512_setzero_si512();
+        r[t] = t < here && t < width
+                   ? _mm512_xor_si512(_mm512_loadu_si512(words + (g * width + t) * row_words + c0), flip)
+                   : _mm512_setzero_si512();
       transpose16(r);
-      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(group + (c0 + j) * kTokens, r[j]);
+      for (int j = 0; j < 16; ++j) _mm512_mask_storeu_epi32(group + (c0 + j) * width, lanes, r[j]);
     }
   }
 }

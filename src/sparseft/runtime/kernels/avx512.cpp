@@ -77,7 +77,7 @@ void bf16_tile(const SparseMatrix& w, const Activations& a, const Output& o, int
 #pragma GCC unroll 2
       for (int h = 0; h < kHalves; ++h) acc[i][j][h] = _mm512_setzero_ps();
 
-  const float* split = kFma ? a.split + b0 * chunks * 32 : nullptr;
+  const float* split = a.split;  // the fp32 tiles' rows (only the last tile of a batch can be one)
   for (int64_t k = 0; k < chunks; ++k) {
     __m512i xv[NB][kHalves];
 #pragma GCC unroll 8
@@ -228,19 +228,23 @@ void rows(const SparseMatrix& w, const Activations& a, const Output& o, int64_t 
 
 }  // namespace
 
-// The fp32 tiles (up to 4 batch rows) read the activations split into even and odd columns as fp32, made here once
-// per call rather than by a shift and an and for every 32 columns of every tile: those two ops shared the ports of
-// the expand. With six rows a tile, 1.15-1.23x out of cache (4096x4096, 70%, batch 1, alternated in one process).
+// The fp32 tiles (up to 4 batch rows: the batch, or the last rows after tiles of 8) read the activations split
+// into even and odd columns as fp32, made here once for the thread's rows rather than by a shift and an and for
+// every 32 columns of every tile: those two ops shared the ports of the expand. With six rows a tile, 1.15-1.23x
+// out of cache (4096x4096, 70%, batch 1, alternated in one process).
 void bf16_avx512(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
+  const int64_t tail = a.batch % kMaxBatchTile == 0 ? kMaxBatchTile : a.batch % kMaxBatchTile;
+  const int64_t split_rows = tail <= 4 ? tail : 0;
   const int64_t chunks = (w.cols + 31) / 32;
   thread_local std::vector<float> buffer;
-  buffer.resize(static_cast<size_t>(a.batch * chunks * 32 + 16));
+  buffer.resize(static_cast<size_t>(split_rows * chunks * 32 + 16));
   float* split = buffer.data();
   split += (16 - reinterpret_cast<uintptr_t>(split) / 4 % 16) % 16;  // 64-byte aligned
   const __m512i odd = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
-  for (int64_t b = 0; b < a.batch; ++b)
+  const uint16_t* x = static_cast<const uint16_t*>(a.data) + (a.batch - split_rows) * a.stride;
+  for (int64_t b = 0; b < split_rows; ++b)
     for (int64_t k = 0; k < chunks; ++k) {
-      const __m512i v = _mm512_loadu_si512(static_cast<const uint16_t*>(a.data) + b * a.stride + k * 32);
+      const __m512i v = _mm512_loadu_si512(x + b * a.stride + k * 32);
       _mm512_store_si512(split + (b * chunks + k) * 32, _mm512_slli_epi32(v, 16));
       _mm512_store_si512(split + (b * chunks + k) * 32 + 16, _mm512_and_si512(v, odd));
     }

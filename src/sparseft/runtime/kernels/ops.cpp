@@ -217,10 +217,11 @@ void check_input(const at::Tensor& x, int64_t cols) {
 void amx_mm(const SparseMatrix& w, const Activations& a, const Output& o, bool int8) {
   thread_local std::vector<uint32_t> pairs;
   const int64_t element = int8 ? 1 : 2, row_words = a.stride * element / 4;
+  TORCH_INTERNAL_ASSERT(row_words % 16 == 0, "sparseft: AMX activations must be whole 64-byte chunks");
   for (int64_t b0 = 0; b0 < a.batch; b0 += kAmxBatch) {
     const int64_t nb = std::min(kAmxBatch, a.batch - b0);
     const char* x = static_cast<const char*>(a.data) + b0 * a.stride * element;
-    pairs.resize(static_cast<size_t>(row_words * 16 * ((nb + 15) / 16)));
+    pairs.resize(static_cast<size_t>(row_words * ((nb + 15) / 16) * std::min<int64_t>(nb, 16)));
     interleave(x, nb, row_words, int8, pairs.data());
     const Activations part{x, a.scale ? a.scale + b0 : nullptr, nb, a.stride, pairs.data()};
     const Output out{static_cast<char*>(o.data) + b0 * o.stride * (o.bf16 ? 2 : 4), o.bf16, o.stride, o.bias};

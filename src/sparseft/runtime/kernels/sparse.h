@@ -30,7 +30,8 @@ struct Activations {
   const float* scale;  // int8 only: per-row quantization scale
   int64_t batch, stride;
   const uint32_t* pairs = nullptr;  // AMX kernels only: 32-bit words of columns (interleave's layout)
-  const float* split = nullptr;     // bf16 expand kernel only: per 32 columns, the 16 even then 16 odd as fp32
+  const float* split = nullptr;     // bf16 expand kernel only: per 32 columns, the 16 even then 16 odd as fp32,
+                                    // of the batch rows of its last tile when that has at most 4
 };
 
 struct Output {
@@ -49,7 +50,7 @@ void bf16_avx2(const SparseMatrix&, const Activations&, const Output&, int64_t, 
 void int8_avx2(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
 void bf16_avx512(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
 // AMX (tdpbf16ps, tdpbssd) for batch 1..kAmxBatch with `pairs` prepared by `interleave` (for (batch + 15) / 16
-// groups of 16 rows, row_words * 16 words each); kAmxBuilt is false where the compiler had no AMX intrinsics (the
+// groups of min(batch, 16) rows, row_words * min(batch, 16) words each); kAmxBuilt is false where the compiler had no AMX intrinsics (the
 // kernels then run the expand kernels). ops.cpp gives them larger batches in pieces.
 constexpr int64_t kAmxBatch = 64;
 extern const bool kAmxBuilt;
