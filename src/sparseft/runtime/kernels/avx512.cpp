@@ -45,7 +45,7 @@ inline __mmask32 tail_mask32(int64_t count) {
 //
 // The sparse tiles of up to 4 batch rows multiply in fp32 rather than with vdpbf16ps: each 32-bit lane of the
 // expanded weights holds an even and an odd column, which a shift and an and turn into two fp32 vectors for two
-// FMAs against the activations split the same way (a.split, made once per call by bf16_avx512). On this Xeon
+// FMAs against the activations split the same way (a.split, made by bf16_avx512). On this Xeon
 // vdpbf16ps takes 3 cycles and vpexpandw 2, both on port 5, while FMAs also issue on port 0: 4.1 instead of 5.1
 // cycles per 32 columns in L2, and 1.03-1.27x out of cache (batch 1, 70%). The products of two bf16 values are
 // exact in fp32, so this is also the more accurate of the two. Larger batch tiles keep vdpbf16ps, which needs

@@ -50,8 +50,8 @@ void bf16_avx2(const SparseMatrix&, const Activations&, const Output&, int64_t, 
 void int8_avx2(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
 void bf16_avx512(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
 // AMX (tdpbf16ps, tdpbssd) for batch 1..kAmxBatch with `pairs` prepared by `interleave` (for (batch + 15) / 16
-// groups of min(batch, 16) rows, row_words * min(batch, 16) words each); kAmxBuilt is false where the compiler had no AMX intrinsics (the
-// kernels then run the expand kernels). ops.cpp gives them larger batches in pieces.
+// groups of min(batch, 16) rows, row_words * min(batch, 16) words each); kAmxBuilt is false where the compiler
+// had no AMX intrinsics (the kernels then run the expand kernels). ops.cpp gives them larger batches in pieces.
 constexpr int64_t kAmxBatch = 64;
 extern const bool kAmxBuilt;
 void bf16_amx(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
