@@ -41,6 +41,22 @@ def test_fused_norm_rounds_like_llama(dtype: torch.dtype) -> None:
         assert (got != expected).float().mean() < 0.01
 
 
+@needs_kernels
+def test_prompt_rows_split_across_threads_give_the_same_result() -> None:
+    norm = FusedRMSNorm(_norm(torch.bfloat16))
+    x = torch.randn(2, 150, 200, generator=torch.Generator().manual_seed(3)).bfloat16()  # 300 rows
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = norm(x)
+        torch.set_num_threads(max(before, 2))
+        many = norm(x)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, many)
+    torch.testing.assert_close(many, _norm(torch.bfloat16)(x), rtol=2.0**-7, atol=0)
+
+
 def test_fused_norm_falls_back_to_torch_where_the_op_does_not_apply() -> None:
     norm = _norm(torch.bfloat16)
     fused = FusedRMSNorm(norm)
