@@ -52,6 +52,21 @@ def test_op_equals_transformers_bit_for_bit(modeling: object, dtype: torch.dtype
 
 
 @needs_kernels
+def test_op_gives_the_same_bits_on_one_thread_or_several() -> None:
+    q, k, cos, sin = _qkcs(torch.bfloat16, tokens=512)  # (batch, head) pairs split across threads
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = dispatch.rotary(q, k, cos, sin)
+        torch.set_num_threads(max(before, 2))
+        many = dispatch.rotary(q, k, cos, sin)
+    finally:
+        torch.set_num_threads(before)
+    expected = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+    assert all(torch.equal(a, b) and torch.equal(b, c) for a, b, c in zip(one, many, expected, strict=True))
+
+
+@needs_kernels
 def test_op_refuses_what_it_does_not_cover() -> None:
     q, k, cos, sin = _qkcs(torch.bfloat16)
     with pytest.raises(RuntimeError, match="one dtype"):
@@ -70,6 +85,9 @@ def test_inside_a_marked_call_what_the_op_does_not_cover_runs_transformers_ops(
     token = rotary._INSIDE.set(True)
     try:
         apply(q, k, cos, sin)
+        assert len(calls) == 1
+        prompt = _qkcs(torch.bfloat16, tokens=rotary._OP_TOKENS + 1)  # a prompt: the original is faster
+        assert torch.equal(apply(*prompt)[0], modeling_llama.apply_rotary_pos_emb(*prompt)[0])
         assert len(calls) == 1
         for args in [(q.half(), k.half(), cos.half(), sin.half()), (q.float(), k, cos, sin)]:  # fp16; mixed
             assert torch.equal(apply(*args)[0], modeling_llama.apply_rotary_pos_emb(*args)[0])

@@ -2,7 +2,9 @@
 // it: x * cos + rotate_half(x) * sin, each product and the sum rounded to x's dtype (torch computes a bf16 op in
 // fp32 and rounds its result). Per layer and token that function is about sixteen small torch ops.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <tuple>
 
 #include "ops.h"
@@ -20,8 +22,12 @@ void rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, a
   const T* sp = reinterpret_cast<const T*>(sin.data_ptr());
   T* op = reinterpret_cast<T*>(out.data_ptr());
   const T kind{};
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h)
+  // (batch, head) pairs split across torch's threads once there are some 16K values a thread (a prompt's); a
+  // decoding step's few stay on the calling thread. Each value is computed the same either way.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, S * D));
+  at::parallel_for(0, B * H, grain, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t b = p / H, h = p % H;
       for (int64_t t = 0; t < S; ++t) {
         const T* in = xp + b * x.stride(0) + h * x.stride(1) + t * x.stride(2);
         const T* c = cp + b * cos.stride(0) + t * cos.stride(1);
@@ -33,6 +39,8 @@ void rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, a
           put(o + d, rounded(as_f32(in[d]) * as_f32(c[d]), kind) + rounded(turned * as_f32(s[d]), kind));
         }
       }
+    }
+  });
 }
 
 void check(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
