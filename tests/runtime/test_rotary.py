@@ -86,17 +86,21 @@ def test_inside_a_marked_call_what_the_op_does_not_cover_runs_transformers_ops(
     try:
         apply(q, k, cos, sin)
         assert len(calls) == 1
-        prompt = _qkcs(torch.bfloat16, tokens=rotary._OP_TOKENS + 1)  # a prompt: the original is faster
+        apply(*_qkcs(torch.bfloat16, tokens=rotary._OP_TOKENS))
+        assert len(calls) == 2
+        prompt = _qkcs(
+            torch.bfloat16, tokens=rotary._OP_TOKENS + 1
+        )  # a longer prompt: the original is faster
         assert torch.equal(apply(*prompt)[0], modeling_llama.apply_rotary_pos_emb(*prompt)[0])
-        assert len(calls) == 1
+        assert len(calls) == 2
         for args in [(q.half(), k.half(), cos.half(), sin.half()), (q.float(), k, cos, sin)]:  # fp16; mixed
             assert torch.equal(apply(*args)[0], modeling_llama.apply_rotary_pos_emb(*args)[0])
-        assert len(calls) == 1
+        assert len(calls) == 2
         # Phi-3's partial rotary (Phi-4-mini's 0.75): cos and sin cover only the first features of each head
         partial = fast_rotary(modeling_phi3.apply_rotary_pos_emb)
         args = (q, k, cos[..., :12], sin[..., :12])
         assert torch.equal(partial(*args)[0], modeling_phi3.apply_rotary_pos_emb(*args)[0])
-        assert len(calls) == 1
+        assert len(calls) == 2
     finally:
         rotary._INSIDE.reset(token)
 

@@ -81,14 +81,14 @@ def _resolve_isa(name: str) -> str:
 # int8 (3.4 vs 3.7 ms at 32, 5.9 vs 4.8 at 64).
 DENSE_ABOVE = {"bf16": 8, "int8": 32, "dense": 8}  # "dense": our dense bf16 GEMV (linear.DenseLinear)
 # With AMX the bf16 kernel (64 tokens a pass) beats decompressing (in 8 MB blocks, as `decompressed_linear`) up
-# to 512 tokens and more on one weight: 4096x4096 at 70%, two runs, 1.55-1.86 against 4.71-5.52 ms at 32
-# tokens, 6.27 against 9.49-10.03 at 128, 12.8-12.9 against 16.2-17.0 at 256, 25.5-25.6 against 28.2-32.2 at
-# 512. Its cost grows by one pass per 64 tokens, the dense path's by less, so past some length decompressing
-# wins. Prefill through `generate` on TinyLlama's shape at 70%, alternated, the kernel against decompressing:
-# 1.31-1.33x at 192 tokens, 1.23x at 256, 1.14x at 384, 1.11-1.14x at 512, 1.16x at 768, 1.14x at 1024. Hence
-# 1024. The int8 kernel would win over the same range (4.14 against 9.60 ms at 128), but it quantizes the
-# activations to int8 where decompressing keeps them bf16: moved to 128, it cost the demo model 0.2 points of
-# accuracy, so int8 prompts keep the switch at 32.
+# to about 1024 tokens. One 4096x4096 weight at 70%, alternated: 1.55-1.86 against 4.71-5.52 ms at 32 tokens,
+# 6.27 against 9.49-10.03 at 128, 12.8-12.9 against 16.2-17.0 at 256, 25.5-25.6 against 28.2-32.2 at 512; a
+# reviewer's run to longer inputs: 1.27x at 256, 1.13x at 512, 1.01x at 1024, 0.95x at 2048. Prefill through
+# `generate` on TinyLlama's shape at 70%, alternated, three runs: 1.31-1.34x at 192-256 tokens, 1.05-1.14x at
+# 512, 1.16x at 768, 1.14x at 1024. (Whole-sequence forwards, `model(ids)`, had put the break-even near 256, but
+# they were noisier and are not how prompts run.) The int8 kernel would win over the same range (4.14 against
+# 9.60 ms at 128), but it quantizes the activations to int8 where decompressing keeps them bf16: moved to 128, it
+# cost the demo model 0.2 points of accuracy, so int8 prompts keep the switch at 32.
 AMX_DENSE_ABOVE = {"bf16": 1024}
 _DECOMPRESS_BYTES = 8 * 2**20
 

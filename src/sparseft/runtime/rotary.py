@@ -82,7 +82,7 @@ def fast_rotary(original: Callable[..., Any]) -> Callable[..., Any]:
     def apply(
         q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
     ) -> Any:
-        if _INSIDE.get() and unsqueeze_dim == 1 and q.shape[-2] <= _OP_TOKENS and _covered(q, k, cos, sin):
+        if _INSIDE.get() and unsqueeze_dim == 1 and _covered(q, k, cos, sin) and q.shape[2] <= _OP_TOKENS:
             return dispatch.rotary(q, k, cos, sin)
         return original(q, k, cos, sin, unsqueeze_dim)
 

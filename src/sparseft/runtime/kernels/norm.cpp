@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "ops.h"
@@ -43,9 +44,11 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
   at::Tensor y = at::empty_like(xc);
   const int64_t cols = weight.size(0), rows = cols ? xc.numel() / cols : 0;
-  // Rows split across torch's threads for prompts (each row is computed the same either way); a decoding step's
-  // row or two stay on the calling thread. 256 tokens of 2048: 1.6 ms a call on one thread, twice torch's norm.
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+  // Rows split across torch's threads once there are some 32K values a thread (a prompt's; each row is computed
+  // the same either way); a decoding step's few rows stay on the calling thread. 256 tokens of 2048: 1.6 ms a
+  // call on one thread, twice torch's norm.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, cols));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     if (x.scalar_type() == at::kFloat)
       rms_rows(xc.data_ptr<float>() + r0 * cols, wc.data_ptr<float>(), y.data_ptr<float>() + r0 * cols, r1 - r0,
                cols, static_cast<float>(eps));
