@@ -9,7 +9,7 @@ of its weight to read well past the last-level cache, so the figures are memory 
 STREAM-like copy probe and a clock probe (the core's GHz, which moves figures bound by computation) run before
 and after each batch; effective GB/s (weight bytes read per second) is reported with its fraction of that
 bandwidth. Medians of `--reps`. A last section finds the batch size where decompress + dense matmul overtakes the
-expand kernel (the runtime's prefill switch).
+sparse kernels (expand, or AMX where present): the runtime's prefill switch.
 """
 
 from __future__ import annotations

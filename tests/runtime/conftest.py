@@ -1,10 +1,11 @@
 """Runtime test helpers: weights with the awkward cases the kernels must handle (an empty row, a fully dense
-row, sizes that are not multiples of 32 or 64), a pruned tiny Llama, and tiny Llama-family decoders and a tiny
-Whisper whose head size the decoding attention op takes."""
+row, sizes that are not multiples of 32 or 64), a pruned tiny Llama, tiny Llama-family decoders and a tiny
+Whisper whose head size the decoding attention op takes, and a way to run an op on one thread and on several."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -28,6 +29,23 @@ def _awkward_weight(rows: int, cols: int, sparsity: float = 0.7, seed: int = 0) 
 @pytest.fixture
 def awkward_weight() -> Callable[..., torch.Tensor]:
     return _awkward_weight
+
+
+def _on_one_thread_and_several(run: Callable[[], Any]) -> tuple[Any, Any]:
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(max(before, 2))
+        return one, run()
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread_and_several() -> Callable[[Callable[[], Any]], tuple[Any, Any]]:
+    """`run()`'s result on one of torch's threads, then on several; torch's setting is restored."""
+    return _on_one_thread_and_several
 
 
 def _prune_(model: transformers.PreTrainedModel, sparsity: float) -> transformers.PreTrainedModel:

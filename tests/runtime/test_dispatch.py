@@ -104,7 +104,9 @@ def test_int8_agrees_with_dequantized_product(isa: str, awkward_weight: Callable
 @pytest.mark.parametrize("isa", KERNEL_ISAS)
 @pytest.mark.parametrize("kind", ["bf16", "int8"])
 @pytest.mark.parametrize("batch", [1, 4, 16, 40])  # 16, 40: the AMX kernels, where present (40: three groups)
-def test_threads_split_uneven_rows(isa: str, kind: str, batch: int) -> None:
+def test_threads_split_uneven_rows(
+    isa: str, kind: str, batch: int, one_thread_and_several: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+) -> None:
     # dense first half, nearly empty second half: the split by bytes must still cover every row once, and a
     # thread's tiles of spaced rows (6 or 8 at batch 1, 2 above, 16 on AMX) must leave none out where its range
     # does not divide
@@ -112,14 +114,7 @@ def test_threads_split_uneven_rows(isa: str, kind: str, batch: int) -> None:
     weight[150:][torch.rand(151, 515) < 0.97] = 0
     packed = pack_dense(weight, kind)  # type: ignore[arg-type]
     x = torch.randn(batch, 515)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = dispatch.sparse_mm(x, packed, None, isa)
-        torch.set_num_threads(max(before, 2))
-        many = dispatch.sparse_mm(x, packed, None, isa)
-    finally:
-        torch.set_num_threads(before)
+    one, many = one_thread_and_several(lambda: dispatch.sparse_mm(x, packed, None, isa))
     torch.testing.assert_close(many, one, rtol=0, atol=0)
     torch.testing.assert_close(one, reference.sparse_mm(x, packed), rtol=1e-4, atol=1e-3)
 

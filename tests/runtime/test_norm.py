@@ -42,17 +42,12 @@ def test_fused_norm_rounds_like_llama(dtype: torch.dtype) -> None:
 
 
 @needs_kernels
-def test_prompt_rows_split_across_threads_give_the_same_result() -> None:
+def test_prompt_rows_split_across_threads_give_the_same_result(
+    one_thread_and_several: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+) -> None:
     norm = FusedRMSNorm(_norm(torch.bfloat16))
     x = torch.randn(2, 150, 200, generator=torch.Generator().manual_seed(3)).bfloat16()  # 300 rows
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = norm(x)
-        torch.set_num_threads(max(before, 2))
-        many = norm(x)
-    finally:
-        torch.set_num_threads(before)
+    one, many = one_thread_and_several(lambda: norm(x))
     assert torch.equal(one, many)
     torch.testing.assert_close(many, _norm(torch.bfloat16)(x), rtol=2.0**-7, atol=0)
 

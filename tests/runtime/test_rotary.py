@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -52,16 +53,11 @@ def test_op_equals_transformers_bit_for_bit(modeling: object, dtype: torch.dtype
 
 
 @needs_kernels
-def test_op_gives_the_same_bits_on_one_thread_or_several() -> None:
+def test_op_gives_the_same_bits_on_one_thread_or_several(
+    one_thread_and_several: Callable[..., tuple[Any, Any]],
+) -> None:
     q, k, cos, sin = _qkcs(torch.bfloat16, tokens=512)  # (batch, head) pairs split across threads
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = dispatch.rotary(q, k, cos, sin)
-        torch.set_num_threads(max(before, 2))
-        many = dispatch.rotary(q, k, cos, sin)
-    finally:
-        torch.set_num_threads(before)
+    one, many = one_thread_and_several(lambda: dispatch.rotary(q, k, cos, sin))
     expected = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
     assert all(torch.equal(a, b) and torch.equal(b, c) for a, b, c in zip(one, many, expected, strict=True))
 

@@ -36,10 +36,6 @@ inline void memory_barrier() { asm volatile("" ::: "memory"); }
 constexpr int kRows = 16;    // rows of a weight tile (and of the result tiles)
 constexpr int kTokens = 16;  // most batch rows of a result tile (16 fp32 or int32 sums make its 64-byte row)
 
-// Batch rows of each group: the batch itself below 16, so that small batches load and multiply no padding; 16
-// above, the last group padded with zeros.
-inline int64_t group_width(int64_t batch) { return batch < kTokens ? batch : kTokens; }
-
 struct alignas(64) TileConfig {
   uint8_t palette;
   uint8_t start_row;

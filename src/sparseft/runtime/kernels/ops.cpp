@@ -221,7 +221,7 @@ void amx_mm(const SparseMatrix& w, const Activations& a, const Output& o, bool i
   for (int64_t b0 = 0; b0 < a.batch; b0 += kAmxBatch) {
     const int64_t nb = std::min(kAmxBatch, a.batch - b0);
     const char* x = static_cast<const char*>(a.data) + b0 * a.stride * element;
-    pairs.resize(static_cast<size_t>(row_words * ((nb + 15) / 16) * std::min<int64_t>(nb, 16)));
+    pairs.resize(static_cast<size_t>(interleaved_words(nb, row_words)));
     interleave(x, nb, row_words, int8, pairs.data());
     const Activations part{x, a.scale ? a.scale + b0 : nullptr, nb, a.stride, pairs.data()};
     const Output out{static_cast<char*>(o.data) + b0 * o.stride * (o.bf16 ? 2 : 4), o.bf16, o.stride, o.bias};

@@ -53,6 +53,12 @@ void bf16_avx512(const SparseMatrix&, const Activations&, const Output&, int64_t
 // groups of min(batch, 16) rows, row_words * min(batch, 16) words each); kAmxBuilt is false where the compiler
 // had no AMX intrinsics (the kernels then run the expand kernels). ops.cpp gives them larger batches in pieces.
 constexpr int64_t kAmxBatch = 64;
+// `interleave`'s layout: groups of 16 batch rows, or one group as wide as the batch below 16 (no padding to load
+// and multiply); interleaved_words is the size it writes.
+static inline int64_t group_width(int64_t batch) { return batch < 16 ? batch : 16; }
+static inline int64_t interleaved_words(int64_t batch, int64_t row_words) {
+  return (batch + 15) / 16 * group_width(batch) * row_words;
+}
 extern const bool kAmxBuilt;
 void bf16_amx(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
 void int8_amx(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
