@@ -6,8 +6,9 @@ For each shape (4096x4096, 11008x4096, 4096x11008), sparsity (50/70/80/90%) and 
 side and alternating run by run: torch dense fp32, torch dense bf16, our dense bf16 GEMV (the strongest dense
 baseline we could write), and the sparse kernels (bf16 and int8 values). Each variant cycles through enough copies
 of its weight to read well past the last-level cache, so the figures are memory figures, not cache figures. A
-STREAM-like copy probe and a clock probe (the core's GHz, which moves figures bound by computation) run before
-and after each batch; effective GB/s (weight bytes read per second) is reported with its fraction of that
+STREAM-like copy probe, a clock probe (the core's GHz) and a compute probe (the bf16 kernel on a weight held in
+L2: core cycles per 32 columns, which rise when the core is shared and move every figure bound by computation) run
+before and after each batch; effective GB/s (weight bytes read per second) is reported with its fraction of that
 bandwidth. Medians of `--reps`. A last section finds the batch size where decompress + dense matmul overtakes the
 sparse kernels (expand, or AMX where present): the runtime's prefill switch.
 """
@@ -95,6 +96,27 @@ def sparse_variants(packs: dict[str, list[Packed]], batch: int, isa: str) -> lis
     return out
 
 
+def compute_probe(isa: str, clock: float | None) -> float | None:
+    """Core cycles per 32 columns of the bf16 expand kernel, batch 1, on a 768x4096 weight at 70% that stays in
+    L2: bound by computation alone, so it reads how much of the cores the kernels get now (4.2 at best on this
+    Xeon, one thread). On this VM it moved between 4.2 and 7.4 within minutes with nothing else running in it,
+    which the clock probe does not show."""
+    if clock is None:
+        return None
+    packed = pack_dense(prune(torch.randn(768, 4096), 0.7), "bf16")
+    x = torch.randn(1, 4096).bfloat16()
+    for _ in range(20):
+        dispatch.sparse_mm(x, packed, None, isa)
+    blocks = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(40):
+            dispatch.sparse_mm(x, packed, None, isa)
+        blocks.append((time.perf_counter() - start) / 40)
+    chunks_per_thread = 768 * 4096 / 32 / torch.get_num_threads()
+    return round(statistics.median(blocks) * clock * 1e9 / chunks_per_thread, 2)
+
+
 def prune(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     # Random positions: the kernels' speed depends on how many weights survive, not on which.
     keep = torch.rand(weight.shape, generator=torch.Generator().manual_seed(1)) >= sparsity
@@ -119,10 +141,12 @@ def bench_shape(
     rows: list[dict[str, Any]] = []
     for batch in batches:
         before, clock_before = copy_bandwidth(), dispatch.clock_ghz()
+        probe_before = compute_probe(isa, clock_before)
         dense = dense_variants(fp32, bf16, batch, isa)
         sparse = {s: sparse_variants(packs[s], batch, isa) for s in sparsities}
         time_round_robin(dense + [v for vs in sparse.values() for v in vs], reps)
         after, clock_after = copy_bandwidth(), dispatch.clock_ghz()
+        probe = median_known([probe_before, compute_probe(isa, clock_after)], 2)
         bandwidth = statistics.median([before, after])
         clock = median_known([clock_before, clock_after], 2)
         base = {v.name: v.median() for v in dense}
@@ -141,6 +165,7 @@ def bench_shape(
                         "of_copy_bw": round(gbs / bandwidth, 3),
                         "copy_gb_s": round(bandwidth, 1),
                         "clock_ghz": clock,
+                        "probe_cycles": probe,
                         "x_best_dense_bf16": round(best_bf16 / v.median(), 2),
                         "x_torch_fp32": round(base["torch fp32"] / v.median(), 2),
                     }
@@ -153,7 +178,7 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
     head = rows[0]
     print(
         f"\n{head['shape'][0]}x{head['shape'][1]}  batch {head['batch']}  copy bandwidth {head['copy_gb_s']} GB/s  "
-        f"clock {head['clock_ghz'] or 'n/a'} GHz"
+        f"clock {head['clock_ghz'] or 'n/a'} GHz  compute probe {head['probe_cycles'] or 'n/a'} cycles"
     )
     print(
         f"  {'sparsity':>8} {'variant':<16} {'ms':>9} {'GB/s':>7} {'of bw':>6} {'x best dense bf16':>18} {'x torch fp32':>13}"
@@ -214,7 +239,7 @@ def main() -> None:
         if r["sparsity"] == 0.7 and r["batch"] == 1:
             print(
                 f"  {r['shape'][0]}x{r['shape'][1]} {r['variant']:<12} {r['x_best_dense_bf16']:.2f}x dense bf16, "
-                f"{r['x_torch_fp32']:.2f}x torch fp32"
+                f"{r['x_torch_fp32']:.2f}x torch fp32  (compute probe {r['probe_cycles']} cycles)"
             )
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
