@@ -109,7 +109,8 @@ def test_threads_split_uneven_rows(
 ) -> None:
     # dense first half, nearly empty second half: the split by bytes must still cover every row once, and a
     # thread's tiles of spaced rows (6 or 8 at batch 1, 2 above, 16 on AMX) must leave none out where its range
-    # does not divide
+    # does not divide. The part with fewer, denser rows is done first (the expand kernels' cost goes by columns,
+    # not bytes), and its thread then takes tile steps of the other part: the results must not change.
     weight = torch.randn(301, 515)
     weight[150:][torch.rand(151, 515) < 0.97] = 0
     packed = pack_dense(weight, kind)  # type: ignore[arg-type]

@@ -196,7 +196,7 @@ template <bool kInt8>
 void rows(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
   // not a batch the tiles hold (ops.cpp never passes one)
   if (a.batch < 1 || a.batch > kAmxBatch || a.pairs == nullptr) {
-    (kInt8 ? int8_avx512 : bf16_avx512)(w, a, o, r0, r1);
+    (kInt8 ? int8_avx512 : bf16_avx512)(w, a, o, r0, r1, nullptr);
     return;
   }
   const int64_t step = (r1 - r0) / kRows;
@@ -214,11 +214,13 @@ void rows(const SparseMatrix& w, const Activations& a, const Output& o, int64_t 
 
 }  // namespace
 
-void bf16_amx(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
+void bf16_amx(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1,
+              const Shared*) {
   rows<false>(w, a, o, r0, r1);
 }
 
-void int8_amx(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
+void int8_amx(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1,
+              const Shared*) {
   rows<true>(w, a, o, r0, r1);
 }
 
@@ -255,11 +257,13 @@ void interleave(const void* x, int64_t batch, int64_t row_words, bool signed_byt
 
 namespace sparseft {
 const bool kAmxBuilt = false;
-void bf16_amx(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
-  bf16_avx512(w, a, o, r0, r1);
+void bf16_amx(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1,
+              const Shared*) {
+  bf16_avx512(w, a, o, r0, r1, nullptr);
 }
-void int8_amx(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
-  int8_avx512(w, a, o, r0, r1);
+void int8_amx(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1,
+              const Shared*) {
+  int8_avx512(w, a, o, r0, r1, nullptr);
 }
 void interleave(const void*, int64_t, int64_t, bool, uint32_t*) {}
 }  // namespace sparseft

@@ -115,11 +115,13 @@ void rows(const SparseMatrix& w, const Activations& a, const Output& o, int64_t 
 
 }  // namespace
 
-void bf16_avx2(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
+void bf16_avx2(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1,
+               const Shared*) {
   rows<false>(w, a, o, r0, r1);
 }
 
-void int8_avx2(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
+void int8_avx2(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1,
+               const Shared*) {
   rows<true>(w, a, o, r0, r1);
 }
 

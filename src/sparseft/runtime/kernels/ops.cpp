@@ -149,17 +149,21 @@ std::vector<int64_t> split_rows(const SparseMatrix& w, int64_t value_bytes, int6
 }
 
 void run_parallel(const SparseMatrix& w, int64_t value_bytes, int64_t batch,
-                  const std::function<void(int64_t, int64_t)>& body) {
+                  const std::function<void(int64_t, int64_t, const Shared*)>& body) {
   // Below ~64 KiB of weights the cost of waking threads exceeds the work.
   const int64_t bytes = w.mask ? w.row_start[w.rows] * value_bytes + w.rows * w.words * 8 : w.rows * w.cols * 2;
   const int64_t parts = bytes * batch < (int64_t{1} << 16) ? 1 : std::min<int64_t>(at::get_num_threads(), w.rows);
   if (parts <= 1) {
-    body(0, w.rows);
+    body(0, w.rows, nullptr);
     return;
   }
   const std::vector<int64_t> bounds = split_rows(w, value_bytes, parts);
+  std::vector<StepCounter> counters(static_cast<size_t>(parts));
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) body(bounds[t], bounds[t + 1]);
+    for (int64_t t = begin; t < end; ++t) {
+      const Shared shared{counters.data(), bounds.data(), parts, t};
+      body(bounds[t], bounds[t + 1], &shared);
+    }
   });
 }
 
@@ -228,7 +232,7 @@ void amx_mm(const SparseMatrix& w, const Activations& a, const Output& o, bool i
     // a last piece below the AMX range goes to the expand kernel: the choice depends on the batch only
     Kernel kernel = int8 ? (nb >= kAmxMinBatchInt8 ? int8_amx : int8_avx512)
                          : (nb >= kAmxMinBatch ? bf16_amx : bf16_avx512);
-    run_parallel(w, element, nb, [&](int64_t r0, int64_t r1) { kernel(w, part, out, r0, r1); });
+    run_parallel(w, element, nb, [&](int64_t r0, int64_t r1, const Shared* s) { kernel(w, part, out, r0, r1, s); });
   }
 }
 
@@ -255,7 +259,7 @@ at::Tensor sparse_mm(const at::Tensor& x, const at::Tensor& mask, const at::Tens
     amx_mm(w, a, o, int8);
     return y;
   }
-  run_parallel(w, int8 ? 1 : 2, batch, [&](int64_t r0, int64_t r1) { kernel(w, a, o, r0, r1); });
+  run_parallel(w, int8 ? 1 : 2, batch, [&](int64_t r0, int64_t r1, const Shared* s) { kernel(w, a, o, r0, r1, s); });
   return y;
 }
 
@@ -269,7 +273,7 @@ at::Tensor decompress(const at::Tensor& mask, const at::Tensor& values, const at
   const SparseMatrix w = matrix(mask, values, row_start, scale, rowsum, cols);
   at::Tensor out = at::empty({w.rows, cols}, at::kBFloat16);
   uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr());
-  run_parallel(w, int8 ? 1 : 2, 1, [&](int64_t r0, int64_t r1) {
+  run_parallel(w, int8 ? 1 : 2, 1, [&](int64_t r0, int64_t r1, const Shared*) {
     if (isa == kAvx512)
       decompress_avx512(w, int8, dst, r0, r1);
     else
@@ -291,7 +295,7 @@ at::Tensor dense_mm(const at::Tensor& x, const at::Tensor& weight, const std::op
   if (batch == 0 || w.rows == 0) return y;
   const Output o{y.data_ptr(), y.scalar_type() == at::kBFloat16, w.rows, bias_ptr(bias, w.rows)};
   const Activations a = prepare_bf16(x, batch, cols, w.words * 64);
-  run_parallel(w, 2, batch, [&](int64_t r0, int64_t r1) { dense_bf16_avx512(w, a, o, r0, r1); });
+  run_parallel(w, 2, batch, [&](int64_t r0, int64_t r1, const Shared* s) { dense_bf16_avx512(w, a, o, r0, r1, s); });
   return y;
 }
 

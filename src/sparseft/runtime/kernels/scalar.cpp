@@ -4,7 +4,8 @@
 
 namespace sparseft {
 
-void bf16_scalar(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
+void bf16_scalar(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1,
+                 const Shared*) {
   for (int64_t r = r0; r < r1; ++r) {
     for (int64_t b = 0; b < a.batch; ++b) {
       const uint16_t* x = static_cast<const uint16_t*>(a.data) + b * a.stride;
@@ -19,7 +20,8 @@ void bf16_scalar(const SparseMatrix& w, const Activations& a, const Output& o, i
   }
 }
 
-void int8_scalar(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
+void int8_scalar(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1,
+                 const Shared*) {
   for (int64_t r = r0; r < r1; ++r) {
     for (int64_t b = 0; b < a.batch; ++b) {
       const int8_t* x = static_cast<const int8_t*>(a.data) + b * a.stride;

@@ -11,6 +11,7 @@
 // activation could still be NaN, so the padding must really be zero).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 
@@ -41,14 +42,30 @@ struct Output {
   const float* bias;  // fp32 or null
 };
 
-// Kernels compute rows [r0, r1) of y = W x for every batch row; ops.cpp splits rows across threads.
-using Kernel = void (*)(const SparseMatrix&, const Activations&, const Output&, int64_t r0, int64_t r1);
+// How the threads of one call share its rows. Part p owns rows [bounds[p], bounds[p + 1]) (about equal bytes
+// to read, ops.cpp's split) and takes its tile steps through counters[p]; a thread through with its own part takes
+// the steps still left in the others', so a thread the machine slows down does not hold up the call. Each counter
+// has a cache line of its own: the owner writes it every few steps.
+struct alignas(64) StepCounter {
+  std::atomic<int64_t> next{0};
+};
+struct Shared {
+  StepCounter* counters;
+  const int64_t* bounds;
+  int64_t parts, part;  // this thread's part
+};
 
-void bf16_scalar(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
-void int8_scalar(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
-void bf16_avx2(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
-void int8_avx2(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
-void bf16_avx512(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
+// Kernels compute rows [r0, r1) of y = W x for every batch row; ops.cpp splits rows across threads. With `shared`
+// (null on one thread) [r0, r1) is part shared->part, and a kernel may also take rows of the other parts through
+// it (the AVX-512 expand kernels do).
+using Kernel = void (*)(const SparseMatrix&, const Activations&, const Output&, int64_t r0, int64_t r1,
+                        const Shared* shared);
+
+void bf16_scalar(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t, const Shared*);
+void int8_scalar(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t, const Shared*);
+void bf16_avx2(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t, const Shared*);
+void int8_avx2(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t, const Shared*);
+void bf16_avx512(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t, const Shared*);
 // AMX (tdpbf16ps, tdpbssd) for batch 1..kAmxBatch with `pairs` prepared by `interleave` (for (batch + 15) / 16
 // groups of min(batch, 16) rows, row_words * min(batch, 16) words each); kAmxBuilt is false where the compiler
 // had no AMX intrinsics (the kernels then run the expand kernels). ops.cpp gives them larger batches in pieces.
@@ -60,14 +77,14 @@ static inline int64_t interleaved_words(int64_t batch, int64_t row_words) {
   return (batch + 15) / 16 * group_width(batch) * row_words;
 }
 extern const bool kAmxBuilt;
-void bf16_amx(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
-void int8_amx(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
+void bf16_amx(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t, const Shared*);
+void int8_amx(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t, const Shared*);
 void interleave(const void* x, int64_t batch, int64_t row_words, bool signed_bytes, uint32_t* out);
-void int8_avx512(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
+void int8_avx512(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t, const Shared*);
 
 // Dense bf16 y = W x (W rows x cols, row-major, unpadded): the strongest dense baseline we can write, also
 // used for dense layers of a sparse model (the LM head). W is passed as a SparseMatrix with mask = null.
-void dense_bf16_avx512(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t);
+void dense_bf16_avx512(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t, const Shared*);
 
 // Symmetric per-token int8 of one activation row (fp32 or bf16 `x`): scale = max|x| / 127, q = round(x / scale)
 // (ties to even), stored as int8, or as uint8 q + 128 with `offset`. Leaves `out` untouched when x is all zero.
