@@ -16,6 +16,7 @@ sparse kernels (expand, or AMX where present): the runtime's prefill switch.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -96,6 +97,11 @@ def sparse_variants(packs: dict[str, list[Packed]], batch: int, isa: str) -> lis
     return out
 
 
+@functools.cache
+def _probe_weight() -> Packed:
+    return pack_dense(prune(torch.randn(768, 4096), 0.7), "bf16")
+
+
 def compute_probe(isa: str, clock: float | None) -> float | None:
     """Core cycles per 32 columns of the bf16 expand kernel, batch 1, on a 768x4096 weight at 70% that stays in
     L2: bound by computation alone, so it reads how much of the cores the kernels get now (4.2 at best on this
@@ -103,7 +109,7 @@ def compute_probe(isa: str, clock: float | None) -> float | None:
     which the clock probe does not show."""
     if clock is None:
         return None
-    packed = pack_dense(prune(torch.randn(768, 4096), 0.7), "bf16")
+    packed = _probe_weight()
     x = torch.randn(1, 4096).bfloat16()
     for _ in range(20):
         dispatch.sparse_mm(x, packed, None, isa)

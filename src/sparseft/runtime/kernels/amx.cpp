@@ -87,8 +87,9 @@ inline void multiply(const uint32_t* pairs, int64_t stride) {
 // Rows r, r + step, ... (spaced, as the expand kernels' tiles, so each row stream runs on into the next tile's for
 // the hardware prefetcher) times kGroups groups of batch rows (group_width): kRows rows, or `count` (fewer) for the
 // last rows of a range, in tiles configured for that many. Every group multiplies the same expanded weights, so
-// the expand (the costly part at batch 1) is done once for up to 64 batch rows. Each row's sum comes out the same for any
-// number of rows or groups, so results depend neither on how rows were split between threads nor on the batch.
+// the expand (the costly part at batch 1) is done once for up to 64 batch rows. Each row's sum comes out the same
+// for any number of rows or groups, so results depend neither on how rows were split between threads nor on the
+// batch.
 // A chunk is 32 bf16 or 64 int8 columns: 64 bytes of a tile row either way.
 //
 // Keeping a tile's expanded chunks in L2 for the next 64 batch rows, rather than expanding them again, was slower
