@@ -1,6 +1,6 @@
 """Kernel benchmark: y = W x for sparse W (bitmask + bf16 / int8 values) vs dense bf16 and fp32, on this CPU.
 
-    .venv/bin/python benchmarks/cpu_kernels.py [--quick] [--reps 5] [--output benchmarks/results/cpu_kernels.json]
+    .venv/bin/python benchmarks/cpu_kernels.py [--quick | --switch-only] [--reps 5] [--output ...json]
 
 For each shape (4096x4096, 11008x4096, 4096x11008), sparsity (50/70/80/90%) and batch (1/4/16) it times, side by
 side and alternating run by run: torch dense fp32, torch dense bf16, our dense bf16 GEMV (the strongest dense
@@ -10,7 +10,8 @@ STREAM-like copy probe, a clock probe (the core's GHz) and a compute probe (the 
 L2: core cycles per 32 columns, which rise when the core is shared and move every figure bound by computation) run
 before and after each batch; effective GB/s (weight bytes read per second) is reported with its fraction of that
 bandwidth. Medians of `--reps`. A last section finds the batch size where decompress + dense matmul overtakes the
-sparse kernels (expand, or AMX where present): the runtime's prefill switch.
+sparse kernels (expand, or AMX where present; for int8 past 32 tokens also AMX with 16-bit activations): the
+runtime's prefill switch. `--switch-only` runs just that section.
 """
 
 from __future__ import annotations
@@ -198,8 +199,10 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
 
 def crossover(isa: str, reps: int) -> list[dict[str, Any]]:
     """Batch sizes at which the decompress + dense matmul path beats the kernels (4096x4096, 70%): the expand
-    kernel, or the AMX kernel from 3 (bf16) or 8 (int8) tokens where the CPU has AMX."""
+    kernel, or the AMX kernel from 3 (bf16) or 8 (int8) tokens where the CPU has AMX, and there for int8 past 32
+    tokens also the kernel with 16-bit activations, which the runtime takes for those."""
     weight = prune(torch.randn(4096, 4096), 0.7)
+    wide_too = dispatch.amx_ready(isa)
     out = []
     print("\nprefill switch, 4096x4096 at 70%: sparse kernel vs decompress + dense matmul (ms)")
     for kind in ("bf16", "int8"):
@@ -210,17 +213,29 @@ def crossover(isa: str, reps: int) -> list[dict[str, Any]]:
             dense = Variant(
                 "decompress", 0, 1, lambda i, x=x, p=packed: dispatch.decompressed_linear(x, p, None, isa)
             )
-            time_round_robin([kernel, dense], reps)
+            variants = [kernel, dense]
+            if kind == "int8" and wide_too and batch > dispatch.DENSE_ABOVE["int8"]:
+                variants.append(
+                    Variant(
+                        "16-bit",
+                        0,
+                        1,
+                        lambda i, x=x, p=packed: dispatch.sparse_mm(x, p, None, isa, wide=True),
+                    )
+                )
+            time_round_robin(variants, reps)
             row = {
                 "values": kind,
                 "batch": batch,
                 "kernel_ms": kernel.median() * 1e3,
                 "decompress_ms": dense.median() * 1e3,
             }
+            line = f"  {kind} batch {batch:>4}: kernel {row['kernel_ms']:8.2f}  decompress+matmul {row['decompress_ms']:8.2f}"
+            if len(variants) > 2:
+                row["kernel_16_bit_activations_ms"] = variants[2].median() * 1e3
+                line += f"  kernel, 16-bit activations {row['kernel_16_bit_activations_ms']:8.2f}"
             out.append(row)
-            print(
-                f"  {kind} batch {batch:>4}: kernel {row['kernel_ms']:8.2f}  decompress+matmul {row['decompress_ms']:8.2f}"
-            )
+            print(line)
     return out
 
 
@@ -228,14 +243,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="one shape, 70%% only, batch 1 (a smoke run)")
+    parser.add_argument("--switch-only", action="store_true", help="only the prefill switch section")
     parser.add_argument("--output", default="benchmarks/results/cpu_kernels.json")
     args = parser.parse_args()
+    if args.quick and args.switch_only:
+        parser.error("--quick and --switch-only leave nothing to run together; choose one")
     isa = dispatch.current_isa()
     if isa == "torch":
         raise SystemExit("the C++ kernels are not available here; nothing to benchmark")
     shapes, sparsities, batches = (SHAPES[:1], [0.7], [1]) if args.quick else (SHAPES, SPARSITIES, BATCHES)
     print(f"kernels: {isa}, threads: {torch.get_num_threads()}, reps: {args.reps}")
-    rows = [r for shape in shapes for r in bench_shape(shape, sparsities, batches, args.reps, isa)]
+    rows = (
+        []
+        if args.switch_only
+        else [r for s in shapes for r in bench_shape(s, sparsities, batches, args.reps, isa)]
+    )
     switch = crossover(isa, max(args.reps // 2, 1)) if not args.quick else []
 
     print(

@@ -72,9 +72,12 @@ def test_batches_run_on_amx(
     bias = torch.randn(70)
     amx = [dispatch.sparse_mm(x, p, bias, "avx512") for p in (bf16, int8)]
     assert dispatch.dense_above("bf16") == dispatch.AMX_DENSE_ABOVE["bf16"]
-    assert dispatch.dense_above("int8") == dispatch.DENSE_ABOVE["int8"]  # the kernel quantizes activations
+    assert (
+        dispatch.dense_above("int8") == dispatch.AMX_DENSE_ABOVE["int8"]
+    )  # from 33 tokens, 16-bit activations
     monkeypatch.setenv("SPARSEFT_AMX", "0")
     assert not dispatch.amx_ready() and dispatch.dense_above("bf16") == dispatch.DENSE_ABOVE["bf16"]
+    assert dispatch.dense_above("int8") == dispatch.DENSE_ABOVE["int8"]
     expand = [dispatch.sparse_mm(x, p, bias, "avx512") for p in (bf16, int8)]
     # bf16: another order of the fp32 sums, equal within rounding; int8: exact integer sums, equal
     assert not torch.equal(amx[0], expand[0])
@@ -83,6 +86,61 @@ def test_batches_run_on_amx(
     monkeypatch.setenv("SPARSEFT_AMX", "1")
     monkeypatch.setenv("SPARSEFT_ISA", "avx2")
     assert not dispatch.amx_ready()  # the AVX-512 kernels only
+
+
+@pytest.mark.skipif(not KERNEL_ISAS or not dispatch.amx_ready(), reason="no AMX here")
+@pytest.mark.parametrize("shape", SHAPES)
+def test_int8_with_16_bit_activations_matches_reference(
+    shape: tuple[int, int],
+    awkward_weight: Callable[..., torch.Tensor],
+    one_thread_and_several: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+) -> None:
+    rows, cols = shape
+    packed = pack_dense(awkward_weight(rows, cols), "int8")
+    bound_w = reference.unpack(packed).abs().T
+    g = torch.Generator().manual_seed(2)
+    for batch in (1, 5, 16, 17, 32, 33, 40, 65, 130):  # 32 a pass: one or two groups of 16, a piece of 1 left
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(batch, cols, generator=g).to(dtype)
+            bias = torch.randn(rows, generator=g) if batch % 2 else None
+            y = dispatch.sparse_mm(x, packed, bias, "avx512", wide=True)
+            ref = reference.sparse_mm(x, packed, bias, activation_bits=16)
+            _assert_close(y, ref, x.float().abs() @ bound_w * (1 + 1 / 64), "int8")
+    x = torch.randn(40, cols, generator=g)
+    one, many = one_thread_and_several(lambda: dispatch.sparse_mm(x, packed, None, "avx512", wide=True))
+    assert torch.equal(one, many)
+    # the 16-bit activations lose next to nothing: far closer to the float product than 8-bit ones
+    exact = x @ reference.unpack(packed).T
+    eight = dispatch.sparse_mm(x, packed, None, "avx512")
+    if exact.norm() > 0:
+        assert (one - exact).norm() < (eight - exact).norm() / 50
+
+
+@pytest.mark.skipif(not KERNEL_ISAS or not dispatch.amx_ready(), reason="no AMX here")
+def test_int8_prompts_keep_16_bit_activations_up_to_the_switch(
+    monkeypatch: pytest.MonkeyPatch, awkward_weight: Callable[..., torch.Tensor]
+) -> None:
+    packed = pack_dense(awkward_weight(50, 300), "int8")
+    switch = dispatch.AMX_DENSE_ABOVE["int8"]
+    for tokens, path in [(32, "8-bit"), (33, "16-bit"), (switch, "16-bit"), (switch + 1, "decompress")]:
+        x = torch.randn(1, tokens, 300, dtype=torch.bfloat16)
+        results = {
+            "8-bit": dispatch.sparse_mm(x, packed, None, "avx512"),
+            "16-bit": dispatch.sparse_mm(x, packed, None, "avx512", wide=True),
+            "decompress": dispatch.decompressed_linear(x, packed, None, "avx512"),
+        }
+        y = dispatch.linear(x, packed, None)
+        assert [name for name, r in results.items() if torch.equal(y, r)] == [path], tokens
+    monkeypatch.setenv("SPARSEFT_AMX", "0")  # no AMX: decompressed from 33 tokens, as before
+    x = torch.randn(40, 300)
+    assert torch.equal(
+        dispatch.linear(x, packed, None), dispatch.decompressed_linear(x, packed, None, "avx512")
+    )
+    with pytest.raises(RuntimeError, match="16-bit activations need"):
+        dispatch.sparse_mm(x, packed, None, "avx512", wide=True)
+    monkeypatch.delenv("SPARSEFT_AMX")
+    with pytest.raises(RuntimeError, match="16-bit activations need"):
+        dispatch.sparse_mm(x, pack_dense(awkward_weight(50, 300), "bf16"), None, "avx512", wide=True)
 
 
 @pytest.mark.skipif(not KERNEL_ISAS, reason="the C++ kernels are not built here")

@@ -3,7 +3,8 @@
 Levels, best first: "avx512" (VBMI2 expand + BF16 + VNNI), "avx2", "scalar" (portable C++), "torch" (no C++;
 the plain-torch reference). The default is the best the CPU reports; `SPARSEFT_ISA=avx2` (or `set_isa`)
 forces a level, for tests and comparisons. At that level, batches of 3 (bf16) or 8 (int8) tokens and more run on
-the AMX kernels where the CPU and Linux allow it (`amx_ready`; SPARSEFT_AMX=0 turns them off). Inputs with more
+the AMX kernels where the CPU and Linux allow it (`amx_ready`; SPARSEFT_AMX=0 turns them off); int8 values
+with 16-bit activations past 32 tokens. Inputs with more
 tokens than `dense_above(...)` take the decompress-then-dense-matmul path: at prefill the matmul is compute-bound
 and torch's dense GEMM (oneDNN, AMX where present) beats re-expanding every weight chunk for every token.
 A GPU branch belongs in `linear` next to the CPU one.
@@ -86,10 +87,12 @@ DENSE_ABOVE = {"bf16": 8, "int8": 32, "dense": 8}  # "dense": our dense bf16 GEM
 # reviewer's run to longer inputs: 1.27x at 256, 1.13x at 512, 1.01x at 1024, 0.95x at 2048. Prefill through
 # `generate` on TinyLlama's shape at 70%, alternated, three runs: 1.31-1.34x at 192-256 tokens, 1.05-1.14x at
 # 512, 1.16x at 768, 1.14x at 1024. (Whole-sequence forwards, `model(ids)`, had put the break-even near 256, but
-# they were noisier and are not how prompts run.) The int8 kernel would win over the same range (4.14 against
-# 9.60 ms at 128), but it quantizes the activations to int8 where decompressing keeps them bf16: moved to 128, it
-# cost the demo model 0.2 points of accuracy, so int8 prompts keep the switch at 32.
-AMX_DENSE_ABOVE = {"bf16": 1024}
+# they were noisier and are not how prompts run.)
+# int8 values past 32 tokens take 16-bit activations (int8_wide_amx, 32 tokens a pass): the 8-bit kernel would
+# be faster still (4.14 against 9.60 ms at 128), but moved to 128 it cost the demo model 0.2 points of accuracy.
+# Prefill through `generate` on TinyLlama's shape (int8 values, 70%), alternated with decompressing, two runs:
+# 1.67-1.69x at 48-64 tokens, 1.42x at 96-128, 1.07-1.18x at 160-224, 0.70-0.94x at 256.
+AMX_DENSE_ABOVE = {"bf16": 1024, "int8": 224}
 _DECOMPRESS_BYTES = 8 * 2**20
 
 
@@ -135,12 +138,15 @@ def _op(name: str) -> Any:
     return getattr(_ops(), name)
 
 
-def sparse_mm(x: torch.Tensor, p: Packed, bias: torch.Tensor | None, isa: str) -> torch.Tensor:
-    """The expand kernel (any batch), or its reference under "torch"."""
+def sparse_mm(
+    x: torch.Tensor, p: Packed, bias: torch.Tensor | None, isa: str, wide: bool = False
+) -> torch.Tensor:
+    """The sparse kernels (any batch), or their reference under "torch". `wide`: int8 values times 16-bit
+    activations rather than 8-bit (AMX only)."""
     if isa == "torch":
-        return reference.sparse_mm(x, p, bias)
+        return reference.sparse_mm(x, p, bias, activation_bits=16 if wide else 8)
     return _op("sparse_mm")(
-        x, p.mask, p.values, p.row_start, p.scale, p.rowsum, bias, p.shape[1], LEVELS[isa]
+        x, p.mask, p.values, p.row_start, p.scale, p.rowsum, bias, p.shape[1], LEVELS[isa], wide
     )
 
 
@@ -162,8 +168,12 @@ def linear(x: torch.Tensor, p: Packed, bias: torch.Tensor | None) -> torch.Tenso
     tokens = x.numel() // p.shape[1] if p.shape[1] else 0
     # decoding (few tokens, no override) skips the AMX checks: a microsecond on each of some 100 calls a token
     few = tokens <= DENSE_ABOVE[p.kind] and not os.environ.get("SPARSEFT_DENSE_ABOVE")
-    if few or tokens <= dense_above(p.kind, isa):
+    if few:
         return sparse_mm(x, p, bias, isa)
+    if tokens <= dense_above(p.kind, isa):
+        # int8 prompts past the 8-bit kernels' range keep their activations' precision (16 bits)
+        wide = p.kind == "int8" and tokens > DENSE_ABOVE["int8"] and amx_ready(isa)
+        return sparse_mm(x, p, bias, isa, wide)
     return decompressed_linear(x, p, bias, isa)
 
 

@@ -2,8 +2,8 @@
 
 They are also the portable path when the C++ kernels cannot be built (correct, and much slower).
 - bf16 values: y = bf16(x) . W in fp32 (the kernels round the activations to bf16 for vdpbf16ps).
-- int8 values: per-token symmetric int8 activations (scale max|x| / 127, round half to even), exact integer
-  dot products, times both scales: the dequantized product (q_x s_x) . (q_w s_w).
+- int8 values: per-token symmetric int8 activations (scale max|x| / 127, round half to even; 16-bit, / 32767, for
+  long prompts on AMX), exact integer dot products, times both scales: the dequantized product (q_x s_x) . (q_w s_w).
 """
 
 from __future__ import annotations
@@ -34,20 +34,25 @@ def unpack(packed: Packed, integer: bool = False) -> torch.Tensor:
     return out
 
 
-def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token int8 (as float values) and the per-token scale, over the last dimension."""
+def quantize_activations(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric integers of `bits` bits (as float values) and the per-token scale, over the last
+    dimension."""
     x = x.float()
-    scale = x.abs().amax(-1, keepdim=True) / 127
+    levels = 2 ** (bits - 1) - 1
+    scale = x.abs().amax(-1, keepdim=True) / levels
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.where(scale > 0, torch.round(x / safe).clamp(-127, 127), torch.zeros_like(x))
+    q = torch.where(scale > 0, torch.round(x / safe).clamp(-levels, levels), torch.zeros_like(x))
     return q, scale
 
 
-def sparse_mm(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T (+ bias) as the kernels compute it, in x's dtype."""
+def sparse_mm(
+    x: torch.Tensor, packed: Packed, bias: torch.Tensor | None = None, activation_bits: int = 8
+) -> torch.Tensor:
+    """y = x W^T (+ bias) as the kernels compute it, in x's dtype; int8 values take activations of
+    `activation_bits` bits (16: the AMX kernel for long int8 prompts)."""
     if packed.kind == "int8":
         assert packed.scale is not None
-        q, scale = quantize_activations(x)
+        q, scale = quantize_activations(x, activation_bits)
         y = (q.double() @ unpack(packed, integer=True).T).float() * scale * packed.scale
     else:
         y = x.to(torch.bfloat16).float() @ unpack(packed).T

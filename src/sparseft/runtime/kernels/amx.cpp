@@ -66,22 +66,32 @@ void configure(int64_t rows, int64_t width) {
   asm volatile("ldtilecfg %0" : : "m"(config) : "memory");
 }
 
-// One chunk of columns for group G: the activations' tile (from `pairs`, laid out by `interleave`), multiplied with
-// the expanded weights into the group's sums. The intrinsics take tile numbers as literals only.
-template <bool kInt8, int G>
+// The weights' values, and for int8 the activations': 8 bits, or 16 (int8_wide_amx).
+enum class Values { kBf16, kInt8, kInt8Wide };
+
+// What a tile multiply does: bf16 pairs into fp32 (tdpbf16ps), or int8 quads into int32 with the activations
+// signed (tdpbssd) or unsigned (tdpbsud: the low bytes of 16-bit activations).
+enum class Dot { kBf16, kSigned, kUnsigned };
+
+// One chunk of columns into result tile C: the activations' tile (from `pairs`, laid out by `interleave`; tiles 5
+// and 6 by turns), multiplied with the expanded weights. The intrinsics take tile numbers as literals only.
+template <Dot kDot, int C>
 inline void multiply(const uint32_t* pairs, int64_t stride) {
-  if constexpr (G % 2 == 0)
+  if constexpr (C % 2 == 0)
     _tile_loadd(5, pairs, stride);
   else
     _tile_loadd(6, pairs, stride);
-  if constexpr (kInt8 && G == 0) _tile_dpbssd(0, 4, 5);
-  if constexpr (kInt8 && G == 1) _tile_dpbssd(1, 4, 6);
-  if constexpr (kInt8 && G == 2) _tile_dpbssd(2, 4, 5);
-  if constexpr (kInt8 && G == 3) _tile_dpbssd(3, 4, 6);
-  if constexpr (!kInt8 && G == 0) _tile_dpbf16ps(0, 4, 5);
-  if constexpr (!kInt8 && G == 1) _tile_dpbf16ps(1, 4, 6);
-  if constexpr (!kInt8 && G == 2) _tile_dpbf16ps(2, 4, 5);
-  if constexpr (!kInt8 && G == 3) _tile_dpbf16ps(3, 4, 6);
+  if constexpr (kDot == Dot::kBf16 && C == 0) _tile_dpbf16ps(0, 4, 5);
+  if constexpr (kDot == Dot::kBf16 && C == 1) _tile_dpbf16ps(1, 4, 6);
+  if constexpr (kDot == Dot::kBf16 && C == 2) _tile_dpbf16ps(2, 4, 5);
+  if constexpr (kDot == Dot::kBf16 && C == 3) _tile_dpbf16ps(3, 4, 6);
+  if constexpr (kDot == Dot::kSigned && C == 0) _tile_dpbssd(0, 4, 5);
+  if constexpr (kDot == Dot::kSigned && C == 1) _tile_dpbssd(1, 4, 6);
+  if constexpr (kDot == Dot::kSigned && C == 2) _tile_dpbssd(2, 4, 5);
+  if constexpr (kDot == Dot::kSigned && C == 3) _tile_dpbssd(3, 4, 6);
+  if constexpr (kDot == Dot::kUnsigned && C == 1) _tile_dpbsud(1, 4, 6);
+  if constexpr (kDot == Dot::kUnsigned && C == 2) _tile_dpbsud(2, 4, 5);
+  if constexpr (kDot == Dot::kUnsigned && C == 3) _tile_dpbsud(3, 4, 6);
 }
 
 // Rows r, r + step, ... (spaced, as the expand kernels' tiles, so each row stream runs on into the next tile's for
@@ -95,8 +105,10 @@ inline void multiply(const uint32_t* pairs, int64_t stride) {
 // Keeping a tile's expanded chunks in L2 for the next 64 batch rows, rather than expanding them again, was slower
 // (4096x4096: 8.3 against 6.3 ms at 128 batch rows, 48 against 26 at 512): each tile then reads the activations
 // of the whole batch, which outgrow L2, where a call of 64 reads the same 512 KB for every tile.
-template <bool kInt8, bool kFull, int kGroups>
+template <Values kValues, bool kFull, int kGroups>
 void tile(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r, int64_t step, int count) {
+  constexpr bool kInt8 = kValues != Values::kBf16, kWide = kValues == Values::kInt8Wide;
+  constexpr Dot kDot = kInt8 ? Dot::kSigned : Dot::kBf16;
   using Value = std::conditional_t<kInt8, int8_t, uint16_t>;
   using Bits = std::conditional_t<kInt8, uint64_t, uint32_t>;
   if constexpr (kFull) count = kRows;
@@ -114,10 +126,12 @@ void tile(const SparseMatrix& w, const Activations& a, const Output& o, int64_t 
   // words, where bf16 chunks may stop short)
   const int64_t width = group_width(a.batch), stride = width * 4;
   const int64_t group_words = a.stride * (kInt8 ? 1 : 2) / 4 * width;
+  // 16-bit activations: result tiles 0 and 1 take their high bytes' sums, kGroups and up their low bytes'
+  constexpr int kTiles = kWide ? 2 * kGroups : kGroups;
   _tile_zero(0);
-  if constexpr (kGroups > 1) _tile_zero(1);
-  if constexpr (kGroups > 2) _tile_zero(2);
-  if constexpr (kGroups > 3) _tile_zero(3);
+  if constexpr (kTiles > 1) _tile_zero(1);
+  if constexpr (kTiles > 2) _tile_zero(2);
+  if constexpr (kTiles > 3) _tile_zero(3);
   for (int64_t k = 0; k < chunks; ++k) {
     uint8_t* e = expanded[k & 1];
 #pragma GCC unroll 16
@@ -136,25 +150,35 @@ void tile(const SparseMatrix& w, const Activations& a, const Output& o, int64_t 
     memory_barrier();
     _tile_loadd(4, e, 64);
     const uint32_t* x = a.pairs + k * 16 * width;
-    multiply<kInt8, 0>(x, stride);
-    if constexpr (kGroups > 1) multiply<kInt8, 1>(x + group_words, stride);
-    if constexpr (kGroups > 2) multiply<kInt8, 2>(x + 2 * group_words, stride);
-    if constexpr (kGroups > 3) multiply<kInt8, 3>(x + 3 * group_words, stride);
+    multiply<kDot, 0>(x, stride);
+    if constexpr (kGroups > 1) multiply<kDot, 1>(x + group_words, stride);
+    if constexpr (kGroups > 2) multiply<kDot, 2>(x + 2 * group_words, stride);
+    if constexpr (kGroups > 3) multiply<kDot, 3>(x + 3 * group_words, stride);
+    if constexpr (kWide) {
+      const uint32_t* low = a.low_pairs + k * 16 * width;
+      multiply<Dot::kUnsigned, kGroups>(low, stride);
+      if constexpr (kGroups > 1) multiply<Dot::kUnsigned, kGroups + 1>(low + group_words, stride);
+    }
   }
-  alignas(64) std::conditional_t<kInt8, int32_t, float> sums[kGroups][kRows * kTokens];
+  alignas(64) std::conditional_t<kInt8, int32_t, float> sums[kTiles][kRows * kTokens];
   _tile_stored(0, sums[0], stride);
-  if constexpr (kGroups > 1) _tile_stored(1, sums[1], stride);
-  if constexpr (kGroups > 2) _tile_stored(2, sums[2], stride);
-  if constexpr (kGroups > 3) _tile_stored(3, sums[3], stride);
+  if constexpr (kTiles > 1) _tile_stored(1, sums[1], stride);
+  if constexpr (kTiles > 2) _tile_stored(2, sums[2], stride);
+  if constexpr (kTiles > 3) _tile_stored(3, sums[3], stride);
   memory_barrier();
   for (int i = 0; i < count; ++i) {
     const int64_t row = r + i * step;
     for (int64_t b = 0; b < a.batch; ++b) {
-      const auto sum = sums[b / width][i * width + b % width];
-      if constexpr (kInt8)  // the exact integer dot product, scaled as the expand kernel scales it
+      const int64_t at = i * width + b % width;
+      const auto sum = sums[b / width][at];
+      if constexpr (kWide) {  // q = 256 high + low, so the exact dot product is 256 sum(high) + sum(low)
+        const int64_t exact = int64_t{256} * sum + sums[kGroups + b / width][at];
+        store(o, b, row, static_cast<float>(exact) * a.scale[b] * w.scale[row]);
+      } else if constexpr (kInt8) {  // the exact integer dot product, scaled as the expand kernel scales it
         store(o, b, row, static_cast<float>(sum) * a.scale[b] * w.scale[row]);
-      else
+      } else {
         store(o, b, row, sum);
+      }
     }
   }
 }
@@ -183,32 +207,39 @@ inline void transpose16(__m512i r[16]) {
   }
 }
 
-template <bool kInt8, bool kFull>
+template <Values kValues, bool kFull>
 void groups(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r, int64_t step, int count) {
   switch ((a.batch + kTokens - 1) / kTokens) {
-    case 1: tile<kInt8, kFull, 1>(w, a, o, r, step, count); break;
-    case 2: tile<kInt8, kFull, 2>(w, a, o, r, step, count); break;
-    case 3: tile<kInt8, kFull, 3>(w, a, o, r, step, count); break;
-    default: tile<kInt8, kFull, 4>(w, a, o, r, step, count); break;
+    case 1: tile<kValues, kFull, 1>(w, a, o, r, step, count); break;
+    case 2: tile<kValues, kFull, 2>(w, a, o, r, step, count); break;
+    case 3:
+      if constexpr (kValues != Values::kInt8Wide) tile<kValues, kFull, 3>(w, a, o, r, step, count);
+      break;
+    default:
+      if constexpr (kValues != Values::kInt8Wide) tile<kValues, kFull, 4>(w, a, o, r, step, count);
+      break;
   }
 }
 
-template <bool kInt8>
+template <Values kValues>
 void rows(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
+  const int64_t most = kValues == Values::kInt8Wide ? kAmxWideBatch : kAmxBatch;
   // not a batch the tiles hold (ops.cpp never passes one)
-  if (a.batch < 1 || a.batch > kAmxBatch || a.pairs == nullptr) {
-    (kInt8 ? int8_avx512 : bf16_avx512)(w, a, o, r0, r1, nullptr);
+  if (a.batch < 1 || a.batch > most || a.pairs == nullptr ||
+      (kValues == Values::kInt8Wide) != (a.low_pairs != nullptr)) {
+    if constexpr (kValues != Values::kInt8Wide)
+      (kValues == Values::kInt8 ? int8_avx512 : bf16_avx512)(w, a, o, r0, r1, nullptr);
     return;
   }
   const int64_t step = (r1 - r0) / kRows;
   const int64_t rest = r1 - r0 - kRows * step;
   if (step > 0) {
     configure(kRows, group_width(a.batch));
-    for (int64_t t = 0; t < step; ++t) groups<kInt8, true>(w, a, o, r0 + t, step, kRows);
+    for (int64_t t = 0; t < step; ++t) groups<kValues, true>(w, a, o, r0 + t, step, kRows);
   }
   if (rest > 0) {
     configure(rest, group_width(a.batch));
-    groups<kInt8, false>(w, a, o, r0 + kRows * step, 1, static_cast<int>(rest));
+    groups<kValues, false>(w, a, o, r0 + kRows * step, 1, static_cast<int>(rest));
   }
   _tile_release();
 }
@@ -217,12 +248,17 @@ void rows(const SparseMatrix& w, const Activations& a, const Output& o, int64_t 
 
 void bf16_amx(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1,
               const Shared*) {
-  rows<false>(w, a, o, r0, r1);
+  rows<Values::kBf16>(w, a, o, r0, r1);
 }
 
 void int8_amx(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1,
               const Shared*) {
-  rows<true>(w, a, o, r0, r1);
+  rows<Values::kInt8>(w, a, o, r0, r1);
+}
+
+void int8_wide_amx(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1,
+                   const Shared*) {
+  rows<Values::kInt8Wide>(w, a, o, r0, r1);
 }
 
 void interleave(const void* x, int64_t batch, int64_t row_words, bool signed_bytes, uint32_t* out) {
@@ -266,6 +302,7 @@ void int8_amx(const SparseMatrix& w, const Activations& a, const Output& o, int6
               const Shared*) {
   int8_avx512(w, a, o, r0, r1, nullptr);
 }
+void int8_wide_amx(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t, const Shared*) {}
 void interleave(const void*, int64_t, int64_t, bool, uint32_t*) {}
 }  // namespace sparseft
 

@@ -4,6 +4,7 @@
 // expand and the multiply-adds of each batch row.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -292,40 +293,70 @@ void int8_avx512(const SparseMatrix& w, const Activations& a, const Output& o, i
   rows<2>(w, a, o, r0, r1, shared);
 }
 
-void quantize_avx512(const void* x, bool bf16, int64_t cols, uint8_t* out, float* scale_out, bool offset) {
-  const auto load16 = [&](int64_t c) {
-    if (bf16) {
-      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(x) + c));
-      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    }
-    return _mm512_loadu_ps(static_cast<const float*>(x) + c);
-  };
-  const auto scalar = [&](int64_t c) {
-    return bf16 ? bf16_to_f32(static_cast<const uint16_t*>(x)[c]) : static_cast<const float*>(x)[c];
-  };
+namespace {
+
+// Columns c..c+15 of an fp32 or bf16 activation row, as fp32.
+inline __m512 load16(const void* x, bool bf16, int64_t c) {
+  if (bf16) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(x) + c));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  return _mm512_loadu_ps(static_cast<const float*>(x) + c);
+}
+
+inline float load1(const void* x, bool bf16, int64_t c) {
+  return bf16 ? bf16_to_f32(static_cast<const uint16_t*>(x)[c]) : static_cast<const float*>(x)[c];
+}
+
+// Symmetric per-token quantization to +-levels: scale = max|x| / levels, q = round(x / scale) (ties to even),
+// `put(c, q)` for 16 columns at once (int32 lanes) and `put1(c, q)` for the rest. Nothing is put when x is all
+// zero. Division, not multiplication by 1/scale: it must round exactly as the reference's x / scale does.
+template <typename Put, typename Put1>
+float quantize(const void* x, bool bf16, int64_t cols, float levels, Put put, Put1 put1) {
   const int64_t full = cols - cols % 16;
   __m512 vmax = _mm512_setzero_ps();
-  for (int64_t c = 0; c < full; c += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load16(c)));
+  for (int64_t c = 0; c < full; c += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load16(x, bf16, c)));
   float absmax = _mm512_reduce_max_ps(vmax);
-  for (int64_t c = full; c < cols; ++c) absmax = absmax > std::fabs(scalar(c)) ? absmax : std::fabs(scalar(c));
-  const float scale = absmax / 127.0f;
-  *scale_out = scale;
-  if (scale == 0.0f) return;
-  // Division, not multiplication by 1/scale: it must round exactly as the reference's x / scale does.
-  const __m512 vscale = _mm512_set1_ps(scale);
-  const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
-  const __m512i shift = _mm512_set1_epi32(offset ? 128 : 0);
+  for (int64_t c = full; c < cols; ++c) absmax = std::max(absmax, std::fabs(load1(x, bf16, c)));
+  const float scale = absmax / levels;
+  if (scale == 0.0f) return scale;
+  const __m512 vscale = _mm512_set1_ps(scale), lo = _mm512_set1_ps(-levels), hi = _mm512_set1_ps(levels);
   for (int64_t c = 0; c < full; c += 16) {
-    __m512 q = _mm512_roundscale_ps(_mm512_div_ps(load16(c), vscale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    q = _mm512_min_ps(_mm512_max_ps(q, lo), hi);
-    const __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(q), shift);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + c), _mm512_cvtepi32_epi8(v));  // keeps the low byte
+    const __m512 q =
+        _mm512_roundscale_ps(_mm512_div_ps(load16(x, bf16, c), vscale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    put(c, _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(q, lo), hi)));
   }
-  for (int64_t c = full; c < cols; ++c) {
-    float q = std::nearbyint(scalar(c) / scale);
-    q = q < -127.0f ? -127.0f : (q > 127.0f ? 127.0f : q);
-    out[c] = static_cast<uint8_t>(static_cast<int>(q) + (offset ? 128 : 0));
-  }
+  for (int64_t c = full; c < cols; ++c)
+    put1(c, static_cast<int>(std::min(levels, std::max(-levels, std::nearbyint(load1(x, bf16, c) / scale)))));
+  return scale;
+}
+
+inline void store16_bytes(uint8_t* out, __m512i v) {  // the low byte of each int32 lane
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtepi32_epi8(v));
+}
+
+}  // namespace
+
+void quantize_avx512(const void* x, bool bf16, int64_t cols, uint8_t* out, float* scale_out, bool offset) {
+  const int shift = offset ? 128 : 0;
+  *scale_out = quantize(
+      x, bf16, cols, 127.0f,
+      [&](int64_t c, __m512i q) { store16_bytes(out + c, _mm512_add_epi32(q, _mm512_set1_epi32(shift))); },
+      [&](int64_t c, int q) { out[c] = static_cast<uint8_t>(q + shift); });
+}
+
+void quantize16_avx512(const void* x, bool bf16, int64_t cols, uint8_t* high, uint8_t* low, float* scale_out) {
+  // q = 256 (q >> 8) + (q & 255) with an arithmetic shift: the high byte signed, the low one unsigned
+  *scale_out = quantize(
+      x, bf16, cols, 32767.0f,
+      [&](int64_t c, __m512i q) {
+        store16_bytes(high + c, _mm512_srai_epi32(q, 8));
+        store16_bytes(low + c, q);
+      },
+      [&](int64_t c, int q) {
+        high[c] = static_cast<uint8_t>(q >> 8);
+        low[c] = static_cast<uint8_t>(q & 255);
+      });
 }
 
 void decompress_avx512(const SparseMatrix& w, bool int8, uint16_t* out, int64_t r0, int64_t r1) {

@@ -123,6 +123,19 @@ Activations prepare_int8(const at::Tensor& x, int64_t batch, int64_t cols, int64
   return {buf.data(), scales.data(), batch, stride};
 }
 
+// Symmetric per-token 16-bit (int8_wide_amx): each row's high bytes, then (at batch * stride) its low bytes.
+Activations prepare_int16(const at::Tensor& x, int64_t batch, int64_t cols, int64_t stride) {
+  auto& buf = scratch();
+  auto& scales = scratch_scales();
+  buf.assign(static_cast<size_t>(2 * batch * stride), 0);
+  scales.assign(static_cast<size_t>(batch), 0.0f);
+  const char* src = static_cast<const char*>(x.data_ptr());
+  for (int64_t b = 0; b < batch; ++b)
+    quantize16_avx512(src + b * cols * x.element_size(), x.scalar_type() == at::kBFloat16, cols,
+                      buf.data() + b * stride, buf.data() + (batch + b) * stride, &scales[b]);
+  return {buf.data(), scales.data(), batch, stride};
+}
+
 // Row boundaries that give each part about the same number of bytes to read (mask words + values), so
 // threads finish together even when some rows are much denser than others.
 std::vector<int64_t> split_rows(const SparseMatrix& w, int64_t value_bytes, int64_t parts) {
@@ -217,21 +230,29 @@ void check_input(const at::Tensor& x, int64_t cols) {
               cols, " features");
 }
 
-// Through the AMX kernels, batch rows at most kAmxBatch at a time.
-void amx_mm(const SparseMatrix& w, const Activations& a, const Output& o, bool int8) {
-  thread_local std::vector<uint32_t> pairs;
+// Through the AMX kernels, batch rows at most kAmxBatch (kAmxWideBatch for 16-bit activations) at a time.
+void amx_mm(const SparseMatrix& w, const Activations& a, const Output& o, bool int8, bool wide) {
+  thread_local std::vector<uint32_t> pairs, low_pairs;
   const int64_t element = int8 ? 1 : 2, row_words = a.stride * element / 4;
   TORCH_INTERNAL_ASSERT(row_words % 16 == 0, "sparseft: AMX activations must be whole 64-byte chunks");
-  for (int64_t b0 = 0; b0 < a.batch; b0 += kAmxBatch) {
-    const int64_t nb = std::min(kAmxBatch, a.batch - b0);
+  const int64_t most = wide ? kAmxWideBatch : kAmxBatch;
+  for (int64_t b0 = 0; b0 < a.batch; b0 += most) {
+    const int64_t nb = std::min(most, a.batch - b0);
     const char* x = static_cast<const char*>(a.data) + b0 * a.stride * element;
     pairs.resize(static_cast<size_t>(interleaved_words(nb, row_words)));
-    interleave(x, nb, row_words, int8, pairs.data());
-    const Activations part{x, a.scale ? a.scale + b0 : nullptr, nb, a.stride, pairs.data()};
+    // the 8-bit kernels' activations are stored offset by 128; the high bytes of 16-bit ones are plain int8
+    interleave(x, nb, row_words, int8 && !wide, pairs.data());
+    Activations part{x, a.scale ? a.scale + b0 : nullptr, nb, a.stride, pairs.data()};
+    if (wide) {
+      low_pairs.resize(pairs.size());
+      interleave(x + a.batch * a.stride, nb, row_words, false, low_pairs.data());
+      part.low_pairs = low_pairs.data();
+    }
     const Output out{static_cast<char*>(o.data) + b0 * o.stride * (o.bf16 ? 2 : 4), o.bf16, o.stride, o.bias};
     // a last piece below the AMX range goes to the expand kernel: the choice depends on the batch only
-    Kernel kernel = int8 ? (nb >= kAmxMinBatchInt8 ? int8_amx : int8_avx512)
-                         : (nb >= kAmxMinBatch ? bf16_amx : bf16_avx512);
+    Kernel kernel = wide   ? int8_wide_amx
+                    : int8 ? (nb >= kAmxMinBatchInt8 ? int8_amx : int8_avx512)
+                           : (nb >= kAmxMinBatch ? bf16_amx : bf16_avx512);
     run_parallel(w, element, nb, [&](int64_t r0, int64_t r1, const Shared* s) { kernel(w, part, out, r0, r1, s); });
   }
 }
@@ -239,16 +260,22 @@ void amx_mm(const SparseMatrix& w, const Activations& a, const Output& o, bool i
 at::Tensor sparse_mm(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
                      const at::Tensor& row_start, const std::optional<at::Tensor>& scale,
                      const std::optional<at::Tensor>& rowsum, const std::optional<at::Tensor>& bias, int64_t cols,
-                     int64_t isa) {
+                     int64_t isa, bool wide) {
   check_isa(isa);
   check_input(x, cols);
   const SparseMatrix w = matrix(mask, values, row_start, scale, rowsum, cols);
   const bool int8 = w.scale != nullptr;
+  TORCH_CHECK(!wide || (int8 && isa == kAvx512 && amx_ready()),
+              "sparseft: 16-bit activations need int8 values and the AMX kernels");
   const int64_t batch = cols ? x.numel() / cols : 0;
   at::Tensor y = output_for(x, w.rows);
   if (batch == 0 || w.rows == 0) return y;
   const Output o{y.data_ptr(), y.scalar_type() == at::kBFloat16, w.rows, bias_ptr(bias, w.rows)};
   const int64_t stride = w.words * 64;
+  if (wide) {
+    amx_mm(w, prepare_int16(x, batch, cols, stride), o, true, true);
+    return y;
+  }
   const Activations a = int8 ? prepare_int8(x, batch, cols, stride, isa)
                              : prepare_bf16(x, batch, cols, stride);
   Kernel kernel = nullptr;
@@ -256,7 +283,7 @@ at::Tensor sparse_mm(const at::Tensor& x, const at::Tensor& mask, const at::Tens
   if (isa == kAvx2) kernel = int8 ? int8_avx2 : bf16_avx2;
   if (isa == kScalar) kernel = int8 ? int8_scalar : bf16_scalar;
   if (isa == kAvx512 && batch >= (int8 ? kAmxMinBatchInt8 : kAmxMinBatch) && amx_ready()) {
-    amx_mm(w, a, o, int8);
+    amx_mm(w, a, o, int8, false);
     return y;
   }
   run_parallel(w, int8 ? 1 : 2, batch, [&](int64_t r0, int64_t r1, const Shared* s) { kernel(w, a, o, r0, r1, s); });

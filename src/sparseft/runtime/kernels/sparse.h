@@ -33,6 +33,8 @@ struct Activations {
   const uint32_t* pairs = nullptr;  // AMX kernels only: 32-bit words of columns (interleave's layout)
   const float* split = nullptr;     // bf16 expand kernel only: per 32 columns, the 16 even then 16 odd as fp32,
                                     // of the batch rows of its last tile when that has at most 4
+  const uint32_t* low_pairs = nullptr;  // int8_wide_amx only: `pairs` holds the high bytes of 16-bit
+                                        // activations, this their low bytes
 };
 
 struct Output {
@@ -80,6 +82,12 @@ extern const bool kAmxBuilt;
 void bf16_amx(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t, const Shared*);
 void int8_amx(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t, const Shared*);
 void interleave(const void* x, int64_t batch, int64_t row_words, bool signed_bytes, uint32_t* out);
+// int8 weights times 16-bit per-token activations (quantize16_avx512) on AMX, batch 1..kAmxWideBatch: each
+// activation q = 256 high + low is two bytes, the high one signed (tdpbssd) and the low one unsigned (tdpbsud),
+// so the dot products stay exact integers and the activations lose next to nothing. For prompts too long for
+// the 8-bit kernels' accuracy (ops.cpp's `wide`). Every byte needs its own result tile: 32 batch rows a pass.
+constexpr int64_t kAmxWideBatch = 32;
+void int8_wide_amx(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t, const Shared*);
 void int8_avx512(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t, const Shared*);
 
 // Dense bf16 y = W x (W rows x cols, row-major, unpadded): the strongest dense baseline we can write, also
@@ -89,6 +97,9 @@ void dense_bf16_avx512(const SparseMatrix&, const Activations&, const Output&, i
 // Symmetric per-token int8 of one activation row (fp32 or bf16 `x`): scale = max|x| / 127, q = round(x / scale)
 // (ties to even), stored as int8, or as uint8 q + 128 with `offset`. Leaves `out` untouched when x is all zero.
 void quantize_avx512(const void* x, bool bf16, int64_t cols, uint8_t* out, float* scale, bool offset);
+// Symmetric per-token 16-bit, the same way with 32767 for 127: q = 256 high + low, high stored as int8, low as
+// uint8.
+void quantize16_avx512(const void* x, bool bf16, int64_t cols, uint8_t* high, uint8_t* low, float* scale);
 
 // Rows [r0, r1) of the dense bf16 matrix (rows x cols): W itself, or W * scale for int8 values.
 void decompress_scalar(const SparseMatrix&, bool int8, uint16_t* out, int64_t r0, int64_t r1);
