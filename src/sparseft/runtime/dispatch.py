@@ -89,10 +89,12 @@ DENSE_ABOVE = {"bf16": 8, "int8": 32, "dense": 8}  # "dense": our dense bf16 GEM
 # 512, 1.16x at 768, 1.14x at 1024. (Whole-sequence forwards, `model(ids)`, had put the break-even near 256, but
 # they were noisier and are not how prompts run.)
 # int8 values past 32 tokens take 16-bit activations (int8_wide_amx, 32 tokens a pass): the 8-bit kernel would
-# be faster still (4.14 against 9.60 ms at 128), but moved to 128 it cost the demo model 0.2 points of accuracy.
-# Prefill through `generate` on TinyLlama's shape (int8 values, 70%), alternated with decompressing, two runs:
-# 1.67-1.69x at 48-64 tokens, 1.42x at 96-128, 1.07-1.18x at 160-224, 0.70-0.94x at 256.
-AMX_DENSE_ABOVE = {"bf16": 1024, "int8": 224}
+# be faster still (4.14 against 9.60 ms at 128), but it quantizes activations to 8 bits where decompressing keeps
+# them bf16. Prefill through `generate` on TinyLlama's shape (int8 values, 70%), alternated with decompressing,
+# after the AMX kernels began writing their sums sixteen tiles at a time: 1.32-1.44x at 192-384 tokens, 1.25-1.54x
+# at 512, 1.21-1.31x at 640-768, 1.29-1.86x at 1024, 0.92x at 1536. (Before that, at 32 tokens a pass, it had lost
+# from 256.) bf16 on the same runs: 1.27x at 1024, 1.13x at 1536, 1.15x at 2048.
+AMX_DENSE_ABOVE = {"bf16": 1024, "int8": 1024}
 _DECOMPRESS_BYTES = 8 * 2**20
 
 

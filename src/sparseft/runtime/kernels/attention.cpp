@@ -8,6 +8,7 @@
 #include <cmath>
 #include <vector>
 
+#include "bf16_bits.h"
 #include "ops.h"
 
 namespace sparseft {
@@ -39,16 +40,6 @@ inline __m512 sum16(const __m512* v) {
   const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(c[0]), _mm512_castps_pd(c[1]));
   const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(c[0]), _mm512_castps_pd(c[1]));
   return _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
-}
-
-// fp32 to bf16 bits (in the low half of each lane), rounded as f32_to_bf16 rounds: nearest even, NaN stays NaN.
-inline __m512i bf16_bits(__m512 x) {
-  const __m512i u = _mm512_castps_si512(x);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                                _mm512_set1_epi32(0x7f800000));
-  return _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
 }
 
 // e^x for x <= 0 (scores minus their maximum): 2^n * e^r with |r| <= ln2 / 2, e^r by its Taylor series to r^7
