@@ -129,7 +129,9 @@ void tile(const SparseMatrix& w, const Activations& a, TileSums* out, int64_t r,
     m[i] = reinterpret_cast<const Bits*>(w.mask + row * w.words);
     p[i] = static_cast<const Value*>(w.values) + w.row_start[row];
   }
-  // Two buffers: the expands of the next chunk need not wait for the tile load of this one.
+  // Two buffers: each chunk is expanded one ahead of its tile load, so the load does not wait for the stores that
+  // wrote it to reach the cache (bf16 1.06-1.13x at 3-16 batch rows, about even from 32; loading right after the
+  // stores, or two chunks ahead, was slower).
   alignas(64) uint8_t expanded[2][kRows * 64];
   const int64_t chunks = kInt8 ? w.words : (w.cols + 31) / 32;
   // one group's activations, as `interleave` lays them out from rows of a.stride elements (whole 64-column
@@ -142,7 +144,7 @@ void tile(const SparseMatrix& w, const Activations& a, TileSums* out, int64_t r,
   if constexpr (kTiles > 1) _tile_zero(1);
   if constexpr (kTiles > 2) _tile_zero(2);
   if constexpr (kTiles > 3) _tile_zero(3);
-  for (int64_t k = 0; k < chunks; ++k) {
+  const auto expand = [&](int64_t k) {
     uint8_t* e = expanded[k & 1];
 #pragma GCC unroll 16
     for (int i = 0; i < count; ++i) {
@@ -157,8 +159,12 @@ void tile(const SparseMatrix& w, const Activations& a, TileSums* out, int64_t r,
         _mm512_store_si512(e + i * 64, _mm512_maskz_expand_epi16(bits, packed));
       }
     }
+  };
+  if (chunks > 0) expand(0);
+  for (int64_t k = 0; k < chunks; ++k) {
+    if (k + 1 < chunks) expand(k + 1);
     memory_barrier();
-    _tile_loadd(4, e, 64);
+    _tile_loadd(4, expanded[k & 1], 64);
     const uint32_t* x = a.pairs + k * 16 * width;
     multiply<kDot, 0>(x, stride);
     if constexpr (kGroups > 1) multiply<kDot, 1>(x + group_words, stride);
