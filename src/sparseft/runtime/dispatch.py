@@ -3,10 +3,10 @@
 Levels, best first: "avx512" (VBMI2 expand + BF16 + VNNI), "avx2", "scalar" (portable C++), "torch" (no C++;
 the plain-torch reference). The default is the best the CPU reports; `SPARSEFT_ISA=avx2` (or `set_isa`)
 forces a level, for tests and comparisons. At that level, batches of 3 (bf16) or 8 (int8) tokens and more run on
-the AMX kernels where the CPU and Linux allow it (`amx_ready`; SPARSEFT_AMX=0 turns them off); int8 values
-with 16-bit activations past 32 tokens. Inputs with more
-tokens than `dense_above(...)` take the decompress-then-dense-matmul path: at prefill the matmul is compute-bound
-and torch's dense GEMM (oneDNN, AMX where present) beats re-expanding every weight chunk for every token.
+the AMX kernels where the CPU and Linux allow it (`amx_ready`; SPARSEFT_AMX=0 turns them off), int8 values with
+16-bit activations past 32 tokens. Inputs with more tokens than `dense_above(...)` take the
+decompress-then-dense-matmul path: for long prompts torch's dense GEMM (oneDNN, AMX where present) beats
+re-expanding every weight chunk for every pass of tokens.
 A GPU branch belongs in `linear` next to the CPU one.
 """
 
@@ -89,8 +89,8 @@ DENSE_ABOVE = {"bf16": 8, "int8": 32, "dense": 8}  # "dense": our dense bf16 GEM
 # 512, 1.16x at 768, 1.14x at 1024. (Whole-sequence forwards, `model(ids)`, had put the break-even near 256, but
 # they were noisier and are not how prompts run.)
 # int8 values past 32 tokens take 16-bit activations (int8_wide_amx, 32 tokens a pass): the 8-bit kernel would
-# be faster still (4.14 against 9.60 ms at 128), but it quantizes activations to 8 bits where decompressing keeps
-# them bf16. Prefill through `generate` on TinyLlama's shape (int8 values, 70%), alternated with decompressing,
+# be faster still (1.8-1.9x at 64-512 tokens, 4096x4096), but it quantizes activations to 8 bits where
+# decompressing keeps them bf16. Prefill through `generate` on TinyLlama's shape (int8 values, 70%), alternated with decompressing,
 # after the AMX kernels began writing their sums sixteen tiles at a time: 1.32-1.44x at 192-384 tokens, 1.25-1.54x
 # at 512, 1.21-1.31x at 640-768, 1.29-1.86x at 1024, 0.92x at 1536. (Before that, at 32 tokens a pass, it had lost
 # from 256.) bf16 on the same runs: 1.27x at 1024, 1.13x at 1536, 1.15x at 2048.

@@ -9,7 +9,8 @@
 // cache, 2 threads, alternated with the expand kernel: 1.24x at batch 3, 1.48x at 4, 2.83x at 8, 5.13x at 16
 // (2.18x torch's dense bf16 matmul, against 0.42x), when a call took 16 batch rows. Products of two bf16
 // values are exact in fp32, so only the order of the fp32 sums differs; int8 sums are exact integers, so the
-// int8 results equal the expand kernel's bit for bit.
+// int8 results equal the expand kernel's bit for bit. int8_wide_amx takes 16-bit activations as two bytes, each
+// through its own result tiles (sparse.h).
 #include "bf16_bits.h"
 #include "sparse.h"
 
@@ -114,7 +115,7 @@ struct alignas(64) TileSums {
 // (4096x4096: 8.3 against 6.3 ms at 128 batch rows, 48 against 26 at 512): each tile then reads the activations
 // of the whole batch, which outgrow L2, where a call of 64 reads the same 512 KB for every tile.
 //
-// The sums go to `out` (see Block) rather than to their places in the output.
+// The sums go to `out` rather than to their places in the output (see flush).
 template <Values kValues, bool kFull, int kGroups>
 void tile(const SparseMatrix& w, const Activations& a, TileSums* out, int64_t r, int64_t step, int count) {
   constexpr bool kInt8 = kValues != Values::kBf16, kWide = kValues == Values::kInt8Wide;
@@ -138,7 +139,7 @@ void tile(const SparseMatrix& w, const Activations& a, TileSums* out, int64_t r,
   // words, where bf16 chunks may stop short)
   const int64_t width = group_width(a.batch), stride = width * 4;
   const int64_t group_words = a.stride * (kInt8 ? 1 : 2) / 4 * width;
-  // 16-bit activations: result tiles 0 and 1 take their high bytes' sums, kGroups and up their low bytes'
+  // 16-bit activations: result tiles 0..kGroups-1 take their high bytes' sums, the next kGroups their low bytes'
   constexpr int kTiles = kWide ? 2 * kGroups : kGroups;
   _tile_zero(0);
   if constexpr (kTiles > 1) _tile_zero(1);

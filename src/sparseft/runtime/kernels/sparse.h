@@ -84,8 +84,8 @@ void int8_amx(const SparseMatrix&, const Activations&, const Output&, int64_t, i
 void interleave(const void* x, int64_t batch, int64_t row_words, bool signed_bytes, uint32_t* out);
 // int8 weights times 16-bit per-token activations (quantize16_avx512) on AMX, batch 1..kAmxWideBatch: each
 // activation q = 256 high + low is two bytes, the high one signed (tdpbssd) and the low one unsigned (tdpbsud),
-// so the dot products stay exact integers and the activations lose next to nothing. For prompts too long for
-// the 8-bit kernels' accuracy (ops.cpp's `wide`). Every byte needs its own result tile: 32 batch rows a pass.
+// so the dot products stay exact integers and the activations lose next to nothing: for int8 prompts past 32
+// tokens (dispatch.py's `wide`). Each byte needs result tiles of its own: 32 batch rows a pass.
 constexpr int64_t kAmxWideBatch = 32;
 void int8_wide_amx(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t, const Shared*);
 void int8_avx512(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t, const Shared*);
