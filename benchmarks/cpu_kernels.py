@@ -199,7 +199,7 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
 
 def crossover(isa: str, reps: int) -> list[dict[str, Any]]:
     """Batch sizes at which the decompress + dense matmul path beats the kernels (4096x4096, 70%): the expand
-    kernel, or the AMX kernel from 3 (bf16) or 8 (int8) tokens where the CPU has AMX, and there for int8 past 32
+    kernel, or the AMX kernel from 2 (bf16) or 5 (int8) tokens where the CPU has AMX, and there for int8 past 32
     tokens also the kernel with 16-bit activations, which the runtime takes for those."""
     weight = prune(torch.randn(4096, 4096), 0.7)
     wide_too = dispatch.amx_ready(isa)

@@ -1,5 +1,5 @@
 """Every kernel path agrees with its plain-torch reference: each instruction-set level this CPU has, forced (the
-AMX kernels take batches of 3 (bf16) or 8 (int8) and more at the AVX-512 level); bf16 and int8 values; batch
+AMX kernels take batches of 2 (bf16) or 5 (int8) and more at the AVX-512 level); bf16 and int8 values; batch
 1..130 (the AMX kernels take 64 a pass); odd sizes; empty and fully dense rows; one and several threads."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from sparseft.runtime import dispatch, reference
 from sparseft.runtime.packing import pack_dense
 
 KERNEL_ISAS = [name for name in dispatch.available_isas() if name != "torch"]
-# Each level, and where AMX takes batches of 3 and more, AVX-512 with it turned off: its expand kernels' batch tiles.
+# Each level, and where AMX takes batches of 2 and more, AVX-512 with it turned off: its expand kernels' batch tiles.
 LEVELS = [(isa, False) for isa in KERNEL_ISAS]
 if "avx512" in KERNEL_ISAS and dispatch.amx_ready("avx512"):
     LEVELS.append(("avx512", True))

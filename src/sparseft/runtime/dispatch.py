@@ -2,7 +2,7 @@
 
 Levels, best first: "avx512" (VBMI2 expand + BF16 + VNNI), "avx2", "scalar" (portable C++), "torch" (no C++;
 the plain-torch reference). The default is the best the CPU reports; `SPARSEFT_ISA=avx2` (or `set_isa`)
-forces a level, for tests and comparisons. At that level, batches of 3 (bf16) or 8 (int8) tokens and more run on
+forces a level, for tests and comparisons. At that level, batches of 2 (bf16) or 5 (int8) tokens and more run on
 the AMX kernels where the CPU and Linux allow it (`amx_ready`; SPARSEFT_AMX=0 turns them off), int8 values with
 16-bit activations past 32 tokens. Inputs with more tokens than `dense_above(...)` take the
 decompress-then-dense-matmul path: for long prompts torch's dense GEMM (oneDNN, AMX where present) beats
@@ -107,7 +107,7 @@ def dense_above(kind: str, isa: str | None = None) -> int:
 
 
 def amx_ready(isa: str | None = None) -> bool:
-    """Whether batches of 3 (bf16 values) or 8 (int8) tokens and more run on the AMX kernels: the CPU has AMX,
+    """Whether batches of 2 (bf16 values) or 5 (int8) tokens and more run on the AMX kernels: the CPU has AMX,
     Linux lets this process use it, the AVX-512 kernels are in use (`isa`, by default the current level) and
     SPARSEFT_AMX is not 0."""
     # the hardware last: asking Linux for the tile registers is for processes that would use them

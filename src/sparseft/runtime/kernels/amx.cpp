@@ -1,5 +1,5 @@
 // AMX kernels for batches of tokens (prefill of short prompts, beam search, batched decoding): bf16 weights from
-// 3 tokens, int8 from 8 (ops.cpp decides).
+// 2 tokens, int8 from 5 (ops.cpp decides).
 //
 // The expand kernels of avx512.cpp multiply each expanded chunk of weights with every batch row separately, so
 // their cost grows with the batch: at batch 16 the bf16 kernel ran at 0.42x torch's dense bf16 matmul. Here 16
@@ -276,35 +276,47 @@ void flush(const SparseMatrix& w, const Activations& a, const Output& o, const T
   }
 }
 
+// Tiles go in blocks of 16 (see flush), the blocks of a part taken one at a time through its counter when threads
+// share the call (`shared`, as in the expand kernels: a thread through with its own part takes blocks left in the
+// others'). Each thread does the last rows of its own part, fewer than a tile, at the end.
 template <Values kValues>
-void rows(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
+void rows(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1, const Shared* shared) {
   const int64_t most = kValues == Values::kInt8Wide ? kAmxWideBatch : kAmxBatch;
   // not a batch the tiles hold (ops.cpp never passes one)
   if (a.batch < 1 || a.batch > most || a.pairs == nullptr ||
       (kValues == Values::kInt8Wide) != (a.low_pairs != nullptr)) {
     if constexpr (kValues != Values::kInt8Wide)
-      (kValues == Values::kInt8 ? int8_avx512 : bf16_avx512)(w, a, o, r0, r1, nullptr);
+      (kValues == Values::kInt8 ? int8_avx512 : bf16_avx512)(w, a, o, r0, r1, shared);
     return;
   }
   // 64 KB: the sums of 16 consecutive tiles, flushed together. Not on the stack: there it made the tiles of a
   // batch of 3 take 0.81-0.92x as long (2048x2048).
   static thread_local TileSums block[16];
-  const int64_t step = (r1 - r0) / kRows;
-  const int64_t rest = r1 - r0 - kRows * step;
-  if (step > 0) {
-    configure(kRows, group_width(a.batch));
-    for (int64_t t0 = 0; t0 < step; t0 += 16) {
+  const auto blocks = [&](int64_t p0, int64_t p1, std::atomic<int64_t>* next) {
+    const int64_t step = (p1 - p0) / kRows;
+    for (int64_t t0 = next ? next->fetch_add(16, std::memory_order_relaxed) : 0; t0 < step;
+         t0 = next ? next->fetch_add(16, std::memory_order_relaxed) : t0 + 16) {
       const int n = static_cast<int>(std::min<int64_t>(16, step - t0));
-      for (int j = 0; j < n; ++j) groups<kValues, true>(w, a, &block[j], r0 + t0 + j, step, kRows);
+      for (int j = 0; j < n; ++j) groups<kValues, true>(w, a, &block[j], p0 + t0 + j, step, kRows);
       memory_barrier();
-      flush<kValues>(w, a, o, block, n, r0 + t0, step, kRows);
+      flush<kValues>(w, a, o, block, n, p0 + t0, step, kRows);
+    }
+  };
+  configure(kRows, group_width(a.batch));
+  if (shared == nullptr) {
+    blocks(r0, r1, nullptr);
+  } else {
+    for (int64_t k = 0; k < shared->parts; ++k) {
+      const int64_t part = (shared->part + k) % shared->parts;
+      blocks(shared->bounds[part], shared->bounds[part + 1], &shared->counters[part].next);
     }
   }
+  const int64_t rest = (r1 - r0) % kRows;
   if (rest > 0) {
     configure(rest, group_width(a.batch));
-    groups<kValues, false>(w, a, &block[0], r0 + kRows * step, 1, static_cast<int>(rest));
+    groups<kValues, false>(w, a, &block[0], r1 - rest, 1, static_cast<int>(rest));
     memory_barrier();
-    flush<kValues>(w, a, o, block, 1, r0 + kRows * step, 1, static_cast<int>(rest));
+    flush<kValues>(w, a, o, block, 1, r1 - rest, 1, static_cast<int>(rest));
   }
   _tile_release();
 }
@@ -312,18 +324,18 @@ void rows(const SparseMatrix& w, const Activations& a, const Output& o, int64_t 
 }  // namespace
 
 void bf16_amx(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1,
-              const Shared*) {
-  rows<Values::kBf16>(w, a, o, r0, r1);
+              const Shared* shared) {
+  rows<Values::kBf16>(w, a, o, r0, r1, shared);
 }
 
 void int8_amx(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1,
-              const Shared*) {
-  rows<Values::kInt8>(w, a, o, r0, r1);
+              const Shared* shared) {
+  rows<Values::kInt8>(w, a, o, r0, r1, shared);
 }
 
 void int8_wide_amx(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1,
-                   const Shared*) {
-  rows<Values::kInt8Wide>(w, a, o, r0, r1);
+                   const Shared* shared) {
+  rows<Values::kInt8Wide>(w, a, o, r0, r1, shared);
 }
 
 void interleave(const void* x, int64_t batch, int64_t row_words, bool signed_bytes, uint32_t* out) {

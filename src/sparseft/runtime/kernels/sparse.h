@@ -59,7 +59,7 @@ struct Shared {
 
 // Kernels compute rows [r0, r1) of y = W x for every batch row; ops.cpp splits rows across threads. With `shared`
 // (null on one thread) [r0, r1) is part shared->part, and a kernel may also take rows of the other parts through
-// it (the AVX-512 expand kernels do).
+// it (the AVX-512 expand kernels and the AMX kernels do).
 using Kernel = void (*)(const SparseMatrix&, const Activations&, const Output&, int64_t r0, int64_t r1,
                         const Shared* shared);
 
