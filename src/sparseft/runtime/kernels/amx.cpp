@@ -221,12 +221,12 @@ void groups(const SparseMatrix& w, const Activations& a, TileSums* out, int64_t 
   }
 }
 
-// Sixteen tiles' sums (a Block's) to their places in the output: tile j (< n) holds rows first + j + i * spacing
-// (i < count), so for each i the n tiles hold n neighbouring rows, and one 16 x 16 transpose turns their sums for
-// 16 batch rows into a vector of n outputs per batch row. Scaled, biased and rounded as `store` does, so the results
-// are the same bit for bit. Against writing each tile's sums straight to their places, each to a cache line of
-// its own (1024 lines a tile at 64 batch rows), 2 threads, alternated: bf16 1.03-1.10x at 3-16 batch rows,
-// 1.22-1.23x at 64; int8 1.19-1.42x at 8-64; 16-bit activations 1.18-1.28x at 32.
+// The sums of up to sixteen consecutive tiles (`block`) to their places in the output: tile j (< n) holds rows
+// first + j + i * spacing (i < count), so for each i the n tiles hold n neighbouring rows, and one 16 x 16
+// transpose turns their sums for 16 batch rows into a vector of n outputs per batch row. Scaled, biased and rounded
+// as `store` does, so the results are the same bit for bit. Against writing each tile's sums straight to their
+// places, each to a cache line of its own (1024 lines a tile at 64 batch rows), 2 threads, alternated: bf16
+// 1.03-1.10x at 3-16 batch rows, 1.22-1.23x at 64; int8 1.19-1.42x at 8-64; 16-bit activations 1.18-1.28x at 32.
 template <Values kValues>
 void flush(const SparseMatrix& w, const Activations& a, const Output& o, const TileSums* block, int n, int64_t first,
            int64_t spacing, int count) {
