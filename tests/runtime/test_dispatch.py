@@ -4,6 +4,7 @@ AMX kernels take batches of 2 (bf16) or 5 (int8) and more at the AVX-512 level);
 
 from __future__ import annotations
 
+import copy
 import platform
 from collections.abc import Callable
 
@@ -11,8 +12,8 @@ import pytest
 import torch
 
 from sparseft.errors import SparseftError
-from sparseft.runtime import dispatch, reference
-from sparseft.runtime.packing import pack_dense
+from sparseft.runtime import dispatch, reference, sparsify_
+from sparseft.runtime.packing import Packed, pack_dense
 
 KERNEL_ISAS = [name for name in dispatch.available_isas() if name != "torch"]
 # Each level, and where AMX takes batches of 2 and more, AVX-512 with it turned off: its expand kernels' batch tiles.
@@ -140,6 +141,32 @@ def test_int8_prompts_keep_16_bit_activations_up_to_the_switch(
     monkeypatch.delenv("SPARSEFT_AMX")
     with pytest.raises(RuntimeError, match="16-bit activations need"):
         dispatch.sparse_mm(x, pack_dense(awkward_weight(50, 300), "bf16"), None, "avx512", wide=True)
+
+
+@pytest.mark.skipif(not KERNEL_ISAS or not dispatch.amx_ready(), reason="no AMX here")
+def test_int8_model_prefills_a_long_prompt_with_16_bit_activations(
+    monkeypatch: pytest.MonkeyPatch, pruned_model: Callable[..., torch.nn.Module]
+) -> None:
+    dense = pruned_model()
+    sparse = copy.deepcopy(dense)
+    sparsify_(sparse, "int8")
+    calls: list[tuple[int, bool]] = []
+    kernel = dispatch.sparse_mm
+
+    def spy(
+        x: torch.Tensor, p: Packed, bias: torch.Tensor | None, isa: str, wide: bool = False
+    ) -> torch.Tensor:
+        calls.append((x.numel() // p.shape[1], wide))
+        return kernel(x, p, bias, isa, wide)
+
+    monkeypatch.setattr(dispatch, "sparse_mm", spy)
+    prompt = torch.randint(0, 320, (1, 48), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        logits = sparse(prompt).logits.float()
+        expected = dense(prompt).logits.float()
+    # every linear of the 48-token forward (fused or not) took the 16-bit kernel
+    assert calls and all(tokens == 48 and wide for tokens, wide in calls)
+    assert ((logits - expected).norm() / expected.norm()).item() < 0.05
 
 
 @pytest.mark.skipif(not KERNEL_ISAS, reason="the C++ kernels are not built here")
