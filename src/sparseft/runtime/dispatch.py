@@ -93,8 +93,9 @@ DENSE_ABOVE = {"bf16": 8, "int8": 32, "dense": 8}  # "dense": our dense bf16 GEM
 # decompressing keeps them bf16. Prefill through `generate` on TinyLlama's shape (int8 values, 70%), alternated with decompressing,
 # after the AMX kernels began writing their sums sixteen tiles at a time: 1.32-1.44x at 192-384 tokens, 1.25-1.54x
 # at 512, 1.21-1.31x at 640-768, 1.29-1.86x at 1024, 0.92x at 1536. (Before that, at 32 tokens a pass, it had lost
-# from 256.) bf16 on the same runs: 1.27x at 1024, 1.13x at 1536, 1.15x at 2048.
-AMX_DENSE_ABOVE = {"bf16": 1024, "int8": 1024}
+# from 256.) bf16 on the same runs: 1.27x at 1024, 1.13x at 1536, 1.15x at 2048; two more runs: 0.94x and 1.30x at
+# 1536, 1.18x and 1.30x at 2048, so bf16's switch moved from 1024 to 2048 (it also spares the dense blocks' memory).
+AMX_DENSE_ABOVE = {"bf16": 2048, "int8": 1024}
 _DECOMPRESS_BYTES = 8 * 2**20
 
 
