@@ -20,7 +20,6 @@
 
 #include <immintrin.h>
 
-#include <algorithm>
 #include <type_traits>
 
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,avx512bf16,popcnt,amx-tile,amx-bf16,amx-int8")
@@ -276,9 +275,9 @@ void flush(const SparseMatrix& w, const Activations& a, const Output& o, const T
   }
 }
 
-// Tiles go in blocks of 16 (see flush), the blocks of a part taken one at a time through its counter when threads
-// share the call (`shared`, as in the expand kernels: a thread through with its own part takes blocks left in the
-// others'). Each thread does the last rows of its own part, fewer than a tile, at the end.
+// Tiles go in blocks of 16 (see flush), taken through for_each_step as the expand kernels take theirs: a thread
+// through with its own part takes blocks left in the others'. Each thread does the last rows of its own part,
+// fewer than a tile, at the end.
 template <Values kValues>
 void rows(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1, const Shared* shared) {
   const int64_t most = kValues == Values::kInt8Wide ? kAmxWideBatch : kAmxBatch;
@@ -292,25 +291,13 @@ void rows(const SparseMatrix& w, const Activations& a, const Output& o, int64_t 
   // 64 KB: the sums of 16 consecutive tiles, flushed together. Not on the stack: there it made the tiles of a
   // batch of 3 take 0.81-0.92x as long (2048x2048).
   static thread_local TileSums block[16];
-  const auto blocks = [&](int64_t p0, int64_t p1, std::atomic<int64_t>* next) {
-    const int64_t step = (p1 - p0) / kRows;
-    for (int64_t t0 = next ? next->fetch_add(16, std::memory_order_relaxed) : 0; t0 < step;
-         t0 = next ? next->fetch_add(16, std::memory_order_relaxed) : t0 + 16) {
-      const int n = static_cast<int>(std::min<int64_t>(16, step - t0));
-      for (int j = 0; j < n; ++j) groups<kValues, true>(w, a, &block[j], p0 + t0 + j, step, kRows);
-      memory_barrier();
-      flush<kValues>(w, a, o, block, n, p0 + t0, step, kRows);
-    }
-  };
   configure(kRows, group_width(a.batch));
-  if (shared == nullptr) {
-    blocks(r0, r1, nullptr);
-  } else {
-    for (int64_t k = 0; k < shared->parts; ++k) {
-      const int64_t part = (shared->part + k) % shared->parts;
-      blocks(shared->bounds[part], shared->bounds[part + 1], &shared->counters[part].next);
-    }
-  }
+  for_each_step(shared, r0, r1, kRows, 16, [&](int64_t p0, int64_t step, int64_t t0, int64_t t1) {
+    const int n = static_cast<int>(t1 - t0);
+    for (int j = 0; j < n; ++j) groups<kValues, true>(w, a, &block[j], p0 + t0 + j, step, kRows);
+    memory_barrier();
+    flush<kValues>(w, a, o, block, n, p0 + t0, step, kRows);
+  });
   const int64_t rest = (r1 - r0) % kRows;
   if (rest > 0) {
     configure(rest, group_width(a.batch));

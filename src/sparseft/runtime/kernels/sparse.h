@@ -57,6 +57,27 @@ struct Shared {
   int64_t parts, part;  // this thread's part
 };
 
+// The tile steps a thread runs, `taken` at a time: run(p0, step, t0, t1) for steps [t0, t1) of the part starting at
+// row p0, whose rows go in step = rows / n steps of n rows spaced `step` apart. Without `shared`, every step of
+// [r0, r1) in order; with it, its own part's steps through the part's counter, then those left in the others'. The
+// rows of a part that do not fill a step stay with its owner: the caller runs them.
+template <typename Run>
+inline void for_each_step(const Shared* shared, int64_t r0, int64_t r1, int64_t n, int64_t taken, Run run) {
+  if (shared == nullptr) {
+    const int64_t step = (r1 - r0) / n;
+    for (int64_t t0 = 0; t0 < step; t0 += taken) run(r0, step, t0, t0 + taken < step ? t0 + taken : step);
+    return;
+  }
+  for (int64_t k = 0; k < shared->parts; ++k) {
+    const int64_t part = (shared->part + k) % shared->parts;
+    const int64_t p0 = shared->bounds[part], step = (shared->bounds[part + 1] - p0) / n;
+    std::atomic<int64_t>& next = shared->counters[part].next;
+    for (int64_t t0 = next.fetch_add(taken, std::memory_order_relaxed); t0 < step;
+         t0 = next.fetch_add(taken, std::memory_order_relaxed))
+      run(p0, step, t0, t0 + taken < step ? t0 + taken : step);
+  }
+}
+
 // Kernels compute rows [r0, r1) of y = W x for every batch row; ops.cpp splits rows across threads. With `shared`
 // (null on one thread) [r0, r1) is part shared->part, and a kernel may also take rows of the other parts through
 // it (the AVX-512 expand kernels and the AMX kernels do).
