@@ -667,6 +667,9 @@ def generate(
     tokenizer = load_tokenizer(str(model), trust_remote_code)
     net = load_sparse(model, values, trust_remote_code=trust_remote_code, head_values=head_values)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        raise SparseftError("the prompt is empty (no tokens); give some text to continue")
+    _check_positions(net.config, ids.shape[1] + max_new_tokens, "the prompt and max_new_tokens")
     started = time.perf_counter()
     with torch.inference_mode():
         out = net.generate(
@@ -724,6 +727,8 @@ def bench(
     kind = model_kind(sparse.config)
     if kind == "speech":
         _check_transcript_length(sparse.config, new_tokens)
+    if kind == "causal":
+        _check_positions(sparse.config, prompt_tokens + new_tokens, "prompt_tokens + new_tokens")
     stored = next((m.kind for m in sparse.modules() if hasattr(m, "kind")), "bf16")
     dense = formats.load_dir(model, torch.bfloat16, trust_remote_code)
     models = {f"sparse {stored}": sparse, "dense bf16": dense}
@@ -737,6 +742,17 @@ def bench(
         result = measure_seq2seq(models, inputs, new_tokens, beams, runs)
     result["_machine"]["kernels"] = current_isa()
     return {"model": str(model), "kind": kind, **workload, "runs": runs, "results": result}
+
+
+def _check_positions(config: Any, tokens: int, what: str) -> None:
+    # Models with learned position embeddings (GPT-2, OPT) fail deep inside their embedding past this length;
+    # the others were not trained past it either.
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and tokens > limit:
+        raise SparseftError(
+            f"{config.model_type} takes at most {limit} positions (max_position_embeddings), but {what} are "
+            f"{tokens}; ask for fewer"
+        )
 
 
 def _check_transcript_length(config: Any, new_tokens: int) -> None:

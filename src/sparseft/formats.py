@@ -356,7 +356,7 @@ class Archive:
         if quant is not None:
             parts["scale"] = self.shards.get(name + SCALE_SUFFIX)
             parts["bits"], parts["group_size"] = int(quant["bits"]), quant.get("group_size")
-        _check_parts(name, parts, self.dtype)
+        check_parts(name, parts, self.dtype)
         return parts
 
     def dense(self, name: str) -> torch.Tensor:
@@ -364,7 +364,7 @@ class Archive:
         return decompress(self.compressed(name), self.dtype)
 
 
-def _check_parts(name: str, parts: dict[str, Any], dtype: torch.dtype) -> None:
+def check_parts(name: str, parts: dict[str, Any], dtype: torch.dtype) -> None:
     """Raise a SparseftError unless the parts of one weight agree with each other and with the format."""
     rows, columns = parts["shape"]
     bitmask, offsets, values = parts["bitmask"], parts["row_offsets"], parts["compressed"]
@@ -458,6 +458,17 @@ def read_archive(path: str | os.PathLike[str]) -> Archive:
         "float16",
     ):
         raise SparseftError(f"{directory / CONFIG} lacks model_config or a float dtype; export again")
+    quant = meta.get("quantization")
+    group_size = quant.get("group_size") if isinstance(quant, dict) else None
+    if quant is not None and not (
+        isinstance(quant, dict)
+        and quant.get("bits") in (4, 8)
+        and (group_size is None or (isinstance(group_size, int) and group_size > 0))
+    ):
+        raise SparseftError(
+            f"{directory / CONFIG} has a malformed quantization block {quant!r} (bits 4 or 8, group_size null "
+            "or a positive integer); export again"
+        )
     shards = Shards(directory)
     names = sorted(k[: -len(".bitmask")] for k in shards if k.endswith(".bitmask"))
     for name in names:

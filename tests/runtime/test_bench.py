@@ -101,6 +101,10 @@ def test_bad_arguments(exported: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert main(["bench", str(exported), "--new-tokens", "1"]) == 2
     assert main(["generate", str(exported.parent / "missing"), "--prompt", "x"]) == 2
     assert "error" in capsys.readouterr().err
+    # past the model's positions: refused before anything runs, not an IndexError from inside its embeddings
+    assert main(["bench", str(exported), "--prompt-tokens", "100000", "--runs", "1"]) == 2
+    assert main(["generate", str(exported), "--prompt", "x", "--max-new-tokens", "100000"]) == 2
+    assert capsys.readouterr().err.count("max_position_embeddings") == 2
 
 
 # --- encoder-decoders: T5 and Whisper ---------------------------------------------------------------------------

@@ -56,6 +56,29 @@ def test_failed_build_falls_back_to_torch(
     torch.testing.assert_close(SparseLinear.from_linear(linear)(x), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_a_cache_that_cannot_be_written_falls_back_naming_the_setting(
+    fresh_build: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (fresh_build / "file").write_text("")
+    monkeypatch.setenv("SPARSEFT_CACHE", str(fresh_build / "file" / "cache"))  # a path under a file
+    with pytest.warns(RuntimeWarning, match="Point SPARSEFT_CACHE to a directory you can write"):
+        assert build.load_extension() is False
+    assert dispatch.best_isa() == "torch"
+
+
+def test_no_home_directory_falls_back_naming_the_setting(
+    fresh_build: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    for name in ("SPARSEFT_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(Path, "home", no_home)
+    with pytest.warns(RuntimeWarning, match="home directory.*Point SPARSEFT_CACHE"):
+        assert build.load_extension() is False
+
+
 def test_interrupted_build_leaves_no_library(fresh_build: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def interrupted(**kwargs: object) -> None:
         Path(str(kwargs["build_directory"]), build.LIBRARY).write_bytes(b"half a library")

@@ -40,15 +40,16 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def _write_archive(model: torch.nn.Module, path: Path, int8: bool = False) -> Path:
+def _write_archive(
+    model: torch.nn.Module, path: Path, int8: bool = False, spec: QuantSpec | None = None
+) -> Path:
     targets = find_targets(model)
+    spec = spec or (QuantSpec(8) if int8 else None)
     quantized = (
-        {n: rtn_quantize(weight_matrix(m).detach(), QuantSpec(8)) for n, m in targets.items()}
-        if int8
-        else None
+        {n: rtn_quantize(weight_matrix(m).detach(), spec) for n, m in targets.items()} if spec else None
     )
     path.mkdir()
-    formats.write_bitmask(model, targets, path, quantized, QuantSpec(8).describe() if int8 else None)
+    formats.write_bitmask(model, targets, path, quantized, spec.describe() if spec else None)
     return path
 
 
@@ -160,6 +161,78 @@ def test_archive_of_a_different_model_is_refused(
         load(bigger_vocab)
     with pytest.raises(SparseftError, match="values must be"):
         load(wider, values="fp8")  # type: ignore[arg-type]
+    with pytest.raises(SparseftError, match="bfloat16 or float32"):
+        load(wider, dtype=torch.float16)
+
+
+def test_archive_whose_biases_differ_from_its_model_is_refused(
+    tmp_path: Path, pruned_model: Callable[..., torch.nn.Module]
+) -> None:
+    archive = _write_archive(pruned_model(), tmp_path / "archive")
+    _edit_config(archive, attention_bias=True)  # the model now expects q/k/v/o biases the archive lacks
+    with pytest.raises(SparseftError, match=r"lacks model\.layers\.0\.self_attn\.\w+_proj\.bias.*different"):
+        load(archive)
+    biased = pruned_model(attention_bias=True)
+    archive = _write_archive(biased, tmp_path / "biased")
+    _edit_config(archive, attention_bias=False)
+    with pytest.raises(SparseftError, match=r"holds model\.layers\.0\.self_attn\.\w+_proj\.bias.*different"):
+        load(archive)
+
+
+def _damage(archive: Path, name: str, change: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    for file in archive.glob("*.safetensors"):
+        tensors = load_file(file)
+        if name in tensors:
+            tensors[name] = change(tensors[name])
+            save_file(tensors, file, metadata={"format": "pt"})
+            return
+    raise AssertionError(f"{name} not in {archive}")
+
+
+def _set_last_bit(mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.clone()
+    mask[0, -1] |= 0x80
+    return mask
+
+
+@pytest.mark.parametrize("spec", [None, QuantSpec(4, 32)], ids=["bf16", "int4"])
+@pytest.mark.parametrize(
+    ("part", "change", "message"),
+    [
+        ("compressed", lambda t: t[:-1].clone(), "do not match|compressed holds"),
+        ("row_offsets", lambda t: t.flip(0).clone(), "do not match"),
+        ("bitmask", _set_last_bit, "beyond column 84"),
+    ],
+)
+def test_damaged_archive_parts_are_refused(
+    tmp_path: Path,
+    pruned_model: Callable[..., torch.nn.Module],
+    part: str,
+    change: Callable[[torch.Tensor], torch.Tensor],
+    message: str,
+    spec: QuantSpec | None,
+) -> None:
+    dense = pruned_model(hidden_size=84)  # 84 columns: the last mask byte has spare bits a damage can set
+    archive = _write_archive(dense, tmp_path / "archive", spec=spec)
+    _damage(archive, f"model.layers.0.self_attn.q_proj.weight.{part}", change)
+    with pytest.raises(SparseftError, match=message):
+        load(archive)
+
+
+@pytest.mark.parametrize(
+    "quantization", [{"bits": 3}, {"group_size": 128}, {"bits": 4, "group_size": -1}, [8]]
+)
+def test_malformed_quantization_block_is_refused(
+    tmp_path: Path, pruned_model: Callable[..., torch.nn.Module], quantization: object
+) -> None:
+    archive = _write_archive(pruned_model(), tmp_path / "archive", int8=True)
+    meta = json.loads((archive / "config.json").read_text())
+    meta["quantization"] = quantization
+    (archive / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(SparseftError, match="malformed quantization"):
+        load(archive)
 
 
 def test_sparsify_refuses_models_not_on_the_cpu(pruned_model: Callable[..., torch.nn.Module]) -> None:

@@ -143,6 +143,22 @@ def test_int8_prompts_keep_16_bit_activations_up_to_the_switch(
         dispatch.sparse_mm(x, pack_dense(awkward_weight(50, 300), "bf16"), None, "avx512", wide=True)
 
 
+@pytest.mark.parametrize("isa", dispatch.available_isas())
+def test_decompressed_path_adds_an_fp32_bias_unrounded(isa: str) -> None:
+    weight = torch.zeros(40, 64)
+    weight[:, ::3] = torch.randn(40, 22)
+    packed = pack_dense(weight, "bf16")
+    bias = torch.full((40,), 1000.3)  # 1000.0 in bf16
+    x = torch.randn(3, 64)
+    y = dispatch.decompressed_linear(x, packed, bias, isa)
+    product = (x.bfloat16() @ weight.bfloat16().T).float()
+    assert (
+        y - product - bias
+    ).abs().max() < 0.01  # a bias rounded to bf16 (or a bf16 sum) is 0.3 or more off
+    yb = dispatch.decompressed_linear(x.bfloat16(), packed, bias, isa)
+    assert yb.dtype == torch.bfloat16
+
+
 @pytest.mark.skipif(not KERNEL_ISAS or not dispatch.amx_ready(), reason="no AMX here")
 def test_int8_model_prefills_a_long_prompt_with_16_bit_activations(
     monkeypatch: pytest.MonkeyPatch, pruned_model: Callable[..., torch.nn.Module]

@@ -8,6 +8,7 @@ from torch import nn
 
 from sparseft.errors import SparseftError
 from sparseft.runtime import DenseLinear, SparseLinear
+from sparseft.runtime.dispatch import available_isas
 
 
 def _pruned_linear(inputs: int = 70, outputs: int = 45, bias: bool = True) -> nn.Linear:
@@ -63,10 +64,16 @@ def test_bad_input_is_refused() -> None:
         SparseLinear(SparseLinear.from_linear(_pruned_linear()).packed, torch.zeros(3))
 
 
-def test_dense_linear_matches_torch() -> None:
+@pytest.mark.parametrize("isa", available_isas())
+def test_dense_linear_matches_torch(isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPARSEFT_ISA", isa)
     linear = _pruned_linear().to(torch.bfloat16)
     head = DenseLinear(linear)
     assert head.weight is linear.weight  # shared, e.g. with tied embeddings
     for shape in [(1, 70), (1, 1, 70), (40, 70)]:
         x = torch.randn(shape, dtype=torch.bfloat16)
         torch.testing.assert_close(head(x), linear(x), rtol=2e-2, atol=2e-2)
+    with torch.no_grad():
+        linear.bias.add_(1.0)  # a bias changed after wrapping is the one used
+    x = torch.randn(1, 70, dtype=torch.bfloat16)
+    torch.testing.assert_close(head(x), linear(x), rtol=2e-2, atol=2e-2)

@@ -119,5 +119,10 @@ def test_damaged_parts_are_refused(awkward_weight: Callable[..., torch.Tensor]) 
         pack_bitmask(shape, values.to(torch.int8), bitmask, offsets, "int8")
     with pytest.raises(SparseftError, match="values must be"):
         pack_bitmask(shape, values, bitmask, offsets, "fp8")  # type: ignore[arg-type]
+    odd = bitmask_of(awkward_weight(6, 37))
+    stray = odd["bitmask"].clone()
+    stray[0, -1] |= 0x80  # column 39 of 37
+    with pytest.raises(SparseftError, match="beyond column 37"):
+        pack_bitmask(odd["shape"], odd["compressed"], stray, odd["row_offsets"])
     with pytest.raises(SparseftError, match="2-D floating-point"):
         pack_dense(torch.ones(3, 4, dtype=torch.int32))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 import pytest
@@ -42,8 +44,41 @@ def test_damaged_files_are_refused(tmp_path: Path) -> None:
     with pytest.raises(SparseftError, match="lacks tensor c"):
         reader.read("c")
     (tmp_path / "bad.safetensors").write_bytes(b"\x05\x00")
-    with pytest.raises(SparseftError, match="cannot read"):
+    with pytest.raises(SparseftError, match="damaged"):
         TensorReader(tmp_path, {"x": "bad.safetensors"}).read("x")
+
+
+def _with_header(path: Path, header: object, data: bytes = b"") -> None:
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        2**64 - 1,  # a header length past the file (and past memory)
+        2**40,
+        ["not", "a", "dict"],
+        {"x": {"dtype": "F32", "data_offsets": [0, 4]}},  # no shape
+        {"x": {"dtype": "F32", "shape": [1], "data_offsets": [0]}},
+        {"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, -4]}},
+        {
+            "x": {"dtype": "F32", "shape": [2**20, 2**20], "data_offsets": [0, 2**42]}
+        },  # more than the file holds
+    ],
+)
+def test_damaged_headers_are_refused_before_allocating(tmp_path: Path, header: object) -> None:
+    path = tmp_path / "m.safetensors"
+    if isinstance(header, int):
+        path.write_bytes(struct.pack("<Q", header) + b"{}")
+    else:
+        _with_header(path, header, b"\0" * 16)
+    reader = TensorReader(tmp_path, {"x": "m.safetensors"})
+    with pytest.raises(SparseftError, match="damaged|truncated") as caught:
+        reader.read("x")
+    assert "m.safetensors" in str(caught.value)
+    with pytest.raises(SparseftError):
+        reader.map("x")
 
 
 def test_mapped_tensors_match_and_are_private(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -49,7 +50,10 @@ def _key() -> str:
     digest = hashlib.sha256()
     for name in [*SOURCES, *HEADERS]:
         digest.update(name.encode() + (KERNEL_DIR / name).read_bytes())
-    digest.update(f"{torch.__version__} {sys.version_info[:2]} {CFLAGS} {LDFLAGS}".encode())
+    # the machine too: a home directory may be shared between x86-64 and other hosts
+    digest.update(
+        f"{torch.__version__} {sys.version_info[:2]} {CFLAGS} {LDFLAGS} {platform.machine()}".encode()
+    )
     return digest.hexdigest()[:16]
 
 
@@ -65,7 +69,6 @@ def _ninja_dir() -> str:
 def _compile(target: Path) -> ModuleType:
     from torch.utils import cpp_extension
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     print("sparseft: compiling the CPU kernels (once, about a minute)...", file=sys.stderr, flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="build-", dir=target.parent))
     path = os.environ.get("PATH", "")
@@ -114,18 +117,26 @@ def load_extension() -> bool:
     """Load the kernels (compiling them the first time); False, with one warning, if that is impossible."""
     if "loaded" in _state:
         return _state["loaded"]
-    target = cache_root() / "kernels" / _key() / LIBRARY
+    try:
+        target = cache_root() / "kernels" / _key() / LIBRARY
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (OSError, RuntimeError) as e:  # no home directory, a cache directory we cannot write
+        return _unavailable(e, "Point SPARSEFT_CACHE to a directory you can write to fix this.")
     try:
         _state["module"] = _import(target) if target.exists() else _compile(target)
         _state["loaded"] = True
     except Exception as e:  # a missing compiler, a failed build, a library that does not load
-        reason = str(e).splitlines()[0][:300] if str(e) else ""
-        fix = "" if target.exists() else " Install a C++ compiler and ninja to fix this."
-        warnings.warn(
-            f"sparseft: the C++ CPU kernels are unavailable ({type(e).__name__}: {reason}); "
-            f"using the portable torch path, which is much slower.{fix}",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        _state["loaded"] = False
+        return _unavailable(e, "" if target.exists() else "Install a C++ compiler and ninja to fix this.")
     return _state["loaded"]
+
+
+def _unavailable(error: Exception, fix: str) -> bool:
+    reason = str(error).splitlines()[0][:300] if str(error) else ""
+    warnings.warn(
+        f"sparseft: the C++ CPU kernels are unavailable ({type(error).__name__}: {reason}); "
+        f"using the portable torch path, which is much slower. {fix}".rstrip(),
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    _state["loaded"] = False
+    return False

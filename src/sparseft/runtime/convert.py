@@ -115,7 +115,8 @@ def _skeleton(config_dict: dict[str, Any], dtype: torch.dtype, trust_remote_code
     model_type = config_dict.get("model_type")
     if not isinstance(model_type, str) or model_type not in transformers.CONFIG_MAPPING:
         raise SparseftError(
-            f"unknown model_type {model_type!r} in the archive's model_config; cannot build the model"
+            f"unknown model_type {model_type!r} in the archive's model_config; the sparse runtime builds only "
+            "models transformers itself defines (not remote code)"
         )
     config = transformers.CONFIG_MAPPING[model_type].from_dict(config_dict)
     architectures = config_dict.get("architectures") or []
@@ -175,7 +176,9 @@ def _sparse_from_parts(
             scale,
             name,
         )
-    # Group-wise or 4-bit values: dequantize this one weight, then pack it in the runtime's layout.
+    # Group-wise or 4-bit values: dequantize this one weight, then pack it in the runtime's layout. (pack_bitmask
+    # checks the parts it takes itself; these it does not see.)
+    formats.check_parts(name, parts, torch.float32)
     return SparseLinear(pack_dense(formats.decompress(parts, torch.float32), values, name), bias)
 
 
@@ -198,6 +201,8 @@ def load(
     """
     from sparseft.formats import read_archive
 
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise SparseftError(f"the sparse runtime runs in bfloat16 or float32, not {dtype}; pass one of those")
     archive = read_archive(directory)
     quant = archive.quantization
     values = values or ("int8" if quant is not None and int(quant["bits"]) == 8 else "bf16")
@@ -217,6 +222,12 @@ def load(
                 "the archive was written for a different model"
             ) from None
         bias_name = module_name + ".bias"
+        if (getattr(module, "bias", None) is not None) != (bias_name in tensor_names):
+            which = "lacks" if bias_name not in tensor_names else "holds"
+            raise SparseftError(
+                f"the archive {which} {bias_name}, unlike the model its config builds; "
+                "the archive was written for a different model"
+            )
         bias = reader.read(bias_name) if bias_name in tensor_names else None
         tensor_names.discard(bias_name)
         parts = _read_parts(reader, name, quant)

@@ -191,11 +191,14 @@ def decompressed_linear(x: torch.Tensor, p: Packed, bias: torch.Tensor | None, i
     for start in range(0, p.shape[0], step):
         stop = min(start + step, p.shape[0])
         dense = decompress(p.rows(start, stop), isa)
-        part_bias = None if bias is None else bias[start:stop].to(torch.bfloat16)
-        parts.append(torch.nn.functional.linear(xb, dense, part_bias))
+        part_bias = None if bias is None else bias[start:stop]
+        if part_bias is None or x.dtype == torch.bfloat16:
+            fused = None if part_bias is None else part_bias.to(xb.dtype)
+            parts.append(torch.nn.functional.linear(xb, dense, fused).to(x.dtype))
+        else:  # the bias in the input's dtype, not rounded to bf16 first (the kernels add it in fp32)
+            parts.append(torch.nn.functional.linear(xb, dense).to(x.dtype) + part_bias.to(x.dtype))
         del dense
-    y = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
-    return y.to(x.dtype)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -228,5 +231,8 @@ def clock_ghz() -> float | None:
 def dense_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Dense bf16 y = x W^T with the AVX-512 GEMV kernel where available (the decode-time LM head)."""
     if current_isa() != "avx512":
-        return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+        y = torch.nn.functional.linear(x.to(weight.dtype), weight)
+        return (y if bias is None else y.float() + bias.float()).to(
+            x.dtype
+        )  # the bias in fp32, as the kernel
     return _op("dense_mm")(x.contiguous(), weight, bias)

@@ -134,7 +134,6 @@ class DenseLinear(nn.Module):
         self.out_features = linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        self._bias32 = None if linear.bias is None else linear.bias.detach().float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // max(self.in_features, 1)
@@ -148,4 +147,6 @@ class DenseLinear(nn.Module):
             return nn.functional.linear(
                 x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
             )
-        return dispatch.dense_mm(x, w.detach(), self._bias32)
+        # read per call, so that a bias loaded or edited later is the one used
+        bias = None if self.bias is None else self.bias.detach().float()
+        return dispatch.dense_mm(x, w.detach(), bias)

@@ -133,6 +133,10 @@ def pack_bitmask(
             f"{name}: bitmask must be uint8 of shape ({rows}, {nbytes}) for a ({rows}, {cols}) weight, "
             f"got {bitmask.dtype} {tuple(bitmask.shape)}; the archive is damaged or from another writer"
         )
+    # the kernels read whole words of the mask: a stray bit past the last column would make them read a value
+    # (and a column of the activations) that is not there
+    if cols % 8 and bool((bitmask[:, -1] >> (cols % 8)).any()):
+        raise SparseftError(f"{name}: the bitmask sets bits beyond column {cols}; the archive is damaged")
     if row_offsets.numel() != rows:
         raise SparseftError(
             f"{name}: row_offsets has {row_offsets.numel()} entries for {rows} rows; the archive is damaged"

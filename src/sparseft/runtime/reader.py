@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -38,41 +39,60 @@ class TensorReader:
     def __init__(self, directory: Path, weight_map: dict[str, str]) -> None:
         self.directory = directory
         self.weight_map = weight_map
-        self._headers: dict[str, tuple[int, dict[str, Any]]] = {}
+        self._headers: dict[str, tuple[int, int, dict[str, Any]]] = {}
         self._maps: dict[Path, mmap.mmap] = {}
 
-    def _header(self, file: str) -> tuple[int, dict[str, Any]]:
+    def _header(self, file: str) -> tuple[int, int, dict[str, Any]]:
+        """Where the data of `file` starts, the file's size, and its header."""
         if file not in self._headers:
             path = self.directory / file
+            damaged = f"{path} is damaged (its safetensors header is unreadable); copy it again"
             try:
                 with open(path, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
                     (length,) = struct.unpack("<Q", f.read(8))
+                    if length > size - 8:  # checked before reading, so a damaged length allocates nothing
+                        raise SparseftError(damaged)
                     header = json.loads(f.read(length))
-            except (OSError, ValueError, struct.error) as e:
-                raise SparseftError(f"cannot read {path}: {e} (the file is damaged; copy it again)") from e
-            self._headers[file] = (8 + length, header)
+            except (ValueError, struct.error):
+                raise SparseftError(damaged) from None
+            except OSError as e:
+                raise SparseftError(f"cannot read {path}: {e}") from e
+            if not isinstance(header, dict):
+                raise SparseftError(damaged)
+            self._headers[file] = (8 + length, size, header)
         return self._headers[file]
 
     def _locate(self, name: str) -> tuple[Path, torch.dtype, list[int], int, int]:
-        """File, dtype, shape, element count and byte offset of tensor `name`, checked against each other."""
+        """File, dtype, shape, element count and byte offset of tensor `name`, checked against each other and
+        against the file's size before anything is allocated for it."""
         file = self.weight_map.get(name)
         if file is None:
             raise SparseftError(f"{self.directory} lacks tensor {name}")
-        start, header = self._header(file)
+        start, size, header = self._header(file)
+        path = self.directory / file
         entry = header.get(name)
         if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
-            raise SparseftError(f"{self.directory / file}: tensor {name} is missing or of an unknown dtype")
+            raise SparseftError(f"{path}: tensor {name} is missing or of an unknown dtype")
         dtype = DTYPES[entry["dtype"]]
-        shape = [int(s) for s in entry["shape"]]
-        begin, end = (int(o) for o in entry["data_offsets"])
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not (
+            isinstance(shape, list)
+            and all(isinstance(s, int) and s >= 0 for s in shape)
+            and isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) for o in offsets)
+        ):
+            raise SparseftError(f"{path}: the header entry of tensor {name} is damaged; copy the file again")
+        begin, end = offsets
         count = 1
         for s in shape:
             count *= s
         if end - begin != count * torch.tensor([], dtype=dtype).element_size():
-            raise SparseftError(
-                f"{self.directory / file}: tensor {name} has {end - begin} bytes for shape {shape}"
-            )
-        return self.directory / file, dtype, shape, count, start + begin
+            raise SparseftError(f"{path}: tensor {name} has {end - begin} bytes for shape {shape}")
+        if begin < 0 or start + end > size:
+            raise SparseftError(f"{path} is truncated (tensor {name}); copy it again")
+        return path, dtype, shape, count, start + begin
 
     def dtype(self, name: str) -> torch.dtype:
         return self._locate(name)[1]
