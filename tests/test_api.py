@@ -72,6 +72,8 @@ BAD_SETTINGS = [
     ({"method": "random"}, "method"),
     ({"seqlen": 4096}, "longer than the model allows"),
     ({"targets": ["nothing_like_this"]}, "matches no linear"),
+    ({"ignore": ["q_prj"]}, "ignore 'q_prj' matches no linear"),
+    ({"targets": ["re:model.(layers"]}, "not a valid regular expression"),
     ({"text_field": "body"}, "no field 'body'"),
     ({"num_samples": 0}, "at least 1"),
     ({"unknown_key": 1}, "unknown_key"),
@@ -124,6 +126,24 @@ def test_existing_output_is_not_overwritten_by_default(
     assert (tmp_path / "out" / "sparsity.json").exists()
 
 
+def test_an_output_that_holds_an_input_is_refused(
+    make_model_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs"
+    model = make_model_dir("llama")
+    pruned = runs / "pruned"
+    api.prune(str(model), pruned, method="magnitude", progress=False)
+    for output in (runs, pruned):  # the output above its input, or the input itself
+        with pytest.raises(SparseftError, match="which this run reads"):
+            api.export(str(pruned), output, overwrite=True, progress=False)
+        with pytest.raises(SparseftError, match="which this run reads"):
+            api.prune(str(pruned), output, method="magnitude", overwrite=True, progress=False)
+        with pytest.raises(SparseftError, match="which this run reads"):
+            api.finetune(str(pruned), output, dataset=str(model), loss="ce", overwrite=True, progress=False)
+    assert (pruned / "sparsity.json").exists()  # nothing deleted
+    api.export(str(pruned), runs / "export", overwrite=True, progress=False)  # a sibling is fine
+
+
 def test_perplexity_follows_the_protocol(
     make_model_dir: Callable[..., Path], text_file: Path, tokenizer: object
 ) -> None:
@@ -139,3 +159,14 @@ def test_perplexity_follows_the_protocol(
             nll.append(torch.nn.functional.cross_entropy(logits, w[1:], reduction="none"))
     assert result["perplexity"] == pytest.approx(math.exp(torch.cat(nll).mean().item()), rel=1e-4)
     assert result["windows"] == windows and result["seqlen"] == 64 and result["split"] == "train"
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the evaluation ran")
+
+    monkeypatch.setattr(api, "eval_ppl", never)
+    with pytest.raises(SparseftError, match="is a directory"):
+        api.evaluate("some/model", "ppl", output=tmp_path, dataset="x.txt")

@@ -1,8 +1,11 @@
+import os
+import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from sparseft.atomic import atomic_dir, write_json
+from sparseft.atomic import atomic_dir, fsync_tree, write_json
 from sparseft.errors import SparseftError
 
 
@@ -35,3 +38,73 @@ def test_write_json_replaces_atomically(tmp_path: Path) -> None:
     write_json(tmp_path / "a.json", {"x": 2})
     assert (tmp_path / "a.json").read_text().strip().endswith("}")
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_results_get_the_modes_of_a_plain_write(tmp_path: Path) -> None:
+    old_mask = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "f").write_text("x")
+        write_json(tmp_path / "out" / "r.json", {})
+    finally:
+        os.umask(old_mask)
+    out = tmp_path / "out"
+    modes = {
+        p.name: stat.S_IMODE(p.stat().st_mode) for p in [out, out / "sub", out / "sub" / "f", out / "r.json"]
+    }
+    assert modes == {"out": 0o755, "sub": 0o755, "f": 0o644, "r.json": 0o644}  # not private to the owner
+
+
+def test_overwrite_is_not_blocked_by_a_leftover_of_a_crashed_run(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    leftover = tmp_path / f".out.old-{os.getpid()}"
+    leftover.mkdir()
+    (leftover / "x").write_text("from a crash")
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "new").write_text("new")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["new"]
+
+
+def test_a_failed_rename_puts_the_old_output_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old").write_text("keep me")
+    real_replace = os.replace
+
+    def failing(src: Any, dst: Any) -> None:
+        if ".tmp-" in str(src):
+            raise OSError("disk gone")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="disk gone"), atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "new").write_text("new")
+    assert (tmp_path / "out" / "old").read_text() == "keep me"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_write_json_makes_its_parents_and_refuses_a_directory(tmp_path: Path) -> None:
+    write_json(tmp_path / "a" / "b" / "r.json", {"x": 1})
+    assert (tmp_path / "a" / "b" / "r.json").exists()
+    with pytest.raises(SparseftError, match="is a directory"):
+        write_json(tmp_path / "a", {})
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads file names of descriptors from /proc")
+def test_fsync_tree_flushes_every_file_and_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "out" / "sub").mkdir(parents=True)
+    (tmp_path / "out" / "a").write_text("a")
+    (tmp_path / "out" / "sub" / "b").write_text("b")
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    fsync_tree(tmp_path / "out")
+    root = os.path.realpath(tmp_path / "out")
+    assert sorted(synced) == sorted(f"{root}{p}" for p in ["", "/a", "/sub", "/sub/b"])
+    # a file before the directory naming it
+    assert synced.index(f"{root}/sub/b") < synced.index(f"{root}/sub")

@@ -12,7 +12,7 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
 import sparseft
-from sparseft import formats
+from sparseft import formats, runtime
 from sparseft.cli import main
 from sparseft.errors import SparseftError
 from sparseft.models import find_targets, weight_matrix
@@ -384,18 +384,23 @@ def test_rtn_quantized_archive_matches_quantizing_by_hand(
         assert bool((got[weight == 0] == 0).all()), name
 
 
-def test_reads_legacy_sparse_bitmask_checkpoints(make_model_dir: Callable[..., Path], tmp_path: Path) -> None:
-    """An old compressed-tensors "sparse-bitmask" checkpoint, written here with numpy from its description."""
+@pytest.mark.parametrize("prefix", ["weight", "module"])
+def test_reads_legacy_sparse_bitmask_checkpoints(
+    make_model_dir: Callable[..., Path], tmp_path: Path, prefix: str
+) -> None:
+    """A compressed-tensors "sparse-bitmask" checkpoint, written here with numpy from its description: its parts
+    named after the weight (older releases: "x.weight.shape") or after the module (current ones: "x.shape")."""
     source = pruned_dir(make_model_dir, tmp_path, "float32")
     state = load_numpy(str(source / "model.safetensors"))
     legacy: dict[str, np.ndarray] = {}
     for name, value in state.items():
         if "layers" in name and name.endswith("proj.weight"):
             mask = value != 0
-            legacy[f"{name}.shape"] = np.array(value.shape, dtype=np.int64)
-            legacy[f"{name}.bitmask"] = np.packbits(mask, axis=1, bitorder="little")
-            legacy[f"{name}.compressed"] = value[mask]
-            legacy[f"{name}.row_offsets"] = (np.cumsum(mask.sum(1)) - mask.sum(1)).astype(np.int64)
+            key = name if prefix == "weight" else name.removesuffix(".weight")
+            legacy[f"{key}.shape"] = np.array(value.shape, dtype=np.int64)
+            legacy[f"{key}.bitmask"] = np.packbits(mask, axis=1, bitorder="little")
+            legacy[f"{key}.compressed"] = value[mask]
+            legacy[f"{key}.row_offsets"] = (np.cumsum(mask.sum(1)) - mask.sum(1)).astype(np.int64)
         else:
             legacy[name] = value
     out = tmp_path / "legacy"
@@ -409,3 +414,87 @@ def test_reads_legacy_sparse_bitmask_checkpoints(make_model_dir: Callable[..., P
     expected = bits_of(transformers.AutoModelForCausalLM.from_pretrained(source))
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)
     assert sparseft.api.info(out)["format"] == "bitmask"
+    sparse = runtime.load(out, fuse=False)  # the runtime reads it too
+    assert (
+        sum(isinstance(m, runtime.SparseLinear) for m in sparse.modules())
+        == len(formats.read_archive(out).compressed_names())
+        > 0
+    )
+
+
+def _tiny_t5(path: Path) -> Path:
+    torch.manual_seed(0)
+    config = transformers.T5Config(
+        vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, decoder_start_token_id=0
+    )
+    transformers.T5ForConditionalGeneration(config).save_pretrained(path)
+    return path
+
+
+def test_t5_in_float16_round_trips_with_its_fp32_feed_forward_outputs(tmp_path: Path) -> None:
+    # T5 keeps each feed-forward `wo` in fp32 when loaded in fp16 (its _keep_in_fp32_modules)
+    _tiny_t5(tmp_path / "t5")
+    sparseft.export(str(tmp_path / "t5"), tmp_path / "archive", "bitmask", dtype="float16", progress=False)
+    source = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "t5", dtype=torch.float16)
+    assert source.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
+    loaded = sparseft.load(tmp_path / "archive")
+    for name, tensor in source.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name].float(), tensor.float(), rtol=0, atol=0)
+
+
+def test_gptq_export_of_an_encoder_decoder_is_refused_in_one_line(tmp_path: Path, text_file: Path) -> None:
+    with pytest.raises(SparseftError, match="use --method rtn"):
+        sparseft.export(
+            str(_tiny_t5(tmp_path / "t5")), tmp_path / "g", "bitmask", "int8", method="gptq",
+            dataset=str(text_file), num_samples=2, seqlen=16, progress=False,
+        )  # fmt: skip
+    assert not (tmp_path / "g").exists()
+
+
+def test_gptq_export_needs_a_positive_seqlen(
+    make_model_dir: Callable[..., Path], tmp_path: Path, text_file: Path
+) -> None:
+    with pytest.raises(SparseftError, match="at least 1"):
+        sparseft.export(
+            str(make_model_dir("llama")), tmp_path / "g", "bitmask", "int8", method="gptq",
+            dataset=str(text_file), seqlen=0, progress=False,
+        )  # fmt: skip
+
+
+def test_compressed_tensors_features_sparseft_does_not_read_are_refused(
+    make_model_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    source = make_model_dir("llama", hidden=64)
+    sparseft.export(str(source), tmp_path / "q", "hf", "int4", group_size=32, progress=False)
+    config = read_config(tmp_path / "q")
+    weights = config["quantization_config"]["config_groups"]["group_0"]["weights"]
+    for change in ({"actorder": "group"}, {"strategy": "tensor"}):
+        edited = json.loads(json.dumps(config))
+        edited["quantization_config"]["config_groups"]["group_0"]["weights"] = {**weights, **change}
+        (tmp_path / "q" / "config.json").write_text(json.dumps(edited))
+        with pytest.raises(SparseftError, match="sparseft reads channel or group scales"):
+            sparseft.load(tmp_path / "q")
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
+    tensors["model.layers.0.mlp.up_proj.weight_g_idx"] = torch.zeros(64, dtype=torch.int32)
+    save_file(tensors, str(tmp_path / "q" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(SparseftError, match="weight_g_idx, which sparseft does not read"):
+        sparseft.load(tmp_path / "q")
+
+
+def test_a_sparsity_only_compressed_tensors_config_reads_as_a_plain_checkpoint(
+    make_model_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    source = make_model_dir("llama")
+    out = tmp_path / "dense"
+    out.mkdir()
+    for file in source.iterdir():
+        (out / file.name).write_bytes(file.read_bytes())
+    config = read_config(out)
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "format": "dense",
+        "sparsity_config": {"format": "dense", "global_sparsity": 0.5},
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    assert formats.detect(out) == "hf"

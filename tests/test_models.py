@@ -11,6 +11,7 @@ from sparseft.models import (
     find_targets,
     fused_weights,
     load_model,
+    load_tokenizer,
     max_positions,
     weight_matrix,
 )
@@ -49,6 +50,25 @@ def test_fused_expert_weights_are_found(make_model_dir: Callable[..., Path]) -> 
     # the experts hold most of the weights, and no linear layer targets them
     assert sum(fused.values()) > sum(weight_matrix(m).numel() for m in find_targets(mixtral).values())
     assert fused_weights(load_model(str(make_model_dir("llama")))) == {}
+
+
+def test_a_tied_lm_head_is_refused_as_a_target(make_model_dir: Callable[..., Path]) -> None:
+    model = load_model(str(make_model_dir("llama")))
+    model.tie_weights()
+    model.lm_head.weight = model.model.embed_tokens.weight
+    with pytest.raises(SparseftError, match="lm_head shares its weight with the token embeddings"):
+        find_targets(model, targets=["lm_head"])
+    assert "lm_head" not in find_targets(model)  # not a default target
+
+
+def test_a_directory_without_tokenizer_files_is_refused(
+    make_model_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    for name in make_model_dir("gpt2").iterdir():
+        if name.name in ("config.json", "model.safetensors"):
+            (tmp_path / name.name).write_bytes(name.read_bytes())
+    with pytest.raises(SparseftError, match="has no tokenizer"):
+        load_tokenizer(str(tmp_path))
 
 
 def test_conv1d_weight_is_seen_as_out_by_in(make_model_dir: Callable[..., Path]) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from sparseft import mathtask, seq2seq_data
-from sparseft.atomic import atomic_dir, write_json
+from sparseft.atomic import atomic_dir, check_json_target, write_json
 from sparseft.data import TextSource, calibration_samples, check_local, load_records, load_texts, token_stream
 from sparseft.errors import SparseftError
 from sparseft.evaluate import perplexity
@@ -41,12 +41,30 @@ def _check_seqlen(model: torch.nn.Module, seqlen: int) -> None:
         )
 
 
-def _check_output(output: str | Path, overwrite: bool) -> None:
+def _check_output(output: str | Path, overwrite: bool, *inputs: str | Path | None) -> None:
     path = Path(output)
-    if path.exists() and (not path.is_dir() or not overwrite):
+    if path.exists() and not path.is_dir():
+        raise SparseftError(f"output {path} is a file; choose another --output")
+    if path.exists() and not overwrite:
         raise SparseftError(
             f"output {path} already exists; remove it, choose another --output, or pass --overwrite"
         )
+    _refuse_replacing(path, *inputs)
+
+
+def _refuse_replacing(output: Path, *inputs: str | Path | None) -> None:
+    """An output directory is replaced whole: refuse one that is, or holds, an input of the run."""
+    if not output.exists():
+        return
+    out = output.resolve()
+    for source in inputs:
+        if source is not None and Path(source).exists():
+            src = Path(source).resolve()
+            if out == src or out in src.parents:
+                raise SparseftError(
+                    f"output {output} holds {source}, which this run reads, and replacing it would delete that; "
+                    "choose another --output"
+                )
 
 
 def prune(
@@ -70,7 +88,7 @@ def prune(
     """
     cfg = config.model_copy(update=settings) if config is not None else prune_config(recipe, **settings)
     cfg = PruneConfig.model_validate(cfg.model_dump())
-    _check_output(output, overwrite)
+    _check_output(output, overwrite, model, cfg.dataset)
     if cfg.method != "magnitude" and cfg.dataset is None:
         raise SparseftError(
             f"{cfg.method} needs calibration data: pass --dataset (a local file or a datasets name)"
@@ -427,6 +445,8 @@ def evaluate(
     is also written to `output` as JSON when given."""
     from sparseft.lmeval import PREFIX
 
+    if output is not None:
+        check_json_target(output)
     if task.startswith(PREFIX):
         names = [t.strip() for t in task.removeprefix(PREFIX).split(",") if t.strip()]
         result = eval_lm_eval(model, names, **options)
@@ -446,7 +466,6 @@ def evaluate(
     else:
         raise SparseftError(f"unknown task {task!r}; use one of {', '.join(EVAL_TASKS)} or lm-eval:TASK")
     if output is not None:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
         write_json(output, result)
     return result
 
@@ -509,7 +528,11 @@ def export(
         raise SparseftError("GPTQ needs calibration data: pass --dataset (a local file or a datasets name)")
     if method == "gptq" and dataset is not None:
         check_local(dataset)
-    _check_output(output, overwrite)
+    if method == "gptq" and (num_samples < 1 or seqlen < 1):
+        raise SparseftError(
+            f"GPTQ needs num_samples and seqlen of at least 1, got {num_samples} and {seqlen}"
+        )
+    _check_output(output, overwrite, model, dataset)
     started = time.perf_counter()
     if Path(model).is_dir():  # any export reads back too: re-export a bitmask archive as HF, say
         net = formats.load_dir(model, parse_dtype(dtype) if dtype else None, trust_remote_code)
@@ -540,6 +563,12 @@ def export(
         samples = None
         if method == "gptq":
             assert dataset is not None
+            net_config: Any = net.config
+            if seq2seq_data.model_kind(net_config) != "causal":
+                raise SparseftError(
+                    f"GPTQ export calibrates decoder-only models; {net_config.model_type} is an encoder-decoder: "
+                    "use --method rtn"
+                )
             if tokenizer is None:
                 raise SparseftError(
                     f"GPTQ tokenizes calibration text, but {model} has no tokenizer: save one"
@@ -625,6 +654,8 @@ def finetune(
     overrides = {key.replace("__", "."): value for key, value in settings.items()}
     named = {"model": model, "teacher": teacher, "data.dataset": dataset, "loss.name": loss}
     cfg = finetune_config(recipe, **named, **overrides)
+    if overwrite and not resume:
+        _refuse_replacing(Path(output), cfg.model, cfg.teacher, cfg.data.dataset)
     return run_finetune(cfg, output, resume=resume, overwrite=overwrite, progress=progress)
 
 

@@ -456,8 +456,10 @@ def add_bench(sub: Any) -> None:
 
 def run_bench(args: argparse.Namespace) -> None:
     from sparseft import api
-    from sparseft.atomic import write_json
+    from sparseft.atomic import check_json_target, write_json
 
+    if args.output:
+        check_json_target(args.output)
     report = api.bench(
         args.model, args.prompt_tokens, args.new_tokens, args.runs, args.values, args.trust_remote_code,
         sentences=args.sentences, source_tokens=args.source_tokens, num_beams=args.num_beams,

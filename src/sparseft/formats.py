@@ -306,7 +306,9 @@ class Archive:
     path: Path
     meta: dict[str, Any]
     shards: Shards
-    _compressed: list[str] = field(default_factory=list)
+    # compressed weight name -> the prefix of its parts in the files: the name itself, or (current
+    # compressed-tensors checkpoints) the module's name without ".weight"
+    _compressed: dict[str, str] = field(default_factory=dict)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -328,11 +330,14 @@ class Archive:
         """Names P of the compressed weights, e.g. "model.layers.0.mlp.up_proj.weight"."""
         return list(self._compressed)
 
+    def part_key(self, name: str, part: str) -> str:
+        """The key of `part` ("shape", "bitmask", "row_offsets", "compressed" or "scale") of weight `name`."""
+        prefix = self._compressed[name]
+        return prefix + SCALE_SUFFIX if part == "scale" else f"{prefix}.{part}"
+
     def tensor_names(self) -> list[str]:
         """Names of the tensors that pass through unchanged (embeddings, norms, biases, ...)."""
-        own = {f"{p}.{part}" for p in self._compressed for part in PARTS} | {
-            p + SCALE_SUFFIX for p in self._compressed
-        }
+        own = {self.part_key(name, part) for name in self._compressed for part in (*PARTS, "scale")}
         return [k for k in self.shards if k not in own]
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -343,7 +348,7 @@ class Archive:
         plus 'scale' tensor, 'bits' and 'group_size' when quantized. Checked against each other."""
         if name not in self._compressed:
             raise SparseftError(f"{name} is not a compressed weight of {self.path}")
-        shape = self.shards.get(f"{name}.shape")
+        shape = self.shards.get(self.part_key(name, "shape"))
         if shape.dtype != torch.int64 or shape.shape != (2,) or bool((shape < 0).any()):
             raise SparseftError(
                 f"{name}.shape in {self.path} must be int64 [rows, columns], got {shape.tolist()}"
@@ -351,20 +356,22 @@ class Archive:
         rows, columns = (int(v) for v in shape)
         parts: dict[str, Any] = {"shape": (rows, columns)}
         for part in ("bitmask", "row_offsets", "compressed"):
-            parts[part] = self.shards.get(f"{name}.{part}")
+            parts[part] = self.shards.get(self.part_key(name, part))
         quant = self.quantization
         if quant is not None:
-            parts["scale"] = self.shards.get(name + SCALE_SUFFIX)
+            parts["scale"] = self.shards.get(self.part_key(name, "scale"))
             parts["bits"], parts["group_size"] = int(quant["bits"]), quant.get("group_size")
-        check_parts(name, parts, self.dtype)
+        check_parts(name, parts)
         return parts
 
     def dense(self, name: str) -> torch.Tensor:
-        """Weight `name` decoded to a dense (R, C) matrix in the archive dtype (dequantized when quantized)."""
-        return decompress(self.compressed(name), self.dtype)
+        """Weight `name` decoded to a dense (R, C) matrix: in the dtype it was stored in, or dequantized to the
+        archive dtype."""
+        parts = self.compressed(name)
+        return decompress(parts, self.dtype if "scale" in parts else parts["compressed"].dtype)
 
 
-def check_parts(name: str, parts: dict[str, Any], dtype: torch.dtype) -> None:
+def check_parts(name: str, parts: dict[str, Any]) -> None:
     """Raise a SparseftError unless the parts of one weight agree with each other and with the format."""
     rows, columns = parts["shape"]
     bitmask, offsets, values = parts["bitmask"], parts["row_offsets"], parts["compressed"]
@@ -386,15 +393,17 @@ def check_parts(name: str, parts: dict[str, Any], dtype: torch.dtype) -> None:
     if not torch.equal(offsets, torch.cumsum(counts, 0) - counts):
         raise bad("row_offsets do not match the bitmask")
     stored = int(counts.sum())
+    # Unquantized values are any float dtype: a model may keep some weights in another dtype than the rest (T5's
+    # feed-forward outputs stay fp32 in an fp16 model), and each is stored as it was.
     if "scale" not in parts:
-        expected, expected_dtype = stored, dtype
+        expected, dtype_ok, needed = stored, values.dtype.is_floating_point, "a float dtype"
     elif parts["bits"] == 4:
-        expected, expected_dtype = math.ceil(stored / 2), torch.uint8
+        expected, dtype_ok, needed = math.ceil(stored / 2), values.dtype == torch.uint8, "torch.uint8"
     else:
-        expected, expected_dtype = stored, torch.int8
-    if values.dtype != expected_dtype or tuple(values.shape) != (expected,):
+        expected, dtype_ok, needed = stored, values.dtype == torch.int8, "torch.int8"
+    if not dtype_ok or tuple(values.shape) != (expected,):
         raise bad(
-            f"compressed holds {values.dtype} {tuple(values.shape)}, the bitmask needs {expected_dtype} ({expected},)"
+            f"compressed holds {values.dtype} {tuple(values.shape)}, the bitmask needs {needed} ({expected},)"
         )
     if "scale" in parts:
         groups = QuantSpec(parts["bits"], parts["group_size"]).groups(columns)
@@ -470,14 +479,17 @@ def read_archive(path: str | os.PathLike[str]) -> Archive:
             "or a positive integer); export again"
         )
     shards = Shards(directory)
-    names = sorted(k[: -len(".bitmask")] for k in shards if k.endswith(".bitmask"))
-    for name in names:
-        for key in [f"{name}.{part}" for part in PARTS] + (
-            [name + SCALE_SUFFIX] if meta.get("quantization") else []
-        ):
-            if key not in shards:
-                raise SparseftError(f"{directory} lacks {key}; the archive is incomplete, export again")
-    return Archive(directory, meta, shards, names)
+    prefixes = sorted(k[: -len(".bitmask")] for k in shards if k.endswith(".bitmask"))
+    archive = Archive(
+        directory, meta, shards, {p if p.endswith(".weight") else p + ".weight": p for p in prefixes}
+    )
+    for name in archive.compressed_names():
+        for part in (*PARTS, "scale") if meta.get("quantization") else PARTS:
+            if archive.part_key(name, part) not in shards:
+                raise SparseftError(
+                    f"{directory} lacks {archive.part_key(name, part)}; the archive is incomplete, export again"
+                )
+    return archive
 
 
 # ---- writing -----------------------------------------------------------------------------------------------
@@ -643,8 +655,22 @@ def _build_model(config_dict: dict[str, Any], dtype: torch.dtype, trust_remote_c
             model = transformers.AutoModelForCausalLM.from_config(
                 config, dtype=dtype, trust_remote_code=trust_remote_code
             )
+    _keep_in_fp32_(model, dtype)
     model.eval()
     return model
+
+
+def _keep_in_fp32_(model: nn.Module, dtype: torch.dtype) -> None:
+    """Upcast the modules transformers' from_pretrained keeps in fp32 at this dtype (T5's feed-forward `wo` in an
+    fp16 model, whose activations overflow fp16), which building from a config does not."""
+    names = (
+        set(getattr(model, "_keep_in_fp32_modules_strict", None) or []) if dtype != torch.float32 else set()
+    )
+    if dtype == torch.float16:
+        names |= set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    for name, module in model.named_modules():
+        if names & set(name.split(".")):
+            module.float()
 
 
 def _fill(model: nn.Module, provide: dict[str, Any], directory: Path) -> None:
@@ -696,6 +722,13 @@ def load_hf_quantized(
         raise SparseftError(
             f"{directory} uses asymmetric or non-int quantization, which sparseft does not read"
         )
+    # what sparseft's own exports never hold: a weight read as if it had none would come out wrong
+    if weights.get("strategy") not in ("channel", "group") or weights.get("actorder") not in (None, False):
+        raise SparseftError(
+            f"{directory} quantizes with strategy {weights.get('strategy')!r} and actorder "
+            f"{weights.get('actorder')!r}; sparseft reads channel or group scales without activation order "
+            "(load it with transformers and compressed-tensors instead)"
+        )
     spec = QuantSpec(
         int(weights["num_bits"]), weights.get("group_size") if weights.get("strategy") == "group" else None
     )
@@ -710,6 +743,11 @@ def load_hf_quantized(
 
     provide: dict[str, Any] = {}
     for key in shards:
+        if key.endswith((".weight_g_idx", ".weight_zero_point")):
+            raise SparseftError(
+                f"{directory} holds {key}, which sparseft does not read (activation order or zero points); "
+                "load it with transformers and compressed-tensors instead"
+            )
         if key.endswith(".weight_packed"):
             module = key.removesuffix(".weight_packed")
             provide[f"{module}.weight"] = lambda m=module: dense(m)
@@ -740,7 +778,8 @@ def detect(directory: str | os.PathLike[str]) -> str:
     if _is_legacy_bitmask(config):
         return "bitmask"
     qc = config.get("quantization_config")
-    if isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors":
+    # a compressed-tensors config with no quantization groups only describes the sparsity of dense weights
+    if isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors" and qc.get("config_groups"):
         return "hf-quantized"
     return "hf"
 

@@ -100,17 +100,33 @@ def load_model(
             trust_remote_code=trust_remote_code,
             use_safetensors=True,
         )
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:  # ImportError: a quantization method's package is missing
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SparseftError(f"cannot load model {name_or_path}: {first}") from e
     model.eval()
     return model
 
 
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+)
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
     import transformers
 
     _check_source(name_or_path)
+    # From a directory with no tokenizer files of its own, transformers may build an empty stand-in from the
+    # config alone (GPT-2, T5) rather than fail.
+    if Path(name_or_path).is_dir() and not any((Path(name_or_path) / f).exists() for f in TOKENIZER_FILES):
+        raise SparseftError(
+            f"{name_or_path} has no tokenizer: save one beside the model (tokenizer.save_pretrained)"
+        )
     try:
         tok = transformers.AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as e:
@@ -173,6 +189,21 @@ def _matches(pattern: str, name: str, module: nn.Module) -> bool:
     return name == pattern or name.endswith("." + pattern) or type(module).__name__ == pattern
 
 
+def _check_patterns(patterns: list[str], model: nn.Module, what: str) -> None:
+    """Every pattern compiles and matches some linear layer (a misspelt --ignore would prune what it meant to
+    keep)."""
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as e:
+                raise SparseftError(f"{what} {pattern!r} is not a valid regular expression: {e}") from None
+        if not any(_matches(pattern, n, m) for n, m in model.named_modules() if is_linear(m)):
+            raise SparseftError(
+                f"{what} {pattern!r} matches no linear layer; check the names with `print(model)`"
+            )
+
+
 def find_targets(
     model: nn.Module,
     targets: list[str] | None = None,
@@ -186,6 +217,8 @@ def find_targets(
     `targets`, every linear inside the transformer blocks (`within`, default: all block lists) is a target.
     """
     ignore = ignore or []
+    _check_patterns(targets or [], model, "target")
+    _check_patterns(ignore, model, "ignore")
     if within is None:
         within = [name for name, _ in find_block_lists(model)]
     chosen: dict[str, nn.Module] = {}
@@ -198,10 +231,11 @@ def find_targets(
             wanted = any(name.startswith(prefix + ".") for prefix in within)
         if wanted and not any(_matches(p, name, module) for p in ignore):
             chosen[name] = module
-    for pattern in targets or []:
-        if not any(_matches(pattern, n, m) for n, m in model.named_modules() if is_linear(m)):
+    embeddings = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+    for name, module in chosen.items():
+        if any(getattr(module, "weight", None) is e for e in embeddings):
             raise SparseftError(
-                f"target {pattern!r} matches no linear layer; check the names with `print(model)`"
+                f"{name} shares its weight with the token embeddings (tied), which stay dense: --ignore {name}"
             )
     if not chosen:
         raise SparseftError(

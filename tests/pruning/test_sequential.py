@@ -5,6 +5,7 @@ import pytest
 import torch
 import transformers
 
+from sparseft.errors import SparseftError
 from sparseft.models import find_targets, weight_matrix
 from sparseft.pruning import sequential
 from sparseft.pruning.masks import NM
@@ -22,6 +23,11 @@ def samples(vocab: int, n: int = 4, seqlen: int = 32) -> torch.Tensor:
 
 def all_hooks(model: torch.nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def _prune_every_target(model: torch.nn.Module, method: str) -> None:
+    targets = find_targets(model)
+    prune_model(model, targets, PruneSettings(method, 0.5), samples(model.config.vocab_size), progress=False)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "mpt", "gpt_neox", "qwen2"])
@@ -93,13 +99,34 @@ def test_hooks_removed_when_pruning_fails(
 
     monkeypatch.setattr(sequential, "prune_layer", broken)
     with pytest.raises(RuntimeError, match="boom"):
+        _prune_every_target(model, "wanda")
+    assert all_hooks(model) == 0
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_a_layer_no_token_reaches_is_one_error_naming_it(
+    method: str, make_model_dir: Callable[..., Path]
+) -> None:
+    model = load(make_model_dir("llama"))
+    # like a mixture-of-experts expert that no calibration token was routed to
+    model.model.layers[1].mlp.idle_expert = torch.nn.Linear(64, 64)
+    targets = find_targets(model)
+    targets["model.layers.1.mlp.idle_expert"] = model.model.layers[1].mlp.idle_expert
+    with pytest.raises(
+        SparseftError, match="layer model.layers.1.mlp.idle_expert saw no calibration"
+    ) as info:
         prune_model(
-            model,
-            find_targets(model),
-            PruneSettings("wanda", 0.5),
-            samples(model.config.vocab_size),
-            progress=False,
+            model, targets, PruneSettings(method, 0.5), samples(model.config.vocab_size), progress=False
         )
+    assert "--ignore model.layers.1.mlp.idle_expert" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_inf_activations_are_one_error_naming_the_layer(make_model_dir: Callable[..., Path]) -> None:
+    model = load(make_model_dir("llama"))
+    with torch.no_grad():
+        model.model.layers[0].self_attn.v_proj.weight[0, 0] = float("inf")  # what float16 overflow gives
+    with pytest.raises(SparseftError, match="inputs of model.layers.0.self_attn.o_proj hold inf or NaN"):
+        _prune_every_target(model, "sparsegpt")
     assert all_hooks(model) == 0
 
 
@@ -107,6 +134,7 @@ def test_targets_outside_blocks_are_calibrated_on_the_pruned_model(
     make_model_dir: Callable[..., Path],
 ) -> None:
     model = load(make_model_dir("opt"))
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untied: a target alone
     targets = find_targets(model, targets=["lm_head", "fc1"])
     assert "lm_head" in targets
     prune_model(model, targets, PruneSettings("wanda", 0.5), samples(model.config.vocab_size), progress=False)

@@ -5,7 +5,7 @@ dense tensors that stay dense (embeddings, norms, LM head) plus activations."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,6 +21,9 @@ from sparseft.runtime.norm import fuse_norms_
 from sparseft.runtime.packing import PAD_BYTES, Values, pack_dense, pack_full_int8
 from sparseft.runtime.reader import TensorReader
 from sparseft.runtime.rotary import fuse_rotary_
+
+if TYPE_CHECKING:
+    from sparseft.formats import Archive
 
 
 def _check_values(values: str) -> None:
@@ -131,23 +134,22 @@ def _skeleton(config_dict: dict[str, Any], dtype: torch.dtype, trust_remote_code
     return model.eval()
 
 
-def _read_parts(reader: TensorReader, name: str, quant: dict[str, Any] | None) -> dict[str, Any]:
+def _read_parts(reader: TensorReader, archive: Archive, name: str) -> dict[str, Any]:
     """The archive parts of one weight, read into the buffers the runtime keeps (values already padded)."""
-    from sparseft.formats import SCALE_SUFFIX
-
-    shape = reader.read(f"{name}.shape")
+    shape = reader.read(archive.part_key(name, "shape"))
     if shape.dtype != torch.int64 or shape.numel() != 2:
         raise SparseftError(
             f"{name}.shape must be int64 [rows, columns]; the archive is damaged, export it again"
         )
     parts: dict[str, Any] = {
         "shape": (int(shape[0]), int(shape[1])),
-        "bitmask": reader.read(f"{name}.bitmask"),
-        "row_offsets": reader.read(f"{name}.row_offsets"),
-        "compressed": reader.read(f"{name}.compressed", pad_bytes=PAD_BYTES),
+        "bitmask": reader.read(archive.part_key(name, "bitmask")),
+        "row_offsets": reader.read(archive.part_key(name, "row_offsets")),
+        "compressed": reader.read(archive.part_key(name, "compressed"), pad_bytes=PAD_BYTES),
     }
+    quant = archive.quantization
     if quant is not None:
-        parts["scale"] = reader.read(name + SCALE_SUFFIX)
+        parts["scale"] = reader.read(archive.part_key(name, "scale"))
         parts["bits"], parts["group_size"] = int(quant["bits"]), quant.get("group_size")
     return parts
 
@@ -178,7 +180,7 @@ def _sparse_from_parts(
         )
     # Group-wise or 4-bit values: dequantize this one weight, then pack it in the runtime's layout. (pack_bitmask
     # checks the parts it takes itself; these it does not see.)
-    formats.check_parts(name, parts, torch.float32)
+    formats.check_parts(name, parts)
     return SparseLinear(pack_dense(formats.decompress(parts, torch.float32), values, name), bias)
 
 
@@ -230,7 +232,7 @@ def load(
             )
         bias = reader.read(bias_name) if bias_name in tensor_names else None
         tensor_names.discard(bias_name)
-        parts = _read_parts(reader, name, quant)
+        parts = _read_parts(reader, archive, name)
         replace_module(model, module_name, _sparse_from_parts(parts, name, module, values, bias))
         del parts
         release_freed_memory()  # as we go: the peak is what counts
