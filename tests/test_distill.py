@@ -3,6 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers
 
 from sparseft.distill import (
     IGNORE_INDEX,
@@ -13,6 +14,7 @@ from sparseft.distill import (
     squarehead_layer,
     squarehead_loss,
 )
+from sparseft.taskdata import model_inputs
 
 
 def test_squarehead_layer_matches_hand_computation_and_skips_padding():
@@ -123,7 +125,10 @@ def test_encoder_decoder_outputs_use_encoder_and_label_masks_without_shift():
 
     def outputs(enc_states, dec_states):
         return SimpleNamespace(
-            logits=logits, encoder_hidden_states=enc_states, decoder_hidden_states=dec_states
+            logits=logits,
+            encoder_last_hidden_state=enc_states[-1],
+            encoder_hidden_states=enc_states,
+            decoder_hidden_states=dec_states,
         )
 
     # changes only where the masks are 0 (padding of the encoder, unlabelled decoder token): no loss
@@ -136,3 +141,48 @@ def test_encoder_decoder_outputs_use_encoder_and_label_masks_without_shift():
     moved = distill_terms(outputs(enc, dec), outputs(tuple(h + 1 for h in enc), dec), batch, w)
     expected = squarehead_loss(enc[1:], [h + 1 for h in enc[1:]], batch["attention_mask"])
     assert moved["squarehead"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def _tiny_seq2seq(arch, seed):
+    """A tiny T5 or Whisper and a padded batch laid out as `sparseft.seq2seq_data.collate` lays it out."""
+    torch.manual_seed(seed)
+    special = {"vocab_size": 64, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}
+    if arch == "t5":
+        config = transformers.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, **special)
+        model = transformers.T5ForConditionalGeneration(config).eval()
+        encoder = {
+            "input_ids": torch.randint(2, 64, (2, 6)),
+            "attention_mask": torch.tensor([[1] * 6, [1] * 4 + [0] * 2]),
+        }
+    else:
+        config = transformers.WhisperConfig(
+            d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+            encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=100,
+            max_target_positions=32, bos_token_id=1, begin_suppress_tokens=None, suppress_tokens=None, **special,
+        )  # fmt: skip
+        model = transformers.WhisperForConditionalGeneration(config).eval()
+        encoder = {"input_features": torch.randn(2, 16, 200)}
+    labels = torch.tensor([[5, 6, 7, 1], [8, 1, IGNORE_INDEX, IGNORE_INDEX]])
+    shifted = torch.cat(
+        [torch.zeros(2, 1, dtype=torch.long), labels[:, :-1]], dim=1
+    )  # behind the start token
+    decoder_input_ids = shifted.masked_fill(shifted == IGNORE_INDEX, 0)
+    return model, {**encoder, "decoder_input_ids": decoder_input_ids, "labels": labels}
+
+
+@pytest.mark.parametrize("arch", ["t5", "whisper"])
+def test_encoder_decoder_ce_and_kd_line_up_without_hidden_states(arch):
+    # CE-only and KD runs call the models without output_hidden_states, so their outputs hold no
+    # encoder_hidden_states; logits and labels must still line up unshifted, as Hugging Face's own loss has them.
+    student, batch = _tiny_seq2seq(arch, seed=0)
+    teacher, _ = _tiny_seq2seq(arch, seed=1)
+    with torch.no_grad():
+        reference = student(**batch).loss
+        out = student(**model_inputs(batch), use_cache=False)
+        teacher_out = teacher(**model_inputs(batch), use_cache=False)
+    assert out.encoder_hidden_states is None
+    ce = distill_terms(out, None, batch, LossWeights(ce=1.0))["ce"]
+    assert ce.item() == pytest.approx(reference.item(), rel=1e-5)
+    kd = distill_terms(out, teacher_out, batch, LossWeights(ce=0.0, kd=1.0))["kd"]
+    expected = kd_loss(out.logits, teacher_out.logits, batch["labels"] != IGNORE_INDEX)
+    assert kd.item() == pytest.approx(expected.item(), rel=1e-5)

@@ -5,6 +5,7 @@ import pytest
 import torch
 import transformers
 
+from sparseft.errors import SparseftError
 from sparseft.gptq import gptq_quantize
 from sparseft.models import find_targets, weight_matrix
 from sparseft.pruning.magnitude import magnitude_prune
@@ -80,3 +81,9 @@ def test_quantize_model_gptq_runs_block_by_block(make_model_dir: Callable[..., P
     }
     assert mean["gptq_output_error"] < mean["rtn_output_error"]
     assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+
+
+def test_a_hessian_that_is_not_positive_definite_is_one_error_naming_the_layer() -> None:
+    hessian = torch.diag(torch.tensor([1.0, -4.0, 1.0, 1.0]))
+    with pytest.raises(SparseftError, match="model.layers.0.mlp.down_proj's inputs is not positive definite"):
+        gptq_quantize(torch.randn(4, 4), hessian, QuantSpec(8), layer="model.layers.0.mlp.down_proj")

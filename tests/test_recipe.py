@@ -74,6 +74,24 @@ def test_stage_overrides_merge_and_are_validated():
         ({"loss.name": "ce", "loss.ce": 0.0}, "every loss weight is 0"),
         ({"train.lr": 0}, "train.lr: must be positive"),
         ({"data.format": "qa", "data.prompt_template": "Q:"}, "must contain {question}"),
+        ({"data.prompt_template": "Q {{question}}"}, "must contain {question}"),  # literal braces, no field
+        (
+            {"data.prompt_template": "Q {question} {context}"},
+            "names {context}, but only {question} is filled",
+        ),
+        ({"data.prompt_template": "Q {question} {}"}, "cannot be filled"),
+        ({"data.prompt_template": "Q {question"}, "cannot be filled"),
+        ({"data.max_examples": 0}, "data.max_examples: must be at least 1"),
+        ({"data.max_examples": -3}, "data.max_examples: must be at least 1"),
+        ({"train.max_grad_norm": -1.0}, "train.max_grad_norm: must be positive, or null"),
+        ({"train.max_grad_norm": 0.0}, "train.max_grad_norm: must be positive, or null"),
+        ({"train.betas": (0.9, 1.0)}, r"betas must each be in \[0, 1\)"),
+        ({"train.betas": (-0.1, 0.999)}, r"betas must each be in \[0, 1\)"),
+        ({"train.betas": (float("nan"), 0.999)}, "train.betas.0: Input should be a finite number"),
+        ({"train.lr": float("nan")}, "train.lr: Input should be a finite number"),
+        ({"train.lr": float("inf")}, "train.lr: Input should be a finite number"),
+        ({"loss.temperature": float("inf")}, "loss.temperature: Input should be a finite number"),
+        ({"loss.eps": float("nan")}, "loss.eps: Input should be a finite number"),
     ],
 )
 def test_bad_finetune_settings_are_one_line_errors(overrides, message):
@@ -87,3 +105,42 @@ def test_loss_presets_and_explicit_weights():
     cfg = finetune_config(**{"data.dataset": "d.jsonl", "teacher": "t", "loss.name": "kd", "loss.kd": 0.5})
     assert cfg.loss.weights() == LossWeights(ce=1.0, kd=0.5, squarehead=0.0)
     assert finetune_config(**{"data.dataset": "d.jsonl", "loss.name": "ce"}).loss.weights() == LossWeights()
+
+
+def test_good_templates_and_clipping_still_validate():
+    cfg = finetune_config(
+        **{"data.dataset": "d.jsonl", "loss.name": "ce", "data.prompt_template": "{{Q}} {question!s}:"}
+    )
+    assert cfg.data.prompt_template.format(question="x") == "{Q} x:"
+    assert (
+        build(
+            FinetuneConfig,
+            {"data": {"dataset": "d"}, "loss": {"name": "ce"}, "train": {"max_grad_norm": None}},
+            "r",
+        ).train.max_grad_norm
+        is None
+    )
+
+
+@pytest.mark.parametrize("text", ["prune:\n", "prune:\nsparsity: 0.7\n"])
+def test_empty_prune_section_reads_as_no_settings(tmp_path, text):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    assert prune_config(recipe, method="wanda").method == "wanda"
+
+
+def test_empty_finetune_sections_read_as_no_settings(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: m\ndata:\nloss:\ntrain:\nstages:\n  - name: a\n    train:\n")
+    cfg = finetune_config(recipe, **{"data.dataset": "d.jsonl", "loss.name": "ce"})
+    assert cfg.data.dataset == "d.jsonl" and cfg.train.lr == 1e-4 and cfg.stages[0].train == {}
+
+
+def test_a_section_that_is_not_a_mapping_is_one_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("prune: [1, 2]\n")
+    with pytest.raises(SparseftError, match="section 'prune' must be a mapping of settings, got list"):
+        prune_config(recipe)
+    recipe.write_text("data: d.jsonl\n")
+    with pytest.raises(SparseftError, match="section 'data' must be a mapping of settings, got str"):
+        finetune_config(recipe)

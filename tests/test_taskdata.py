@@ -7,7 +7,7 @@ import transformers
 from sparseft.distill import IGNORE_INDEX
 from sparseft.errors import SparseftError
 from sparseft.recipe import DataConfig
-from sparseft.taskdata import build_rows, calibration_windows, collate, model_inputs
+from sparseft.taskdata import build_rows, calibration_windows, check_packing, collate, model_inputs
 from sparseft.tiny import python_corpus, tiny_config, train_tokenizer
 
 
@@ -86,6 +86,44 @@ def test_packing_keeps_examples_apart(tok, tmp_path):
             end = start + len(row.input_ids)
             torch.testing.assert_close(together[start:end], alone, atol=1e-4, rtol=1e-4)
             start = end
+
+
+def test_packing_puts_no_loss_on_each_examples_first_token(tok, tmp_path):
+    # The position before an example's first token holds the previous example's last token, which cannot see it.
+    data = _write_jsonl(
+        tmp_path / "t.jsonl", [{"text": f"def f{i}(x):\n    return x + {i}\n"} for i in range(6)]
+    )
+    single = build_rows(tok, DataConfig(dataset=data, format="text"))
+    packed = build_rows(tok, DataConfig(dataset=data, format="text", packing=True, seqlen=64))
+    assert any(r.position_ids.count(0) > 1 for r in packed)
+    for row in packed:
+        for ident, label, position in zip(row.input_ids, row.labels, row.position_ids, strict=True):
+            assert label == (IGNORE_INDEX if position == 0 else ident)
+    assert sum(len(r.input_ids) for r in packed) == sum(len(r.input_ids) for r in single)
+
+
+def test_packing_is_refused_for_models_without_position_ids(tok):
+    # MPT's forward takes no position_ids (they vanish into **kwargs), so packed examples would see each other.
+    mpt = transformers.AutoModelForCausalLM.from_config(tiny_config("mpt", vocab_size=len(tok)))
+    with pytest.raises(SparseftError, match="mpt models.*drop --packing") as info:
+        check_packing(mpt, DataConfig(dataset="d.jsonl", packing=True))
+    assert "\n" not in str(info.value)
+    check_packing(mpt, DataConfig(dataset="d.jsonl"))  # unpacked rows carry an attention_mask: fine
+    # OPT takes position_ids but builds its attention mask without them
+    opt = transformers.AutoModelForCausalLM.from_config(tiny_config("opt", vocab_size=len(tok)))
+    with pytest.raises(SparseftError, match="opt models.*drop --packing"):
+        check_packing(opt, DataConfig(dataset="d.jsonl", packing=True))
+    llama = transformers.AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=len(tok)))
+    llama.train()
+    check_packing(llama, DataConfig(dataset="d.jsonl", packing=True))
+    assert llama.training  # the check's eval mode does not stick
+
+
+def test_null_field_is_refused_with_row_and_field(tok, tmp_path):
+    records = [{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": None}]
+    data = _write_jsonl(tmp_path / "qa.jsonl", records)
+    with pytest.raises(SparseftError, match=r"row 2 of .*qa\.jsonl has no value \(null\) in field 'answer'"):
+        build_rows(tok, DataConfig(dataset=data))
 
 
 def test_missing_field_is_one_clear_error(tok, tmp_path):

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -97,19 +98,16 @@ def test_masks_on_a_stale_copy_fail_loudly(student):
         check_sparsity(Single(), masks, total, "at step 3")
 
 
-def test_resume_after_a_kill_matches_an_uninterrupted_run(
-    tmp_path, task, student, make_model_dir, monkeypatch
-):
-    settings = dict(
-        teacher=str(make_model_dir("llama")),
-        dataset=task,
-        train__max_steps=6,
-        train__save_every=2,
-        train__lr=1e-2,
-        train__weight_decay=0.1,
-        **SMALL,
-    )
-    sparseft.finetune(student, tmp_path / "whole", **settings)
+RESUME = dict(train__max_steps=6, train__save_every=2, train__lr=1e-2, train__weight_decay=0.1, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory, task, student, make_model_dir):
+    """A run of 6 steps uninterrupted, and the same run killed in step 5 with checkpoints at steps 2 and 4:
+    (settings, whole, killed). Tests resume copies of `killed`."""
+    root = tmp_path_factory.mktemp("resume")
+    settings = dict(teacher=str(make_model_dir("llama")), dataset=task, **RESUME)
+    sparseft.finetune(student, root / "whole", **settings)
 
     calls = {"n": 0}
     apply = SparseMasks.apply
@@ -120,19 +118,116 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(
             raise KeyboardInterrupt
         apply(self)
 
-    monkeypatch.setattr(SparseMasks, "apply", killed_in_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        sparseft.finetune(student, tmp_path / "killed", **settings)
-    monkeypatch.setattr(SparseMasks, "apply", apply)
-    assert not (tmp_path / "killed" / "model").exists()
-    summary = sparseft.finetune(student, tmp_path / "killed", resume=True, **settings)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SparseMasks, "apply", killed_in_step_5)
+        with pytest.raises(KeyboardInterrupt):
+            sparseft.finetune(student, root / "killed", **settings)
+    assert not (root / "killed" / "model").exists()
+    return settings, root / "whole", root / "killed"
 
-    whole, resumed = _weights(tmp_path / "whole" / "model"), _weights(tmp_path / "killed" / "model")
-    for key in whole:
-        torch.testing.assert_close(resumed[key], whole[key], rtol=1e-5, atol=1e-6)
+
+def _copy(run, tmp_path):
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run", tmp_path / "run" / "checkpoints" / "0-finetune"
+
+
+def _same_weights(a, b):
+    first, second = _weights(a / "model"), _weights(b / "model")
+    for key in first:
+        torch.testing.assert_close(second[key], first[key], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, student, killed):
+    settings, whole, dead = killed
+    run, _ = _copy(dead, tmp_path)
+    summary = sparseft.finetune(student, run, resume=True, **settings)
+
+    _same_weights(whole, run)
     assert [h["step"] for h in summary["history"]] == [1, 2, 3, 4, 5, 6]
-    kept = sorted(p.name for p in (tmp_path / "whole" / "checkpoints" / "0-finetune").iterdir())
+    kept = sorted(p.name for p in (whole / "checkpoints" / "0-finetune").iterdir())
     assert kept == ["step-4", "step-6"]  # every 2 steps, the last 2 kept
+
+
+@pytest.mark.parametrize("damaged", ["optimizer.pt", "model.safetensors", "trainer_state.json"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(damaged, tmp_path, student, killed):
+    settings, whole, dead = killed
+    run, checkpoints = _copy(dead, tmp_path)
+    path = checkpoints / "step-4" / damaged
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a write cut short
+    with pytest.warns(
+        UserWarning, match=r"checkpoint .*step-4 cannot be loaded \(.+\); trying the one before it"
+    ):
+        summary = sparseft.finetune(student, run, resume=True, **settings)
+
+    _same_weights(whole, run)  # steps 3-6 redone from step 2
+    assert [h["step"] for h in summary["history"]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_no_loadable_checkpoint_is_one_error_naming_the_directory(tmp_path, student, killed):
+    settings, _, dead = killed
+    run, checkpoints = _copy(dead, tmp_path)
+    for step in ("step-2", "step-4"):
+        (checkpoints / step / "optimizer.pt").write_bytes(b"garbage")
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(SparseftError, match="no checkpoint in .*0-finetune can be loaded") as info,
+    ):
+        sparseft.finetune(student, run, resume=True, **settings)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("changed", "message"),
+    [
+        ({"train__micro_batch_size": 1}, "micro_batch_size = 2 but this run has 1"),
+        ({"train__grad_accum": 2}, "grad_accum = 1 but this run has 2"),
+        ({"train__max_steps": 8}, "total_steps = 6 but this run has 8"),
+    ],
+    ids=["micro_batch_size", "grad_accum", "total_steps"],
+)
+def test_resuming_under_another_setup_is_refused(changed, message, tmp_path, student, killed):
+    settings, _, dead = killed
+    run, checkpoints = _copy(dead, tmp_path)
+    with pytest.raises(SparseftError, match=message) as info:
+        sparseft.finetune(student, run, resume=True, **{**settings, **changed})
+    assert "\n" not in str(info.value) and "step-4" in str(info.value)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-2", "step-4"]  # nothing lost
+
+
+def test_resume_removes_what_a_killed_save_left(tmp_path, student, killed):
+    settings, _, dead = killed
+    run, checkpoints = _copy(dead, tmp_path)
+    for leftover in (".step-6.tmp-k2j4x", ".step-4.old-9fq1z"):
+        (checkpoints / leftover).mkdir()
+        (checkpoints / leftover / "optimizer.pt").write_bytes(b"half")
+    sparseft.finetune(student, run, resume=True, **settings)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-4", "step-6"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads file names of descriptors from /proc")
+def test_a_checkpoint_is_flushed_to_disk_before_it_is_published(tmp_path, task, student, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    sparseft.finetune(student, tmp_path / "run", dataset=task, loss="ce", train__max_steps=1, **SMALL)
+
+    root = Path(os.path.realpath(tmp_path / "run" / "checkpoints" / "0-finetune"))
+    at = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(root / "step-1"))
+    tmp = Path(events[at][1])
+    synced_before = {e[1] for e in events[:at] if e[0] == "fsync"}
+    files = [p.relative_to(root / "step-1") for p in (root / "step-1").rglob("*")]
+    assert len(files) >= 4 and {str(tmp / f) for f in files} | {str(tmp)} <= synced_before
+    assert ("fsync", str(root)) in events[at:]  # the rename itself
 
 
 DDP = dict(

@@ -117,7 +117,9 @@ def block_outputs(
 
 
 def _is_encoder_decoder(outputs: Any) -> bool:
-    return getattr(outputs, "encoder_hidden_states", None) is not None
+    # The encoder's last hidden state is in every encoder-decoder output; `encoder_hidden_states` is not: Hugging
+    # Face fills it only under output_hidden_states=True, which runs without SquareHead do not ask for.
+    return getattr(outputs, "encoder_last_hidden_state", None) is not None
 
 
 def distill_terms(

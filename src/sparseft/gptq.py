@@ -23,12 +23,14 @@ def gptq_quantize(
     scale_dtype: torch.dtype | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     dampening: float = DEFAULT_DAMPENING,
+    layer: str = "layer",
 ) -> QuantizedWeight:
-    """Quantize `weight` (out_features, in_features) given H = 2XXᵀ/n of its inputs; zeros stay zero."""
+    """Quantize `weight` (out_features, in_features) given H = 2XXᵀ/n of its inputs; zeros stay zero. `layer`
+    names the weight in errors."""
     scale_dtype = scale_dtype or weight.dtype
     rows, columns = weight.shape
     w = weight.detach().to(torch.float32).clone()
-    u = inverse_cholesky(hessian.to(w.device), w, dampening)  # also zeroes columns of dead inputs
+    u = inverse_cholesky(hessian.to(w.device), w, dampening, layer)  # also zeroes columns of dead inputs
     keep = w != 0
     group = spec.group_size
     if group is not None:

@@ -176,7 +176,7 @@ def quantize_model(
             assert isinstance(accumulated, Hessian)
             hessian = accumulated.matrix
             rtn = rtn_quantize(weight, spec).dequantize(torch.float32)
-            quantized = gptq_quantize(weight, hessian, spec, weight.dtype)
+            quantized = gptq_quantize(weight, hessian, spec, weight.dtype, layer=name)
             gptq = quantized.dequantize(torch.float32)
             errors[name] = {
                 "gptq_weight_error": relative_error(weight, gptq),

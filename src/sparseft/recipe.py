@@ -120,12 +120,24 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _section(recipe: dict[str, Any], name: str, path: str | Path) -> dict[str, Any]:
+    """The mapping under `name`; an empty section (`prune:` with nothing under it) is YAML null, so no settings."""
+    value = recipe.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SparseftError(
+            f"recipe {path}: section {name!r} must be a mapping of settings, got {type(value).__name__}"
+        )
+    return value
+
+
 def prune_config(recipe: str | Path | None = None, **overrides: Any) -> PruneConfig:
     """A PruneConfig from an optional YAML recipe (its top level or its `prune:` section) plus overrides."""
     data: dict[str, Any] = {}
     if recipe is not None:
         loaded = read_yaml(recipe)
-        data.update(loaded.get("prune", loaded))
+        data.update(_section(loaded, "prune", recipe) if "prune" in loaded else loaded)
     data.update({k: v for k, v in overrides.items() if v is not None})
     return build(PruneConfig, data, "pruning settings")
 
@@ -165,9 +177,33 @@ class DataConfig(PairFields):
             raise ValueError(f"must be at least 2, got {value}")
         return value
 
+    @field_validator("max_examples")
+    @classmethod
+    def _max_examples_positive(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"must be at least 1 (or unset for every record), got {value}")
+        return value
+
     @model_validator(mode="after")
-    def _template_names_question(self) -> DataConfig:
-        if self.format == "qa" and "{question}" not in self.prompt_template:
+    def _template_fills_from_question(self) -> DataConfig:
+        if self.format != "qa":
+            return self
+        # Fill it as `taskdata.prompt_and_response` will, with `question` alone, so that a stray field or brace
+        # fails here and not as a KeyError after the data is loaded.
+        marker = "\x00question\x00"
+        try:
+            filled = self.prompt_template.format(question=marker)
+        except KeyError as e:
+            raise ValueError(
+                f"prompt_template {self.prompt_template!r} names {{{e.args[0]}}}, but only {{question}} is filled "
+                "in; remove it (write a literal brace as {{ or }})"
+            ) from None
+        except (IndexError, ValueError, AttributeError) as e:
+            raise ValueError(
+                f"prompt_template {self.prompt_template!r} cannot be filled ({e}); use {{question}} for the "
+                "question and write a literal brace as {{ or }}"
+            ) from None
+        if marker not in filled:
             raise ValueError(f"prompt_template {self.prompt_template!r} must contain {{question}}")
         return self
 
@@ -176,7 +212,7 @@ class LossConfig(BaseModel):
     """`name` picks the paper's weights (ce: 1 CE; kd: 1 CE + 1 KD; squarehead: 1 CE + 1 SquareHead); the
     explicit weights override them."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf or nan temperature or eps: refused
 
     name: str = "squarehead"
     ce: float | None = None
@@ -234,7 +270,8 @@ class LossConfig(BaseModel):
 class TrainConfig(BaseModel):
     """Optimisation of one fine-tuning stage. The global batch is micro_batch_size x grad_accum x processes."""
 
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan=False: an inf or nan lr (or any other number here) is refused, not trained with.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     lr: float = 1e-4
     epochs: float = 1.0
@@ -273,6 +310,24 @@ class TrainConfig(BaseModel):
             raise ValueError(f"must be >= 0, got {value}")
         return value
 
+    @field_validator("betas")
+    @classmethod
+    def _betas_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        # AdamW refuses them too, but only when the optimizer is built: after the stage has pruned.
+        if not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError(
+                f"AdamW betas must each be in [0, 1), got {list(value)} (the paper: [0.9, 0.999])"
+            )
+        return value
+
+    @field_validator("max_grad_norm")
+    @classmethod
+    def _clip_positive(cls, value: float | None) -> float | None:
+        # torch clips by max_norm / norm: a negative one flips every gradient, zero stops learning.
+        if value is not None and value <= 0:
+            raise ValueError(f"must be positive, or null for no clipping, got {value}")
+        return value
+
 
 class StageConfig(BaseModel):
     """One stage: optionally prune (calibrated on the task data), then fine-tune with the mask fixed.
@@ -283,6 +338,11 @@ class StageConfig(BaseModel):
     name: str
     prune: PruneConfig | None = None
     train: dict[str, Any] = {}  # overrides of the recipe's `train` section for this stage
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _empty_train(cls, value: Any) -> Any:
+        return {} if value is None else value  # `train:` with nothing under it
 
     @field_validator("name")
     @classmethod
@@ -340,6 +400,9 @@ def finetune_config(recipe: str | Path | None = None, **overrides: Any) -> Finet
     """A FinetuneConfig from an optional YAML recipe plus overrides: top-level keys (model, teacher, dtype), and
     dotted section keys (`data.dataset`, `loss.name`, `train.lr`) for the sections."""
     data: dict[str, Any] = read_yaml(recipe) if recipe is not None else {}
+    for name in ("data", "loss", "train"):
+        if name in data:
+            data[name] = _section(data, name, str(recipe))
     for key, value in overrides.items():
         if value is None:
             continue

@@ -8,15 +8,18 @@ Padding puts one example per row, right-padded to the longest row of the batch, 
 Packing fills each row with whole examples and restarts `position_ids` at every example: Hugging Face models
 that build their masks with `masking_utils` (Llama, Qwen2, Mistral, GPT-2, ... in transformers >= 4.56) then
 attend only within each example when no attention_mask and no cache are passed (`model_inputs`, and
-`use_cache=False` as training runs).
+`use_cache=False` as training runs). A model that does not build its mask from `position_ids` (MPT's forward does
+not take them, OPT's ignores them) cannot keep them apart: `check_packing` finds that out and refuses packing.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
+from torch import nn
 
 from sparseft import seq2seq_data
 from sparseft.data import load_records, random_windows
@@ -102,11 +105,61 @@ def pack(rows: list[Row], seqlen: int) -> list[Row]:
             packed.append(Row(ids, labels, positions))
             ids, labels, positions = [], [], []
         ids += row.input_ids
-        labels += row.labels
+        # No loss on an example's first token: the position before it is the previous example's last token,
+        # which cannot see this example. (In the row's first example that label is never used anyway.)
+        labels += [IGNORE_INDEX] + row.labels[1:]
         positions += list(range(len(row.input_ids)))
     if ids:
         packed.append(Row(ids, labels, positions))
     return packed
+
+
+def check_packing(model: nn.Module, cfg: DataConfig) -> None:
+    """Refuse packing for a model that would let packed examples attend to each other.
+
+    Packed rows keep examples apart only through `position_ids`, which a model must both take (MPT's forward
+    swallows them in **kwargs) and build its attention mask from (OPT's does not). So one short row of two
+    examples is run once: the second must come out as it does alone, else the training signal is silently wrong.
+    """
+    if not cfg.packing:
+        return
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    refused = SparseftError(
+        f"packing keeps examples apart through position_ids, which {model_type} models ({type(model).__name__}) "
+        "do not honour, so packed examples would attend to each other; drop --packing"
+    )
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        raise refused
+    vocab = int(getattr(model.config, "vocab_size", 8))
+    first, second = torch.arange(1, 7) % vocab, torch.arange(11, 17) % vocab
+    positions = torch.arange(6)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():  # no cache, as in training: with one, the packed rows' mask is not derived
+            ids, both = torch.cat([first, second])[None], torch.cat([positions, positions])[None]
+            packed = model(input_ids=ids.to(device), position_ids=both.to(device), use_cache=False).logits[
+                0, 6:
+            ]
+            alone = model(
+                input_ids=second[None].to(device), position_ids=positions[None].to(device), use_cache=False
+            )
+    finally:
+        model.train(was_training)
+    expected = alone.logits[0].float()
+    if not torch.allclose(packed.float(), expected, rtol=1e-2, atol=1e-2 * float(expected.abs().max())):
+        raise refused
+
+
+def check_values(records: Any, cfg: DataConfig) -> None:
+    """Fail on a null field, which `str` would otherwise turn into the text "None" and train on."""
+    for field in required_fields(cfg):
+        for i, value in enumerate(records[field]):
+            if value is None:
+                raise SparseftError(
+                    f"row {i + 1} of {cfg.dataset} has no value (null) in field {field!r}; fill it in or drop the row"
+                )
 
 
 def build_rows(tokenizer: Any, cfg: DataConfig) -> list[Row]:
@@ -120,6 +173,7 @@ def build_rows(tokenizer: Any, cfg: DataConfig) -> list[Row]:
         )
     if cfg.max_examples is not None:
         records = records.select(range(min(cfg.max_examples, len(records))))
+    check_values(records, cfg)
     rows: list[Row] = []
     for record in records:
         prompt, response = prompt_and_response(record, cfg, tokenizer)

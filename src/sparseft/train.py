@@ -7,7 +7,9 @@ One optimizer step, in order:
 
 Data order is a seeded permutation per epoch; each step takes the next global batch from it and each process its
 own slice of that batch, so a step is fully described by its number: a checkpoint stores the step, the weights,
-the optimizer, the schedule and the RNG, and `--resume` continues from there. The loss of a step is the mean of
+the optimizer, the schedule and the RNG, and `--resume` continues from the newest one that reads back (falling
+back to the one before a damaged one), provided the setup that gives step numbers their meaning (processes,
+batch sizes, seed, data rows, schedule) is unchanged. The loss of a step is the mean of
 the micro-batch losses over all micro-batches of all processes, so one process with `grad_accum` = k x n sees the
 same loss and gradient as n processes with `grad_accum` = k.
 """
@@ -18,16 +20,18 @@ import contextlib
 import json
 import math
 import shutil
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from sparseft import seq2seq_data
-from sparseft.atomic import atomic_dir, write_json
+from sparseft.atomic import atomic_dir, fsync_dir, fsync_tree, write_json
 from sparseft.distill import LossWeights, distill_terms
 from sparseft.errors import SparseftError
 from sparseft.models import (
@@ -42,7 +46,9 @@ from sparseft.models import (
 from sparseft.pruning.sequential import prune_model
 from sparseft.recipe import FinetuneConfig, PruneConfig, TrainConfig
 from sparseft.sparsemask import SparseMasks, local, pruned_weights
-from sparseft.taskdata import Row, build_rows, calibration_windows, collate, model_inputs
+from sparseft.taskdata import Row, build_rows, calibration_windows, check_packing, collate, model_inputs
+
+T = TypeVar("T")
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -58,6 +64,10 @@ class Schedule:
     grad_accum: int
     processes: int
     seed: int
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, rows: int, processes: int) -> Schedule:
+        return cls(rows, cfg.micro_batch_size, cfg.grad_accum, processes, cfg.seed)
 
     @property
     def global_batch(self) -> int:
@@ -144,6 +154,40 @@ def checkpoints(root: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.removeprefix("step-")))
 
 
+def remove_temporaries(root: Path) -> None:
+    """Remove what a save killed midway left under `root`: `.step-N.tmp-*` (never renamed into place) and
+    `.step-N.old-*` (a replaced checkpoint not yet deleted)."""
+    if root.is_dir():
+        for path in [*root.glob(".step-*.tmp-*"), *root.glob(".step-*.old-*")]:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def setup_of(cfg: TrainConfig, schedule: Schedule) -> dict[str, Any]:
+    """What the step number of a checkpoint stands for: which rows each step reads, and the LR schedule. The
+    optimizer state restores the old learning rate whatever the config says, so a changed lr is one too."""
+    return {
+        "processes": schedule.processes,
+        "micro_batch_size": schedule.micro_batch_size,
+        "grad_accum": schedule.grad_accum,
+        "seed": schedule.seed,
+        "rows": schedule.rows,
+        "total_steps": total_steps(cfg, schedule),
+        "warmup_steps": cfg.warmup_steps,
+        "lr": cfg.lr,
+    }
+
+
+def check_setup(path: Path, saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """Refuse to resume `path` under another setup: it would silently read other rows or follow another schedule.
+    Checkpoints written before the setup was recorded (`saved` None) are not checked."""
+    for key, value in current.items():
+        if saved is not None and key in saved and saved[key] != value:
+            raise SparseftError(
+                f"checkpoint {path} was written with {key} = {saved[key]} but this run has {value}; "
+                f"set it back to {saved[key]} to resume, or start again in another --output"
+            )
+
+
 def save_checkpoint(
     accelerator: Any,
     model: nn.Module,
@@ -154,10 +198,11 @@ def save_checkpoint(
     keep_last: int,
 ) -> None:
     """Write `root/step-N` atomically: weights (safetensors), optimizer + schedule + RNG (tensors only), and the
-    trainer state (step, expected zeros, history) as JSON; then drop all but the last `keep_last`.
+    trainer state (step, setup, expected zeros, history) as JSON; then drop all but the last `keep_last`.
 
     The optimizer state is written once when every process holds the same (DDP), and once per process when each
-    holds its own shard (FSDP)."""
+    holds its own shard (FSDP). Older checkpoints are deleted only once the new one is on disk (flushed, renamed,
+    the rename flushed), so a crash or power loss at any point leaves a complete checkpoint to resume from."""
     weights = accelerator.get_state_dict(model)  # every process takes part (FSDP gathers the shards)
     main, sharded = accelerator.is_main_process, _is_sharded(accelerator)
     with contextlib.ExitStack() as stack:
@@ -179,23 +224,94 @@ def save_checkpoint(
             )
             write_json(where / STATE_FILE, state)
         accelerator.wait_for_everyone()
+        if main:
+            fsync_tree(where)  # every process has written its files
     if main:
+        fsync_dir(root)
         for old in checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(path: Path, optimizer: Any, scheduler: Any, process_index: int) -> dict[str, Any]:
-    """Restore optimizer, schedule and RNG from `path` (weights are loaded with the model); return the state."""
+@dataclass
+class Checkpoint:
+    """A checkpoint read back whole, before anything of it is used."""
+
+    path: Path
+    model: nn.Module
+    state: dict[str, Any]  # trainer_state.json
+    saved: dict[str, Any]  # the optimizer and scheduler state dicts
+    rng: dict[str, Any] | None
+
+
+class _Damaged(Exception):
+    """A file of a checkpoint does not read back (truncated, garbled, missing)."""
+
+
+def read_checkpoint(
+    path: Path, process_index: int, setup: dict[str, Any], load_weights: Callable[[str], nn.Module]
+) -> Checkpoint:
+    """Read what this process needs from `path`. Raises `_Damaged` when a file does not read back, and
+    SparseftError when the checkpoint was written under another setup (checked first: a changed number of
+    processes would otherwise show as a missing optimizer file)."""
+    state = _reading(STATE_FILE, lambda: json.loads((path / STATE_FILE).read_text()))
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise _Damaged(f"{STATE_FILE}: no step in it")
+    check_setup(path, state.get("setup"), setup)
     own = path / f"optimizer-{process_index}.pt"
-    saved = torch.load(own if own.is_file() else path / OPTIMIZER_FILE, weights_only=True)  # no pickled code
-    load_local_optimizer_state(optimizer, saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    rng = path / f"rng-{process_index}.pt"
-    if rng.is_file():
-        _set_rng_state(torch.load(rng, weights_only=True))
-    state: dict[str, Any] = json.loads((path / STATE_FILE).read_text())
-    return state
+    optimizer_file = own if own.is_file() else path / OPTIMIZER_FILE
+    rng_file = path / f"rng-{process_index}.pt"
+    model = _reading("weights", lambda: load_weights(str(path)))
+    # weights_only: tensors and plain containers, no pickled code
+    saved = _reading(optimizer_file.name, lambda: torch.load(optimizer_file, weights_only=True))
+    rng = None
+    if rng_file.is_file():
+        rng = _reading(rng_file.name, lambda: torch.load(rng_file, weights_only=True))
+    return Checkpoint(path, model, state, saved, rng)
+
+
+def latest_checkpoint(
+    accelerator: Any, root: Path, setup: dict[str, Any], load_weights: Callable[[str], nn.Module]
+) -> Checkpoint | None:
+    """The newest checkpoint under `root` that reads back on every process, or None if there is none. A damaged
+    one is named in a warning and the one before it is tried."""
+    found = checkpoints(root)
+    for path in reversed(found):
+        checkpoint, problem = None, None
+        try:
+            checkpoint = read_checkpoint(path, accelerator.process_index, setup, load_weights)
+        except _Damaged as e:
+            problem = str(e)
+        if _reduce_sum(accelerator, int(problem is not None)) == 0:  # all processes resume from the same step
+            return checkpoint
+        if problem is not None:
+            then = "; trying the one before it" if path != found[0] else ""
+            warnings.warn(f"checkpoint {path} cannot be loaded ({problem}){then}", stacklevel=2)
+    if found:
+        raise SparseftError(
+            f"no checkpoint in {root} can be loaded (see the warnings above); remove that directory to start the "
+            "stage again"
+        )
+    return None
+
+
+def restore(checkpoint: Checkpoint, optimizer: Any, scheduler: Any) -> None:
+    """Put the optimizer, schedule and RNG of `checkpoint` in place (its weights are already the model's)."""
+    # popped, so that the copy read from disk is freed once the optimizer holds the state
+    load_local_optimizer_state(optimizer, checkpoint.saved.pop("optimizer"))
+    scheduler.load_state_dict(checkpoint.saved.pop("scheduler"))
+    if checkpoint.rng is not None:
+        _set_rng_state(checkpoint.rng)
+
+
+def _reading(name: str, read: Callable[[], T]) -> T:
+    try:
+        return read()
+    except Exception as e:  # a damaged file fails in many ways: JSON, unpickling, zip, safetensors, EOF
+        reason, text = type(e).__name__, str(e).strip()
+        if text:  # the first sentence: torch appends paragraphs of advice
+            reason += ": " + text.splitlines()[0].split(". ")[0]
+        raise _Damaged(f"{name}: {reason}") from e
 
 
 def local_optimizer_state(optimizer: Any) -> dict[str, Any]:
@@ -292,16 +408,17 @@ def train_stage(
     weights: LossWeights,
     cfg: TrainConfig,
     checkpoint_root: Path,
-    resume_from: Path | None = None,
+    resume_from: Checkpoint | None = None,
     progress: bool = True,
     writer: Any = None,
     label: str = "finetune",
 ) -> StageResult:
     """Fine-tune `student` in place with its zeros fixed. `resume_from`: a checkpoint whose weights `student`
-    already holds; its optimizer, schedule, RNG and step are restored here."""
+    already holds (its setup checked when it was read); its optimizer, schedule, RNG and step are restored here."""
     expected = pruned_weights(student)
-    schedule = Schedule(len(rows), cfg.micro_batch_size, cfg.grad_accum, accelerator.num_processes, cfg.seed)
+    schedule = Schedule.of(cfg, len(rows), accelerator.num_processes)
     total = total_steps(cfg, schedule)
+    setup = setup_of(cfg, schedule)
     student.train()
     model, optimizer = accelerator.prepare(student, make_optimizer(student, cfg))
     scheduler = make_scheduler(optimizer, cfg.warmup_steps, total)
@@ -315,10 +432,11 @@ def train_stage(
 
     start, history = 0, []
     if resume_from is not None:
-        state = load_checkpoint(resume_from, optimizer, scheduler, accelerator.process_index)
+        restore(resume_from, optimizer, scheduler)
+        state = resume_from.state
         if state["expected_zeros"] != expected_zeros:
             raise SparseftError(
-                f"checkpoint {resume_from} has {expected_zeros} zeros in pruned weights, its state says "
+                f"checkpoint {resume_from.path} has {expected_zeros} zeros in pruned weights, its state says "
                 f"{state['expected_zeros']}; it was written by another run"
             )
         start, history = state["step"], state["history"]
@@ -368,7 +486,13 @@ def train_stage(
                         writer.add_scalar(f"{label}/{key}", scalar, done)
         if done % cfg.save_every == 0 or done == total:
             sparsity = check_sparsity(accelerator, masks, expected_zeros, f"at step {done}")
-            state = {"step": done, "total_steps": total, "expected_zeros": expected_zeros, "history": history}
+            state = {
+                "step": done,
+                "total_steps": total,
+                "setup": setup,
+                "expected_zeros": expected_zeros,
+                "history": history,
+            }
             save_checkpoint(accelerator, model, optimizer, scheduler, checkpoint_root, state, cfg.keep_last)
         bar.update(1)
     bar.close()
@@ -512,6 +636,8 @@ def run_finetune(
     student: nn.Module | None = load_model(cfg.model, cfg.dtype, cfg.trust_remote_code)
     assert student is not None
     _check_lengths(student, cfg)
+    if cfg.data.format not in seq2seq_data.SEQ2SEQ_FORMATS:  # their examples are never packed
+        check_packing(student, cfg.data)
     teacher = None
     if (
         weights.needs_teacher and cfg.teacher is not None
@@ -519,16 +645,7 @@ def run_finetune(
         teacher = load_model(cfg.teacher, cfg.dtype, cfg.trust_remote_code)
         check_teacher(student, teacher, weights)
     for train_cfg in trains:
-        total_steps(
-            train_cfg,
-            Schedule(
-                len(rows),
-                train_cfg.micro_batch_size,
-                train_cfg.grad_accum,
-                accelerator.num_processes,
-                train_cfg.seed,
-            ),
-        )
+        total_steps(train_cfg, Schedule.of(train_cfg, len(rows), accelerator.num_processes))
     if overwrite and not resume and accelerator.is_main_process and output.exists():
         shutil.rmtree(output)
     accelerator.wait_for_everyone()
@@ -541,13 +658,21 @@ def run_finetune(
     names = [s.name for s in cfg.stages]
     for i, (stage, train_cfg) in enumerate(zip(cfg.stages, trains, strict=True)):
         target = output / ("model" if i == len(names) - 1 else f"stage-{i}-{stage.name}")
+        root = output / "checkpoints" / f"{i}-{stage.name}"
+        if accelerator.is_main_process:
+            remove_temporaries(root)
         if resume and (target / REPORT_FILE).is_file():  # finished before the run was stopped
             reports.append(json.loads((target / REPORT_FILE).read_text()))
             previous, student = str(target), None
             continue
-        found = checkpoints(output / "checkpoints" / f"{i}-{stage.name}") if resume else []
-        if found:
-            student = load_model(str(found[-1]), cfg.dtype, cfg.trust_remote_code)
+        resumed = None
+        if resume:
+            setup = setup_of(train_cfg, Schedule.of(train_cfg, len(rows), accelerator.num_processes))
+            resumed = latest_checkpoint(
+                accelerator, root, setup, lambda path: load_model(path, cfg.dtype, cfg.trust_remote_code)
+            )
+        if resumed is not None:
+            student = resumed.model
         else:
             if student is None:
                 student = load_model(previous, cfg.dtype, cfg.trust_remote_code)
@@ -561,8 +686,8 @@ def run_finetune(
             pad_id,
             weights,
             train_cfg,
-            output / "checkpoints" / f"{i}-{stage.name}",
-            found[-1] if found else None,
+            root,
+            resumed,
             progress,
             writer,
             stage.name,
@@ -589,7 +714,7 @@ def run_finetune(
         accelerator.wait_for_everyone()
         reports.append(report)
         previous, student = str(target), None
-        del result, state_dict
+        del result, state_dict, resumed
         accelerator.free_memory()
 
     history = [record for report in reports for record in report["history"]]

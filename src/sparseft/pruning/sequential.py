@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparseft.errors import SparseftError
 from sparseft.models import find_block_lists, weight_matrix
 from sparseft.pruning.magnitude import magnitude_prune
 from sparseft.pruning.masks import NM
@@ -42,8 +43,11 @@ class _CaughtInputs(Exception):
     """Raised by the hook on the first block to stop the forward pass once its inputs are caught."""
 
 
-def prune_layer(module: nn.Module, settings: PruneSettings, stats: Hessian | InputNorms | None) -> None:
-    """Prune one linear layer in place, from the statistics of its inputs (none for magnitude)."""
+def prune_layer(
+    module: nn.Module, settings: PruneSettings, stats: Hessian | InputNorms | None, name: str = "layer"
+) -> None:
+    """Prune one linear layer in place, from the statistics of its inputs (none for magnitude). `name` is
+    the layer's name in error messages."""
     weight = weight_matrix(module)
     if settings.method == "magnitude":
         new = magnitude_prune(weight, settings.sparsity, settings.structure)
@@ -59,6 +63,7 @@ def prune_layer(module: nn.Module, settings: PruneSettings, stats: Hessian | Inp
             settings.structure,
             settings.block_size,
             settings.dampening,
+            layer=name,
         )
     weight.copy_(new)
 
@@ -72,7 +77,7 @@ def calibrate_and_prune(
     """Run `run()` with hooks that gather input statistics of `modules`, then prune each of them."""
     stats = calibrate(modules, run, Hessian if settings.method == "sparsegpt" else InputNorms)
     for name, module in modules.items():
-        prune_layer(module, settings, stats[name])
+        prune_layer(module, settings, stats[name], name)
 
 
 def calibrate(
@@ -113,9 +118,10 @@ def calibrate(
             handle.remove()
         first_seen.clear()
     for name in modules:
-        if name not in leader_of:
-            raise RuntimeError(
-                f"layer {name} was never called during calibration; it cannot be pruned from data"
+        if name not in leader_of:  # e.g. a mixture-of-experts expert that no calibration token was routed to
+            raise SparseftError(
+                f"layer {name} saw no calibration tokens, so it cannot be calibrated from data; leave it dense "
+                f"with --ignore {name}, or calibrate on more samples (--num-samples)"
             )
     return {name: stats[leader_of[name]] for name in modules}
 

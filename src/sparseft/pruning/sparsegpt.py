@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from sparseft.errors import SparseftError
 from sparseft.pruning.masks import NM, count_to_prune, lowest_k
 
 DEFAULT_BLOCK_SIZE = 128
@@ -33,17 +34,32 @@ class Hessian:
         self.tokens = total
 
 
-def inverse_cholesky(hessian: torch.Tensor, weight: torch.Tensor, dampening: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + λI)⁻¹, after fixing dead inputs; zeroes the dead columns of `weight`."""
+def inverse_cholesky(
+    hessian: torch.Tensor, weight: torch.Tensor, dampening: float, layer: str = "layer"
+) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹, after fixing dead inputs; zeroes the dead columns of `weight`.
+    `layer` names the weight in errors."""
+    if not torch.isfinite(hessian).all():  # float16 activations overflow to inf, and inf - inf is NaN
+        raise SparseftError(
+            f"the calibration inputs of {layer} hold inf or NaN, so it cannot be pruned from them; load the model "
+            f"in float32 (--dtype float32), or leave the layer dense with --ignore {layer}"
+        )
     h = hessian.clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     weight[:, dead] = 0.0
     damp = dampening * torch.mean(torch.diag(h))
     h.diagonal().add_(damp)
-    lower = torch.linalg.cholesky(h)
-    h_inv = torch.cholesky_inverse(lower)
-    return torch.linalg.cholesky(h_inv, upper=True)
+    lower, info = torch.linalg.cholesky_ex(h)  # info > 0: not positive definite
+    if int(info) == 0:
+        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+    if int(info) != 0:
+        raise SparseftError(
+            f"the Hessian of {layer}'s inputs is not positive definite (dampening {dampening}); raise the dampening "
+            f"(`dampening` in a prune recipe), calibrate on more samples (--num-samples), load the model in float32 "
+            f"(--dtype float32), or leave the layer dense with --ignore {layer}"
+        )
+    return upper
 
 
 def sparsegpt_prune(
@@ -53,8 +69,10 @@ def sparsegpt_prune(
     structure: NM | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     dampening: float = DEFAULT_DAMPENING,
+    layer: str = "layer",
 ) -> torch.Tensor:
-    """Return a pruned and updated copy of `weight` (out_features, in_features), in its dtype.
+    """Return a pruned and updated copy of `weight` (out_features, in_features), in its dtype. `layer` names
+    the weight in errors.
 
     Unstructured: in each block of columns, remove the lowest w² / U_jj² over the whole rows x block slice,
     with the count per block rounded cumulatively so the layer gets exactly round(sparsity * numel) zeros.
@@ -67,7 +85,7 @@ def sparsegpt_prune(
     if sparsity == 0 and structure is None:
         return weight.detach().clone()
     w = weight.detach().to(torch.float32).clone()
-    u = inverse_cholesky(hessian.to(w.device), w, dampening)
+    u = inverse_cholesky(hessian.to(w.device), w, dampening, layer)
     # Work on Wᵀ so that each column of W is a contiguous row: the per-column update is then one BLAS rank-1
     # update (addr_) over contiguous memory, which is what makes this loop fast on CPUs.
     wt = w.t().contiguous()
