@@ -66,6 +66,7 @@ def test_prune_from_a_recipe_with_flag_override(
 BAD_SETTINGS = [
     ({"sparsity": 1.0}, "sparsity must be in"),
     ({"sparsity": -0.1}, "sparsity must be in"),
+    ({"dampening": float("nan")}, "finite number"),
     ({"structure": "4:4"}, "0 < N < M"),
     ({"structure": "2:3"}, "multiple of 3"),
     ({"structure": "2:4", "sparsity": 0.7}, "drop one of them"),

@@ -157,6 +157,14 @@ def test_translation_from_named_columns(t5_dir: Path, tmp_path: Path) -> None:
     assert examples[1].input_ids is not None
 
 
+def test_a_null_text_is_refused_with_its_record(t5_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"src": "a dog", "tgt": "ein Hund"}\n{"src": "a cat", "tgt": null}\n')
+    source = PairSource(str(path), source_field="src", target_field="tgt")
+    with pytest.raises(SparseftError, match=r"record 1 of .*pairs\.jsonl has no value \(null\) in 'tgt'"):
+        load_examples(source, encoding(t5_dir, source))
+
+
 def test_collate_masks_padding(t5_dir: Path, tmp_path: Path) -> None:
     source = PairSource(str(write_pairs(tmp_path / "p.jsonl", 8)), source_lang="en", target_lang="de")
     examples = load_examples(source, encoding(t5_dir, source))

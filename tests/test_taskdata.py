@@ -144,3 +144,19 @@ def test_calibration_windows_come_from_the_task_tokens(tok, tmp_path):
     windows = calibration_windows(rows, 4, 16, seed=0)
     assert windows.shape == (4, 16)
     assert set(windows.flatten().tolist()) <= {i for r in rows for i in r.input_ids}
+
+
+def test_a_chat_template_that_writes_bos_gets_no_second_one(tmp_path):
+    from tokenizers.processors import TemplateProcessing
+
+    tok = train_tokenizer(python_corpus(20_000), 300)
+    bos = tok.bos_token
+    # a tokenizer that adds BOS itself, and a template that writes it too (Llama-2/3, Mistral)
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tok.bos_token_id)]
+    )
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Bot:"
+    assert tok("x").input_ids[0] == tok.bos_token_id
+    data = _write_jsonl(tmp_path / "c.jsonl", [{"prompt": "hi", "response": " there"}])
+    (row,) = build_rows(tok, DataConfig(dataset=data, format="chat"))
+    assert row.input_ids[0] == tok.bos_token_id and row.input_ids[1] != tok.bos_token_id

@@ -30,7 +30,7 @@ class PruneConfig(PairFields):
     """One-shot pruning: which method, how sparse, which layers, and the calibration data (text for a causal
     LM; translation pairs or speech for an encoder-decoder, `PairFields`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a nan dampening: refused
 
     method: Literal["magnitude", "wanda", "sparsegpt"] = "sparsegpt"
     sparsity: float | None = None  # default 0.5, or N/M when `structure` is given

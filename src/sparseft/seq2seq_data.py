@@ -133,7 +133,12 @@ def translation_pairs(records: Any, source: PairSource) -> list[tuple[str, str]]
                         f"record {i} of {source.dataset} has no {missing[0]!r} translation (it has {have}); "
                         "choose the pair with --source-lang/--target-lang or --dataset-config (e.g. de-en)"
                     )
-                pairs.append((str(record[langs[0]]), str(record[langs[1]])))
+                pairs.append(
+                    (
+                        _text(record[langs[0]], i, langs[0], source),
+                        _text(record[langs[1]], i, langs[1], source),
+                    )
+                )
             return pairs
         fields = langs
     else:
@@ -144,7 +149,19 @@ def translation_pairs(records: Any, source: PairSource) -> list[tuple[str, str]]
             f"dataset {source.dataset} has no field {missing[0]!r}; its fields are {', '.join(columns)} "
             "(choose with --source-field/--target-field, or --source-lang/--target-lang for translation records)"
         )
-    return [(str(s), str(t)) for s, t in zip(records[fields[0]], records[fields[1]], strict=True)]
+    return [
+        (_text(s, i, fields[0], source), _text(t, i, fields[1], source))
+        for i, (s, t) in enumerate(zip(records[fields[0]], records[fields[1]], strict=True))
+    ]
+
+
+def _text(value: Any, record: int, field: str, source: Any) -> str:
+    """A record's text field; a null one would otherwise be trained and scored as the text "None"."""
+    if value is None:
+        raise SparseftError(
+            f"record {record} of {source.dataset} has no value (null) in {field!r}; fill it in or drop the record"
+        )
+    return str(value)
 
 
 # --- audio ---------------------------------------------------------------------------------------------------
@@ -343,7 +360,7 @@ def speech_pairs(records: Any, source: PairSource, encoding: Encoding) -> list[t
     return [
         (
             read_audio(r[source.audio_field], base, rate, f"{source.audio_field} of record {i}"),
-            str(r[source.text_field]),
+            _text(r[source.text_field], i, source.text_field, source),
         )
         for i, r in enumerate(records)
     ]

@@ -67,12 +67,15 @@ def encode(tokenizer: Any, prompt: str, response: str) -> Row:
     character offsets tell which of them belong to the response, even when one token straddles the boundary.
     """
     text = prompt + response
+    # A chat template may already write the BOS token: the tokenizer must not add a second one.
+    bos = getattr(tokenizer, "bos_token", None)
+    special = not (isinstance(bos, str) and bos and text.startswith(bos))
     if tokenizer.is_fast:
-        enc = tokenizer(text, return_offsets_mapping=True, verbose=False)
+        enc = tokenizer(text, return_offsets_mapping=True, verbose=False, add_special_tokens=special)
         ids = list(enc["input_ids"])
         in_response = [end > len(prompt) for _, end in enc["offset_mapping"]]
     else:
-        head = tokenizer(prompt, verbose=False)["input_ids"] if prompt else []
+        head = tokenizer(prompt, verbose=False, add_special_tokens=special)["input_ids"] if prompt else []
         tail = tokenizer(response, add_special_tokens=False, verbose=False)["input_ids"]
         ids, in_response = list(head) + list(tail), [False] * len(head) + [True] * len(tail)
     if tokenizer.eos_token_id is not None:
