@@ -118,7 +118,14 @@ def test_independent_numpy_decoder_reads_the_archive(
     make_model_dir: Callable[..., Path], tmp_path: Path, quantize: str | None
 ) -> None:
     source = pruned_dir(make_model_dir, tmp_path, "float32")
-    sparseft.export(str(source), tmp_path / "archive", "bitmask", quantize, group_size=16, progress=False)
+    sparseft.export(
+        str(source),
+        tmp_path / "archive",
+        "bitmask",
+        quantize,
+        group_size=16 if quantize == "int4" else None,
+        progress=False,
+    )
     loaded = sparseft.load(tmp_path / "archive")
     decoded = decode_independently(tmp_path / "archive")
 
@@ -182,7 +189,14 @@ def test_quantized_hf_checkpoint_loads_in_transformers_with_compressed_tensors(
     sparseft.prune(
         str(make_model_dir("llama", hidden=64)), source, method="magnitude", sparsity=0.6, progress=False
     )
-    sparseft.export(str(source), tmp_path / "int8", "hf", quantize, group_size=32, progress=False)
+    sparseft.export(
+        str(source),
+        tmp_path / "int8",
+        "hf",
+        quantize,
+        group_size=32 if quantize == "int4" else None,
+        progress=False,
+    )
     config = read_config(tmp_path / "int8")["quantization_config"]
     assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
     assert "sparsity_config" not in config

@@ -83,6 +83,9 @@ def test_parse_quantize() -> None:
     assert parse_quantize(None) is None
     assert parse_quantize("int8") == QuantSpec(8, None)
     assert parse_quantize("int4", 64) == QuantSpec(4, 64)
+    assert parse_quantize("int4") == QuantSpec(4, 128)
+    with pytest.raises(SparseftError, match="--group-size applies to int4 only"):
+        parse_quantize("int8", 64)  # not dropped without a word
     with pytest.raises(SparseftError, match="unknown quantization 'fp8'"):
         parse_quantize("fp8")
     with pytest.raises(SparseftError, match="group-size"):

@@ -491,7 +491,7 @@ def export(
     output: str | Path,
     format: str = "bitmask",
     quantize: str | None = None,
-    group_size: int = 128,
+    group_size: int | None = None,
     method: str = "rtn",
     *,
     dataset: str | None = None,

@@ -313,7 +313,7 @@ def add_export(sub: Any) -> None:
     p.add_argument("--output", "-o", required=True, help="directory for the export")
     p.add_argument("--format", default="bitmask", choices=["hf", "bitmask"])
     p.add_argument("--quantize", choices=["int8", "int4"], help="int8: per output channel; int4: per group")
-    p.add_argument("--group-size", type=int, default=128, help="input columns per int4 scale (default 128)")
+    p.add_argument("--group-size", type=int, help="input columns per int4 scale (default 128)")
     p.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="round to nearest, or GPTQ")
     p.add_argument("--dataset", help="GPTQ calibration text: a local file or a datasets name")
     p.add_argument("--dataset-config")

@@ -46,13 +46,20 @@ class QuantSpec:
         return {"bits": self.bits, "group_size": self.group_size, "strategy": strategy, "symmetric": True}
 
 
-def parse_quantize(scheme: str | None, group_size: int = 128) -> QuantSpec | None:
-    """int8 -> per channel 8 bits, int4 -> per group of `group_size` 4 bits, None -> no quantization."""
+DEFAULT_GROUP_SIZE = 128
+
+
+def parse_quantize(scheme: str | None, group_size: int | None = None) -> QuantSpec | None:
+    """int8 -> per channel 8 bits, int4 -> per group of `group_size` (default 128) 4 bits, None -> no
+    quantization."""
     if scheme is None:
         return None
     if scheme == "int8":
+        if group_size is not None:  # silently dropping it would export something other than asked for
+            raise SparseftError("int8 is quantized per output channel; --group-size applies to int4 only")
         return QuantSpec(8, None)
     if scheme == "int4":
+        group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
         if group_size < 1:
             raise SparseftError(f"--group-size must be a positive number of columns, got {group_size}")
         return QuantSpec(4, group_size)
