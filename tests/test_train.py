@@ -14,7 +14,7 @@ from sparseft import cli
 from sparseft.errors import SparseftError
 from sparseft.models import load_model
 from sparseft.sparsemask import SparseMasks, pruned_weights
-from sparseft.train import check_sparsity
+from sparseft.train import REPORT_FILE, check_sparsity
 
 SMALL = {"train__micro_batch_size": 2, "train__warmup_steps": 1, "progress": False}
 
@@ -368,3 +368,15 @@ def test_distillation_pulls_the_pruned_student_toward_the_teacher(tmp_path, task
 
     for key in ("kd", "squarehead"):
         assert mean(history[-3:], key) < 0.5 * mean(history[:3], key), key
+
+
+def test_a_finished_stage_whose_report_is_damaged_is_one_error(tmp_path, student, killed):
+    settings, whole, _ = killed
+    run, _ = _copy(whole, tmp_path)
+    report = run / "model" / REPORT_FILE
+    report.write_text(report.read_text()[:20])
+    with pytest.raises(
+        SparseftError, match=f"{REPORT_FILE} of a finished stage does not read back.*delete"
+    ) as info:
+        sparseft.finetune(student, run, resume=True, **settings)
+    assert "\n" not in str(info.value)

@@ -662,7 +662,13 @@ def run_finetune(
         if accelerator.is_main_process:
             remove_temporaries(root)
         if resume and (target / REPORT_FILE).is_file():  # finished before the run was stopped
-            reports.append(json.loads((target / REPORT_FILE).read_text()))
+            try:
+                reports.append(json.loads((target / REPORT_FILE).read_text()))
+            except (OSError, ValueError) as e:
+                raise SparseftError(
+                    f"{target / REPORT_FILE} of a finished stage does not read back ({type(e).__name__}); delete "
+                    f"{target} and resume to run that stage again"
+                ) from None
             previous, student = str(target), None
             continue
         resumed = None
