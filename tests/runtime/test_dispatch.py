@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sparseft.errors import SparseftError
-from sparseft.runtime import dispatch, reference, sparsify_
+from sparseft.runtime import SparseLinear, dispatch, reference, sparsify_
 from sparseft.runtime.packing import Packed, pack_dense
 
 KERNEL_ISAS = [name for name in dispatch.available_isas() if name != "torch"]
@@ -290,3 +290,52 @@ def test_clock_probe_reads_a_plausible_clock() -> None:
     first, second = dispatch.clock_ghz(), dispatch.clock_ghz()
     assert first is not None and second is not None
     assert 0.5 < first < 7 and 0.5 < second < 7 and 0.5 < first / second < 2
+
+
+@pytest.mark.skipif(not KERNEL_ISAS, reason="the C++ kernels are not built here")
+def test_tensors_the_kernels_read_raw_must_be_contiguous_cpu_arrays(
+    awkward_weight: Callable[..., torch.Tensor],
+) -> None:
+    packed = pack_dense(awkward_weight(16, 40), "int8")
+    x = torch.randn(1, 40)
+    for bias in (torch.arange(32.0)[::2], torch.tensor([1.0]).expand(16)):  # strided, and one value 16 times
+        with pytest.raises(RuntimeError, match="bias must be a contiguous CPU tensor"):
+            dispatch.sparse_mm(x, packed, bias, KERNEL_ISAS[-1])
+    with pytest.raises(RuntimeError, match="weight must be a contiguous CPU tensor"):
+        dispatch.dense_mm(x.bfloat16(), torch.empty(16, 40, dtype=torch.bfloat16, device="meta"))
+
+
+@pytest.mark.skipif(not KERNEL_ISAS, reason="the C++ kernels are not built here")
+def test_a_packed_weight_whose_offsets_disagree_with_its_mask_is_refused(
+    awkward_weight: Callable[..., torch.Tensor],
+) -> None:
+    packed = pack_dense(awkward_weight(16, 40), "bf16")
+    for change in (
+        lambda r: r.__setitem__(4, 10**10),
+        lambda r: r.__setitem__(0, 1),
+        lambda r: r.__setitem__(4, 0),
+    ):
+        row_start = packed.row_start.clone()
+        change(row_start)
+        broken = Packed(packed.shape, packed.mask, packed.values, row_start)
+        with pytest.raises(SparseftError, match="inconsistent"):
+            SparseLinear(broken)
+    SparseLinear(packed)  # the packed original is fine
+
+
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+def test_int8_activations_with_nan_or_inf_give_nan(
+    isa: str, awkward_weight: Callable[..., torch.Tensor]
+) -> None:
+    packed = pack_dense(awkward_weight(16, 100), "int8")
+    x = torch.randn(3, 100)
+    x[0, 7], x[1, 99] = float("nan"), float("inf")  # in the vector part, and in the tail
+    y = dispatch.sparse_mm(x, packed, None, isa)
+    assert y[0].isnan().all() and y[1].isnan().all() and y[2].isfinite().all()
+
+
+def test_weights_the_int8_kernels_cannot_sum_are_refused() -> None:
+    with pytest.raises(SparseftError, match="at most 65536 input columns"):
+        pack_dense(torch.ones(1, 70000), "int8")
+    with pytest.raises(SparseftError, match="with input columns"):
+        pack_dense(torch.ones(3, 0))

@@ -77,3 +77,20 @@ def test_dense_linear_matches_torch(isa: str, monkeypatch: pytest.MonkeyPatch) -
         linear.bias.add_(1.0)  # a bias changed after wrapping is the one used
     x = torch.randn(1, 70, dtype=torch.bfloat16)
     torch.testing.assert_close(head(x), linear(x), rtol=2e-2, atol=2e-2)
+
+
+def test_int8_archive_scales_given_as_a_strided_view_are_read_right() -> None:
+    from sparseft.runtime.packing import bitmask_of
+
+    linear = _pruned_linear()
+    parts = bitmask_of(linear.weight.detach())
+    q = torch.randint(-127, 128, parts["compressed"].shape, dtype=torch.int8)
+    scales = torch.rand(45, 3)  # a column of a wider tensor: stride 3
+    strided = SparseLinear.from_bitmask(
+        parts["shape"], q, parts["bitmask"], parts["row_offsets"], None, "int8", scales[:, 0]
+    )
+    plain = SparseLinear.from_bitmask(
+        parts["shape"], q, parts["bitmask"], parts["row_offsets"], None, "int8", scales[:, 0].clone()
+    )
+    x = torch.randn(2, 70)
+    assert torch.equal(strided(x), plain(x))

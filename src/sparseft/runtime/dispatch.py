@@ -180,6 +180,20 @@ def linear(x: torch.Tensor, p: Packed, bias: torch.Tensor | None) -> torch.Tenso
     return decompressed_linear(x, p, bias, isa)
 
 
+def check_packed(p: Packed) -> None:
+    """A SparseftError unless every row's offsets agree with its mask bits (which the kernels trust); a no-op
+    where the C++ kernels are not built (the torch path reads no raw memory)."""
+    if best_isa() == "torch":
+        return
+    try:
+        _op("check_packed")(p.mask, p.values, p.row_start, p.shape[1])
+    except RuntimeError as e:
+        reason = str(e).splitlines()[0].removeprefix("sparseft: ")
+        raise SparseftError(
+            f"a packed weight is inconsistent ({reason}); build it with pack_dense or pack_bitmask"
+        ) from None
+
+
 def decompressed_linear(x: torch.Tensor, p: Packed, bias: torch.Tensor | None, isa: str) -> torch.Tensor:
     """The path for many tokens: decompress W and use torch's dense bf16 matmul."""
     # A block of rows at a time: a fused gate/up weight of a 1B model is 46 MB dense, and decompressing it whole

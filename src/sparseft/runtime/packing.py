@@ -115,6 +115,9 @@ def _padded(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.cat([values.to(dtype).reshape(-1), torch.zeros(pad, dtype=dtype)])
 
 
+INT8_MAX_COLUMNS = 65536
+
+
 def pack_bitmask(
     shape: torch.Tensor | tuple[int, int],
     compressed: torch.Tensor,
@@ -127,6 +130,13 @@ def pack_bitmask(
     """Pack the archive's tensors of one weight. `compressed` may be float (converted, or quantized per row
     for int8) or int8 with its per-row `scale` (an archive quantized per channel)."""
     rows, cols = (int(s) for s in shape)
+    if cols < 1:
+        raise SparseftError(f"{name}: a ({rows}, {cols}) weight has no input columns to pack")
+    # the int8 kernels sum a row's products in 32-bit integers, which 255 * 127 * cols must fit
+    if values == "int8" and cols > INT8_MAX_COLUMNS:
+        raise SparseftError(
+            f"{name}: int8 values take at most {INT8_MAX_COLUMNS} input columns, this weight has {cols}; use bf16"
+        )
     nbytes = -(-cols // 8)
     if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != (rows, nbytes):
         raise SparseftError(
@@ -162,7 +172,7 @@ def pack_bitmask(
                 raise SparseftError(
                     f"{name}: int8 values need one scale per output row ({rows}); got {scale}"
                 )
-            q, scale = compressed, scale.reshape(rows).float()
+            q, scale = compressed, scale.reshape(rows).float().contiguous()  # the kernels read it as an array
         else:
             q, scale = quantize_rows(compressed, row_start)
         # float sums of int8 are exact here (|sum| <= 127 * cols < 2**24) and need no int64 copy per value
@@ -234,9 +244,10 @@ def pack_dense(
 ) -> Packed:
     """Pack a dense (R, C) weight whose zeros are the pruned entries, `block_rows` rows at a time so the
     temporaries stay small (a 32000-row LM head in one piece would need gigabytes of them)."""
-    if weight.dim() != 2 or not weight.is_floating_point():
+    if weight.dim() != 2 or not weight.is_floating_point() or weight.shape[1] == 0:
         raise SparseftError(
-            f"{name}: expected a 2-D floating-point weight, got {weight.dtype} {tuple(weight.shape)}"
+            f"{name}: expected a 2-D floating-point weight with input columns, got {weight.dtype} "
+            f"{tuple(weight.shape)}"
         )
     if weight.device.type != "cpu":
         raise SparseftError(

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "sparse.h"
@@ -307,10 +308,22 @@ inline float load1(const void* x, bool bf16, int64_t c) {
 template <typename Put, typename Put1>
 float quantize(const void* x, bool bf16, int64_t cols, float levels, Put put, Put1 put1) {
   const int64_t full = cols - cols % 16;
-  __m512 vmax = _mm512_setzero_ps();
-  for (int64_t c = 0; c < full; c += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load16(x, bf16, c)));
+  // max drops NaN, so a NaN or an infinity is caught apart: x * 0 is NaN for both, and NaN stays in a sum
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 vmax = zero, poison = zero;
+  for (int64_t c = 0; c < full; c += 16) {
+    const __m512 v = load16(x, bf16, c);
+    vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+    poison = _mm512_fmadd_ps(v, zero, poison);
+  }
   float absmax = _mm512_reduce_max_ps(vmax);
-  for (int64_t c = full; c < cols; ++c) absmax = std::max(absmax, std::fabs(load1(x, bf16, c)));
+  bool finite = !std::isnan(_mm512_reduce_add_ps(poison));
+  for (int64_t c = full; c < cols; ++c) {
+    const float v = load1(x, bf16, c);
+    finite = finite && std::isfinite(v);
+    absmax = std::max(absmax, std::fabs(v));
+  }
+  if (!finite) return std::numeric_limits<float>::quiet_NaN();  // the outputs then come out NaN, as in torch
   const float scale = absmax / levels;
   if (scale == 0.0f) return scale;
   const __m512 vscale = _mm512_set1_ps(scale), lo = _mm512_set1_ps(-levels), hi = _mm512_set1_ps(levels);

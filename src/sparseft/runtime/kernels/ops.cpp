@@ -14,6 +14,7 @@
 #include <cstring>
 #include <cmath>
 #include <functional>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -113,10 +114,15 @@ Activations prepare_int8(const at::Tensor& x, int64_t batch, int64_t cols, int64
   }
   for (int64_t b = 0; b < batch; ++b) {
     float absmax = 0.0f;
-    for (int64_t c = 0; c < cols; ++c) absmax = std::max(absmax, std::fabs(element(x, b * cols + c)));
-    const float scale = absmax / 127.0f;
+    bool finite = true;
+    for (int64_t c = 0; c < cols; ++c) {
+      const float v = element(x, b * cols + c);
+      finite = finite && std::isfinite(v);
+      absmax = std::max(absmax, std::fabs(v));
+    }
+    const float scale = finite ? absmax / 127.0f : std::numeric_limits<float>::quiet_NaN();  // NaN in, NaN out
     scales[b] = scale;
-    if (scale == 0.0f) continue;
+    if (!(scale > 0.0f)) continue;
     for (int64_t c = 0; c < cols; ++c) {
       const float q = std::nearbyint(element(x, b * cols + c) / scale);
       const int v = static_cast<int>(std::min(127.0f, std::max(-127.0f, q)));
@@ -183,18 +189,31 @@ void run_parallel(const SparseMatrix& w, int64_t value_bytes, int64_t batch,
   });
 }
 
+// The kernels read raw pointers: every tensor must be one contiguous block in CPU memory.
+void check_array(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "sparseft: ", what, " must be a contiguous CPU tensor");
+}
+
+// Widest int8 row: the kernels sum up to 255 * 127 per column in 32-bit integers (packing.INT8_MAX_COLUMNS).
+constexpr int64_t kInt8MaxColumns = 65536;
+
 SparseMatrix matrix(const at::Tensor& mask, const at::Tensor& values, const at::Tensor& row_start,
                     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& rowsum, int64_t cols) {
-  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kLong && mask.is_contiguous(), "sparseft: bad mask");
-  TORCH_CHECK(row_start.scalar_type() == at::kLong && row_start.numel() == mask.size(0) + 1,
+  check_array(mask, "mask");
+  check_array(values, "values");
+  check_array(row_start, "row_start");
+  TORCH_CHECK(cols > 0, "sparseft: a weight needs input columns");
+  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kLong, "sparseft: bad mask");
+  TORCH_CHECK(row_start.scalar_type() == at::kLong && row_start.numel() == mask.size(0) + 1 &&
+                  row_start.data_ptr<int64_t>()[0] == 0,
               "sparseft: bad row_start");
   TORCH_CHECK(mask.size(1) == (cols + 63) / 64, "sparseft: mask has ", mask.size(1), " words per row for ", cols,
               " columns");
   const bool int8 = values.scalar_type() == at::kChar;
   TORCH_CHECK(int8 || values.scalar_type() == at::kBFloat16, "sparseft: values must be bfloat16 or int8");
-  const int64_t vbytes = int8 ? 1 : 2;
-  TORCH_CHECK(values.numel() * vbytes >= row_start.data_ptr<int64_t>()[mask.size(0)] * vbytes + 64,
-              "sparseft: values must be padded by 64 bytes");
+  TORCH_CHECK(!int8 || cols <= kInt8MaxColumns, "sparseft: int8 values take at most ", kInt8MaxColumns, " columns");
+  const int64_t nnz = row_start.data_ptr<int64_t>()[mask.size(0)];
+  TORCH_CHECK(nnz >= 0 && values.numel() >= nnz + 64 / (int8 ? 1 : 2), "sparseft: values must be padded by 64 bytes");
   SparseMatrix w{reinterpret_cast<const uint64_t*>(mask.data_ptr<int64_t>()),
                  values.data_ptr(),
                  row_start.data_ptr<int64_t>(),
@@ -205,6 +224,8 @@ SparseMatrix matrix(const at::Tensor& mask, const at::Tensor& values, const at::
                  nullptr};
   if (int8) {
     TORCH_CHECK(scale && rowsum, "sparseft: int8 values need scale and rowsum");
+    check_array(*scale, "scale");
+    check_array(*rowsum, "rowsum");
     TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->numel() == w.rows, "sparseft: bad scale");
     TORCH_CHECK(rowsum->scalar_type() == at::kInt && rowsum->numel() == w.rows, "sparseft: bad rowsum");
     w.scale = scale->data_ptr<float>();
@@ -221,6 +242,7 @@ at::Tensor output_for(const at::Tensor& x, int64_t rows) {
 
 const float* bias_ptr(const std::optional<at::Tensor>& bias, int64_t rows) {
   if (!bias) return nullptr;
+  check_array(*bias, "bias");
   TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == rows, "sparseft: bias must be fp32 of size ", rows);
   return bias->data_ptr<float>();
 }
@@ -312,10 +334,29 @@ at::Tensor decompress(const at::Tensor& mask, const at::Tensor& values, const at
   return out;
 }
 
+// Each row's offsets agree with the popcount of its mask words, so that no kernel reads past the values: checked
+// once when a layer is built (per call it would cost more than small layers take), not by the kernels.
+void check_packed(const at::Tensor& mask, const at::Tensor& values, const at::Tensor& row_start, int64_t cols) {
+  const bool int8 = values.scalar_type() == at::kChar;
+  std::optional<at::Tensor> scale, rowsum;
+  if (int8) scale = at::zeros({mask.size(0)}, at::kFloat), rowsum = at::zeros({mask.size(0)}, at::kInt);
+  const SparseMatrix w = matrix(mask, values, row_start, scale, rowsum, cols);
+  const uint64_t tail = cols % 64 ? ~((uint64_t{1} << (cols % 64)) - 1) : 0;
+  for (int64_t r = 0; r < w.rows; ++r) {
+    int64_t count = 0;
+    for (int64_t k = 0; k < w.words; ++k) count += __builtin_popcountll(w.mask[r * w.words + k]);
+    TORCH_CHECK(count == w.row_start[r + 1] - w.row_start[r], "sparseft: row ", r, " has ", count,
+                " mask bits but ", w.row_start[r + 1] - w.row_start[r], " values");
+    TORCH_CHECK(!(w.mask[r * w.words + w.words - 1] & tail), "sparseft: row ", r, " sets mask bits past column ",
+                cols);
+  }
+}
+
 // Dense bf16 y = W x with our own AVX-512 kernel (torch's CPU GEMV leaves bandwidth unused at small batch).
 at::Tensor dense_mm(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   check_isa(kAvx512);
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.is_contiguous(),
+  check_array(weight, "weight");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16,
               "sparseft: weight must be contiguous bfloat16 (rows, cols)");
   const int64_t cols = weight.size(1);
   check_input(x, cols);
@@ -379,6 +420,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("parallel_threads", &sparseft::parallel_threads, free);
   m.def("sparse_mm", &sparseft::sparse_mm, free);
   m.def("decompress", &sparseft::decompress, free);
+  m.def("check_packed", &sparseft::check_packed, free);
   m.def("dense_mm", &sparseft::dense_mm, free);
   m.def("rms_norm", &sparseft::rms_norm, free);
   m.def("rotary", &sparseft::rotary, free);

@@ -116,7 +116,8 @@ void int8_avx512(const SparseMatrix&, const Activations&, const Output&, int64_t
 void dense_bf16_avx512(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t, const Shared*);
 
 // Symmetric per-token int8 of one activation row (fp32 or bf16 `x`): scale = max|x| / 127, q = round(x / scale)
-// (ties to even), stored as int8, or as uint8 q + 128 with `offset`. Leaves `out` untouched when x is all zero.
+// (ties to even), stored as int8, or as uint8 q + 128 with `offset`. Leaves `out` untouched when x is all zero, or
+// holds a NaN or an infinity (the scale is then NaN, and so are the outputs).
 void quantize_avx512(const void* x, bool bf16, int64_t cols, uint8_t* out, float* scale, bool offset);
 // Symmetric per-token 16-bit, the same way with 32767 for 127: q = 256 high + low, high stored as int8, low as
 // uint8.
