@@ -9,6 +9,7 @@ import transformers
 
 import sparseft
 from sparseft import api
+from sparseft.cli import main
 from sparseft.errors import SparseftError
 
 
@@ -160,6 +161,26 @@ def test_perplexity_follows_the_protocol(
             nll.append(torch.nn.functional.cross_entropy(logits, w[1:], reduction="none"))
     assert result["perplexity"] == pytest.approx(math.exp(torch.cat(nll).mean().item()), rel=1e-4)
     assert result["windows"] == windows and result["seqlen"] == 64 and result["split"] == "train"
+
+
+def test_perplexity_of_an_archive_on_the_runtime(
+    make_model_dir: Callable[..., Path], text_file: Path, tmp_path: Path
+) -> None:
+    api.prune(str(make_model_dir("llama")), tmp_path / "pruned", method="magnitude", progress=False)
+    api.export(str(tmp_path / "pruned"), tmp_path / "archive", "bitmask", dtype="bfloat16", progress=False)
+    options: dict[str, object] = {"split": "train", "seqlen": 64, "progress": False}
+    dense = api.eval_ppl(str(tmp_path / "pruned"), str(text_file), **options)
+    sparse = api.eval_ppl(str(tmp_path / "archive"), str(text_file), runtime=True, **options)
+    assert sparse["runtime"] and not dense["runtime"]
+    assert sparse["perplexity"] == pytest.approx(dense["perplexity"], rel=0.02)  # bf16 against fp32
+
+
+def test_bad_evaluation_settings_are_refused_before_the_model_loads(text_file: Path) -> None:
+    with pytest.raises(SparseftError, match="limit >= 1"):
+        api.eval_lm_eval("no/such/model", ["gsm8k"], limit=0)  # lm-eval would run every document
+    with pytest.raises(SparseftError, match="batch_size at least 1"):
+        api.eval_ppl("no/such/model", str(text_file), batch_size=-1)
+    assert main(["eval", "--task", "gsm8k", "no/such/model", "--batch-size", "-1"]) == 2
 
 
 def test_an_output_that_cannot_be_written_is_refused_before_the_run(

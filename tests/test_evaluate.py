@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -206,3 +207,23 @@ def test_gsm8k_on_the_sparse_cpu_runtime(math_model: MathModel, tmp_path: Path) 
     memorised = [r["question"] for r in records]
     assert [s["question"] for s in result["samples"]] == memorised
     assert result["accuracy"] == 1.0
+
+
+def test_fewshot_examples_do_not_depend_on_the_limit(
+    math_model: MathModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, _, _, directory = math_model
+    data = _write_jsonl(tmp_path / "qa.jsonl", mathtask.generate(30, "test", seed=4))
+    seen = []
+
+    def record_shots(net: Any, tok: Any, records: Any, *args: Any) -> dict[str, Any]:
+        seen.append(([r["question"] for r in records], args[4]))  # the evaluated questions, the shot pool
+        return {}
+
+    # the module (the package's `evaluate` attribute is the function of that name)
+    monkeypatch.setattr(importlib.import_module("sparseft.evaluate"), "gsm8k_accuracy", record_shots)
+    for limit in (5, 20):
+        api.eval_gsm8k(str(directory), data, num_fewshot=2, limit=limit, progress=False)
+    (first, pool_5), (_, pool_20) = seen
+    assert pool_5 == pool_20 and len(pool_5) == 30  # the whole file, not the records --limit kept
+    assert first == [r["question"] for r in pool_5[:5]]

@@ -225,6 +225,20 @@ def test_wer_is_jiwer_after_normalisation(normalizer: str) -> None:
     assert wer(["HELLO, world."], ["hello world"], "basic")["wer"] == 0.0
 
 
+def test_basic_normalisation_keeps_the_vowel_signs_of_indic_scripts() -> None:
+    from transformers.models.whisper.english_normalizer import BasicTextNormalizer
+
+    assert text_normalizer("basic")("नमस्ते, दुनिया!") == "नमस्ते दुनिया"  # two words, signs kept
+    assert len(BasicTextNormalizer()("नमस्ते दुनिया").split()) > 2  # Whisper's own splits them
+    for text in [
+        "HELLO, world.",
+        "It's [noise] a (cough) test!",
+        "  Ünïcode\tспасибо  ",
+    ]:  # Latin and Cyrillic
+        assert text_normalizer("basic")(text) == BasicTextNormalizer()(text).strip()
+    assert wer(["नमस्ते दुनिया"], ["नमस्ते, दुनिया।"], "basic")["wer"] == 0.0
+
+
 def test_wer_skips_empty_references_and_rejects_mismatches() -> None:
     result = wer(["x", "a b"], ["(noise)", "a c"], "basic")
     assert result["wer"] == 0.5 and result["skipped_empty_references"] == 1

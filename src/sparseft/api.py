@@ -162,22 +162,27 @@ def eval_ppl(
     batch_size: int = 1,
     dtype: str = "float32",
     device: str = "cpu",
+    runtime: bool = False,
     trust_remote_code: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Perplexity of `model` on a dataset split, with the protocol recorded beside the figure."""
-    if seqlen < 2:
-        raise SparseftError(f"seqlen must be at least 2, got {seqlen}")
+    """Perplexity of `model` (a HF checkpoint or any export; with `runtime`, on the sparse CPU kernels) on a
+    dataset split, with the protocol recorded beside the figure."""
+    if seqlen < 2 or batch_size < 1:
+        raise SparseftError(
+            f"seqlen must be at least 2 and batch_size at least 1, got {seqlen} and {batch_size}"
+        )
     check_local(dataset)
-    tokenizer = load_tokenizer(model, trust_remote_code)
-    net = load_model(model, dtype, trust_remote_code).to(device)
-    _check_seqlen(net, seqlen)
     source = TextSource(dataset, dataset_config, split, text_field)
-    stream = token_stream(tokenizer, load_texts(source))
+    texts = load_texts(source)  # before the model: a wrong field or split fails in seconds
+    net, tokenizer = _eval_model(model, None, dtype, device, runtime, trust_remote_code)
+    _check_seqlen(net, seqlen)
+    stream = token_stream(tokenizer, texts)
     result = perplexity(net, stream, seqlen, batch_size, progress)
     return {
         "task": "ppl",
         "model": model,
+        "runtime": runtime,
         **result,
         **source.describe(),
         "seqlen": seqlen,
@@ -272,9 +277,16 @@ def eval_gsm8k(
         raise SparseftError("num_fewshot must be >= 0, batch_size and max_new_tokens >= 1")
     records = qa_records(dataset, dataset_config, split, question_field, answer_field, limit, seed)
     shots = None
-    if num_fewshot and (fewshot_dataset or dataset == mathtask.NAME):
+    if num_fewshot:
+        # Shots come from a train split, as lm-eval draws them; with none, from the whole evaluated split (never
+        # only the records --limit kept, or the shots would change with --limit).
         source = fewshot_dataset or dataset
-        shots = qa_records(source, dataset_config, "train", question_field, answer_field, 1000, seed)
+        try:
+            shots = qa_records(source, dataset_config, "train", question_field, answer_field, 1000, seed)
+        except SparseftError:
+            if fewshot_dataset:
+                raise
+            shots = qa_records(dataset, dataset_config, split, question_field, answer_field, None, seed)
     net, tokenizer = _eval_model(model, tokenizer, dtype, device, runtime, trust_remote_code)
     result = gsm8k_accuracy(
         net, tokenizer, records, batch_size, max_new_tokens, num_fewshot, seed, shots, progress
@@ -311,6 +323,13 @@ def eval_lm_eval(
 ) -> dict[str, Any]:
     """Any lm-evaluation-harness tasks on the model as sparseft loads it (runtime kernels included)."""
     from sparseft import lmeval
+
+    # lm-eval reads a limit of 0 as no limit at all (every document)
+    if (limit is not None and limit < 1) or batch_size < 1 or (num_fewshot is not None and num_fewshot < 0):
+        raise SparseftError(
+            f"lm-eval needs limit >= 1 (or none), batch_size >= 1 and num_fewshot >= 0, got {limit}, {batch_size} "
+            f"and {num_fewshot}"
+        )
 
     manager = lmeval.task_manager(include_path)
     lmeval.check_tasks(tasks, manager)  # before the model loads

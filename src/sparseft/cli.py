@@ -162,6 +162,8 @@ def run_eval(args: argparse.Namespace) -> None:
     from sparseft import api
 
     task, model = _eval_task(args)
+    if args.batch_size is not None and args.batch_size < 1:  # not replaced by a default below
+        raise SparseftError(f"--batch-size must be at least 1, got {args.batch_size}")
     common = {"dtype": args.dtype, "device": args.device, "trust_remote_code": args.trust_remote_code}
     options: dict[str, Any]
     if task == "ppl":
@@ -172,6 +174,7 @@ def run_eval(args: argparse.Namespace) -> None:
             "text_field": args.text_field,
             "seqlen": args.seqlen,
             "batch_size": args.batch_size or 1,
+            "runtime": args.runtime,
         }
     elif task == "gsm8k":
         options = {
