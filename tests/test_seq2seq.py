@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import jiwer
 import pytest
@@ -268,6 +269,18 @@ def test_eval_scores_generated_text(
     else:
         assert result["wer"] == pytest.approx(wer(hypotheses, references)["wer"])
     assert json.loads(out.read_text())[task] == result[task]
+
+
+@pytest.mark.parametrize("family", ["t5", "whisper"])
+def test_scores_of_a_bitmask_export_on_the_runtime(
+    pruned: dict[str, Path], workdir: Path, tmp_path: Path, family: str
+) -> None:
+    sparseft.export(str(pruned[family]), tmp_path / "archive", format="bitmask", progress=False)
+    task, data = ("bleu", pair_options(workdir)) if family == "t5" else ("wer", speech_options(workdir))
+    options: dict[str, Any] = {"limit": 2, "max_new_tokens": 4, "progress": False, **data}
+    from_archive = api.evaluate(str(tmp_path / "archive"), task, runtime=True, **options)
+    from_checkpoint = api.evaluate(str(pruned[family]), task, runtime=True, **options)
+    assert from_archive[task] == from_checkpoint[task]
 
 
 def test_wer_on_the_sparse_runtime(pruned: dict[str, Path], workdir: Path) -> None:

@@ -8,6 +8,7 @@ sparseft.finetune(model, output, teacher=..., dataset=...) sparse fine-tuning wi
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from pathlib import Path
@@ -557,6 +558,7 @@ def export(
         net = formats.load_dir(model, parse_dtype(dtype) if dtype else None, trust_remote_code)
     else:
         net = load_model(model, dtype or _checkpoint_dtype(model), trust_remote_code)
+    net_config: Any = net.config
     try:
         tokenizer = load_tokenizer(model, trust_remote_code)
     except SparseftError:
@@ -582,7 +584,6 @@ def export(
         samples = None
         if method == "gptq":
             assert dataset is not None
-            net_config: Any = net.config
             if seq2seq_data.model_kind(net_config) != "causal":
                 raise SparseftError(
                     f"GPTQ export calibrates decoder-only models; {net_config.model_type} is an encoder-decoder: "
@@ -624,6 +625,10 @@ def export(
             net.save_pretrained(tmp)  # type: ignore[operator]
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        # a speech model's features come from its own extractor; a source without one exports without one
+        if seq2seq_data.model_kind(net_config) == "speech":
+            with contextlib.suppress(SparseftError):
+                seq2seq_data.save_feature_extractor(model, net_config, tmp, trust_remote_code)
         report["size_on_disk"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
         report["seconds"] = round(time.perf_counter() - started, 2)
         write_json(tmp / "export.json", report)
