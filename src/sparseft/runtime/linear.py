@@ -38,7 +38,8 @@ class SparseLinear(nn.Module):
         self.out_features = packed.shape[0]
         if bias is not None and bias.numel() != self.out_features:
             raise SparseftError(f"bias has {bias.numel()} entries for {self.out_features} outputs")
-        dispatch.check_packed(packed)
+        if not packed.checked:
+            dispatch.check_packed(packed)
         # Buffers, so .to(device) moves them; not in the state dict, whose layout belongs to the archive.
         for name in ("mask", "values", "row_start", "scale", "rowsum"):
             self.register_buffer(name, getattr(packed, name), persistent=False)
@@ -79,6 +80,7 @@ class SparseLinear(nn.Module):
                 self.row_start,
                 self.scale,
                 self.rowsum,
+                checked=True,
             )
         return self._packed
 

@@ -11,7 +11,7 @@ This layout is internal and may change; the archive may not.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -30,6 +30,8 @@ class Packed:
     row_start: torch.Tensor  # int64 (rows + 1)
     scale: torch.Tensor | None = None  # float32 (rows), int8 only
     rowsum: torch.Tensor | None = None  # int32 (rows), int8 only
+    # made by the packers here, whose offsets agree with the mask; others are checked before the kernels use them
+    checked: bool = field(default=False, repr=False, compare=False)
 
     @property
     def kind(self) -> Values:
@@ -49,6 +51,7 @@ class Packed:
             self.row_start[start : stop + 1] - first,
             None if self.scale is None else self.scale[start:stop],
             None if self.rowsum is None else self.rowsum[start:stop],
+            self.checked,
         )
 
     def nbytes(self) -> int:
@@ -190,7 +193,15 @@ def pack_bitmask(
         packed_values = _padded(compressed, torch.bfloat16)
     else:
         raise SparseftError(f"values must be 'bf16' or 'int8', got {values!r}")
-    return Packed((rows, cols), mask, packed_values, row_start, scale if values == "int8" else None, rowsum)
+    return Packed(
+        (rows, cols),
+        mask,
+        packed_values,
+        row_start,
+        scale if values == "int8" else None,
+        rowsum,
+        checked=True,
+    )
 
 
 def pack_full_int8(weight: torch.Tensor, block_rows: int = 256) -> Packed:
@@ -214,7 +225,8 @@ def pack_full_int8(weight: torch.Tensor, block_rows: int = 256) -> Packed:
         values[r * cols : r * cols + q.numel()] = q
         rowsum[r : r + n] = q.view(n, cols).sum(1, dtype=torch.int32)
     row_start = torch.arange(rows + 1, dtype=torch.int64) * cols
-    return Packed((rows, cols), mask_row.expand(rows, words).contiguous(), values, row_start, scale, rowsum)
+    mask = mask_row.expand(rows, words).contiguous()
+    return Packed((rows, cols), mask, values, row_start, scale, rowsum, checked=True)
 
 
 def concat_rows(parts: list[Packed]) -> Packed:
@@ -236,6 +248,7 @@ def concat_rows(parts: list[Packed]) -> Packed:
         torch.cat([*starts, torch.tensor([offset])]),
         torch.cat([p.scale for p in parts if p.scale is not None]) if int8 else None,
         torch.cat([p.rowsum for p in parts if p.rowsum is not None]) if int8 else None,
+        all(p.checked for p in parts),
     )
 
 
