@@ -30,6 +30,20 @@ def test_missing_text_field_names_the_fields(tmp_path: Path) -> None:
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(SparseftError, match="does not exist"):
         load_texts(TextSource(str(tmp_path / "missing.jsonl")))
+    with pytest.raises(SparseftError, match="is a directory; pass one data file"):
+        load_texts(TextSource(str(tmp_path)))
+
+
+def test_a_hub_dataset_that_cannot_be_reached_names_the_local_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("Couldn't reach 'wikitext' on the Hub (OfflineModeIsEnabled)\nmore detail")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(SparseftError, match="without network access, pass a local") as info:
+        load_texts(TextSource("wikitext", "wikitext-2-raw-v1", "test"))
+    assert "\n" not in str(info.value)
 
 
 def test_windows_are_seeded_and_in_range() -> None:

@@ -128,6 +128,19 @@ def test_generation_stops_at_stop_strings(math_model: MathModel) -> None:
         assert "####" not in short and "####" in long and long.startswith(short)
 
 
+def test_generation_stops_at_every_end_token_the_model_lists(
+    math_model: MathModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, tok, records, _ = math_model
+    prompt = gsm8k_prompt(records[0]["question"])
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    first = int(model.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=tok.pad_token_id)[0, -1])
+    # a second end token, as Llama 3 lists <|eot_id|> beside its eos: here, the first token the model writes
+    monkeypatch.setattr(model.generation_config, "eos_token_id", [tok.eos_token_id, first])
+    (text,) = greedy_generate(model, tok, [prompt], max_new_tokens=40)
+    assert text == tok.decode([first], skip_special_tokens=True)
+
+
 def test_bad_records_are_clear_errors(math_model: MathModel) -> None:
     model, tok, records, _ = math_model
     with pytest.raises(SparseftError, match="no number in its answer"):

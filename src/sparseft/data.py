@@ -39,6 +39,8 @@ def check_local(dataset: str) -> None:
     """Fail fast, before any model is loaded, on a local dataset path that cannot be read."""
     if is_local(dataset):
         path = Path(dataset).expanduser()
+        if path.is_dir():
+            raise SparseftError(f"dataset {dataset} is a directory; pass one data file (e.g. train.jsonl)")
         if not path.is_file():
             raise SparseftError(f"dataset file {dataset} does not exist")
         if path.suffix not in LOCAL_FORMATS:
@@ -64,7 +66,11 @@ def load_records(dataset: str, config: str | None = None, split: str = "train") 
     try:
         return datasets.load_dataset(dataset, config, split=split)
     except Exception as e:  # network, unknown name, unknown config or split
-        raise SparseftError(f"cannot load dataset {dataset!r} (config {config}, split {split}): {e}") from e
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SparseftError(
+            f"cannot load dataset {dataset!r} (config {config}, split {split}): {reason}; without network access, "
+            "pass a local .txt/.jsonl/.json/.csv/.parquet file as --dataset"
+        ) from e
 
 
 def load_texts(source: TextSource) -> list[str]:

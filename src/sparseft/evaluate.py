@@ -124,6 +124,12 @@ def greedy_generate(
     if tokenizer.pad_token_id is None:
         raise SparseftError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
     device = next(model.parameters()).device
+    # the model's own end tokens where it lists them (Llama 3 ends turns with <|eot_id|>), and the tokenizer's
+    generation = getattr(model, "generation_config", None)
+    ends = getattr(generation, "eos_token_id", None)
+    ends = [ends] if isinstance(ends, int) else list(ends or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ends:
+        ends.append(tokenizer.eos_token_id)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[str] = [""] * len(prompts)
     side = tokenizer.padding_side
@@ -140,7 +146,7 @@ def greedy_generate(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=ends or None,
                 stop_strings=list(stop_strings) or None,
                 tokenizer=tokenizer if stop_strings else None,
             )
