@@ -51,6 +51,24 @@ def test_the_teacher_is_cached_while_its_inputs_stay_the_same(quick_run: Path) -
     assert weights.stat().st_mtime_ns == stamp  # reused, not retrained
 
 
+def test_the_teacher_is_trained_again_when_its_data_changes_in_place(
+    quick_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = demo.bundled_data(quick_run, demo.QUICK)
+    start = demo.initial_model(quick_run, demo.QUICK)
+    calls = []
+    monkeypatch.setattr(demo, "finetune", lambda *args, **kwargs: calls.append(args))
+    train, key = Path(data.train[0]), quick_run / "teacher" / "demo_key.json"
+    original, original_key = train.read_text(), key.read_text()
+    try:
+        train.write_text(original + original.splitlines(keepends=True)[0])  # one record more, same path
+        demo.teacher(quick_run, start, data, demo.QUICK, progress=False)
+    finally:
+        train.write_text(original)
+        key.write_text(original_key)
+    assert len(calls) == 1  # not served from the cache
+
+
 def test_dataset_without_model_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--quick", "--output", str(tmp_path), "--dataset", "gsm8k"]) == 2
     assert "--dataset needs --model" in capsys.readouterr().err

@@ -122,11 +122,13 @@ def test_good_templates_and_clipping_still_validate():
     )
 
 
-@pytest.mark.parametrize("text", ["prune:\n", "prune:\nsparsity: 0.7\n"])
-def test_empty_prune_section_reads_as_no_settings(tmp_path, text):
+def test_empty_prune_section_reads_as_no_settings(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(text)
+    recipe.write_text("prune:\n")
     assert prune_config(recipe, method="wanda").method == "wanda"
+    recipe.write_text("prune:\nsparsity: 0.7\n")  # settings meant for the section, not indented
+    with pytest.raises(SparseftError, match="indent them under prune:"):
+        prune_config(recipe)
 
 
 def test_empty_finetune_sections_read_as_no_settings(tmp_path):

@@ -12,6 +12,7 @@ With `model`/`dataset` the same pipeline starts from a real model and a GSM8K-st
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import platform
 import time
@@ -20,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sparseft import api, mathtask
+from sparseft import __version__, api, mathtask
 from sparseft.atomic import write_json
 from sparseft.errors import SparseftError
 
@@ -125,7 +126,14 @@ def finetune(
 def teacher(output: Path, start: str, data: TaskData, size: DemoSize, progress: bool) -> str:
     """The dense teacher: `start` fine-tuned on the task with CE. Cached: reused while its inputs are the same."""
     run = output / "teacher"
-    key = {"start": start, "data": data.describe, "size": asdict(size)}
+    key = {
+        "start": start,
+        "start_files": _fingerprint(Path(start)),
+        "data": data.describe,
+        "train_file": _fingerprint(Path(data.train[0])),
+        "size": asdict(size),
+        "sparseft": __version__,
+    }
     key_file = run / "demo_key.json"
     cached = (run / "model" / "config.json").is_file() and key_file.is_file()
     if cached and json.loads(key_file.read_text()) == key:
@@ -134,6 +142,20 @@ def teacher(output: Path, start: str, data: TaskData, size: DemoSize, progress: 
     finetune(start, run, data, size.teacher_steps, lr, size, loss="ce", progress=progress)
     write_json(key_file, key)
     return str(run / "model")
+
+
+def _fingerprint(path: Path) -> str | None:
+    """What changes when a local file or model directory is edited in place (its contents, or for a directory's
+    weight files their sizes and times, which are cheaper to read); None for a hub name."""
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    if path.is_dir():
+        stats = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.glob("*.safetensors"))
+        config = path / "config.json"
+        return hashlib.sha256(
+            repr((stats, config.read_bytes() if config.is_file() else b"")).encode()
+        ).hexdigest()
+    return None
 
 
 def calibration_text(output: Path, data: TaskData, size: DemoSize) -> str:

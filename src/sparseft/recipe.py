@@ -137,6 +137,11 @@ def prune_config(recipe: str | Path | None = None, **overrides: Any) -> PruneCon
     data: dict[str, Any] = {}
     if recipe is not None:
         loaded = read_yaml(recipe)
+        if "prune" in loaded and loaded["prune"] is None and len(loaded) > 1:
+            raise SparseftError(
+                f"recipe {recipe}: the prune: section is empty and other settings sit at the top level; indent "
+                "them under prune:"
+            )
         data.update(_section(loaded, "prune", recipe) if "prune" in loaded else loaded)
     data.update({k: v for k, v in overrides.items() if v is not None})
     return build(PruneConfig, data, "pruning settings")
