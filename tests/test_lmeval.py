@@ -143,3 +143,19 @@ def test_wrap_warns_when_the_model_would_not_stop_at_the_tokenizers_eos(math_mod
     model = transformers.LlamaForCausalLM(tiny_config("llama", vocab_size=len(tok), eos_token_id=5))
     with pytest.warns(UserWarning, match="does not hold the tokenizer's EOS"):
         lmeval.wrap(model, tok)
+
+
+def test_task_data_that_cannot_be_loaded_is_one_error_naming_the_local_way(
+    math_model: MathModel, tmp_path: Path
+) -> None:
+    model, tok, _, _ = math_model
+    missing = tmp_path / "nowhere"
+    (tmp_path / "local_math.yaml").write_text(
+        TASK_YAML.format(train=missing / "train.jsonl", test=missing / "test.jsonl")
+    )
+    manager = lmeval.task_manager(tmp_path, include_defaults=False)
+    with pytest.raises(
+        SparseftError, match="could not load the data of local_math.*--lm-eval-include"
+    ) as info:
+        lmeval.run_tasks(model, tok, ["local_math"], num_fewshot=0, limit=1, manager=manager)
+    assert "\n" not in str(info.value)

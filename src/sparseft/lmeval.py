@@ -99,18 +99,25 @@ def run_tasks(
         raise SparseftError("no lm-eval task given; name one, e.g. --task lm-eval:hellaswag")
     manager = manager or task_manager()
     check_tasks(tasks, manager)
-    results = _lm_eval().simple_evaluate(
-        model=wrap(model, tokenizer, batch_size),
-        tasks=list(tasks),
-        num_fewshot=num_fewshot,
-        limit=limit,
-        task_manager=manager,
-        log_samples=False,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
+    try:
+        results = _lm_eval().simple_evaluate(
+            model=wrap(model, tokenizer, batch_size),
+            tasks=list(tasks),
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=False,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+    except OSError as e:  # the hub (ConnectionError, HTTP errors, offline mode) or a missing data file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SparseftError(
+            f"lm-eval could not load the data of {', '.join(tasks)} ({reason}); without network access, point a "
+            "task YAML at local files and pass its folder with --lm-eval-include"
+        ) from e
     if results is None:  # only on non-zero ranks of a multi-process run
         return {}
     kept = {
