@@ -634,18 +634,27 @@ def write_hf_quantized(
 # ---- reading back into a dense model ----------------------------------------------------------------------
 
 
-def _build_model(config_dict: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
-    """An uninitialised model of the config's architecture; the caller fills every tensor."""
+def config_from_dict(config_dict: dict[str, Any]) -> Any:
+    """The transformers config of a checkpoint's or archive's config dict (its compression and quantization
+    blocks left out: the weights are read by sparseft)."""
     import transformers
-    from transformers.initialization import no_init_weights
 
     config_dict = {k: v for k, v in config_dict.items() if k not in LEGACY_KEYS}
     model_type = str(config_dict.get("model_type"))
     if model_type not in transformers.CONFIG_MAPPING:
         raise SparseftError(
-            f"unknown model_type {model_type!r} in the checkpoint config; cannot rebuild the model"
+            f"unknown model_type {model_type!r} in the checkpoint config; sparseft builds only models that "
+            "transformers itself defines (not remote code)"
         )
-    config = transformers.CONFIG_MAPPING[model_type].from_dict(config_dict)
+    return transformers.CONFIG_MAPPING[model_type].from_dict(config_dict)
+
+
+def _build_model(config_dict: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    """An uninitialised model of the config's architecture; the caller fills every tensor."""
+    import transformers
+    from transformers.initialization import no_init_weights
+
+    config = config_from_dict(config_dict)
     architectures = config_dict.get("architectures") or []
     arch_class = getattr(transformers, architectures[0], None) if architectures else None
     with no_init_weights():

@@ -68,13 +68,7 @@ def read_config(name_or_path: str, trust_remote_code: bool = False) -> Any:
         from sparseft import formats
 
         if formats.detect(name_or_path) == "bitmask":
-            config = formats.read_archive(name_or_path).config
-            model_type = str(config.get("model_type"))
-            if model_type not in transformers.CONFIG_MAPPING:
-                raise SparseftError(
-                    f"unknown model_type {model_type!r} in the model_config of {name_or_path}"
-                )
-            return transformers.CONFIG_MAPPING[model_type].from_dict(config)
+            return formats.config_from_dict(formats.read_archive(name_or_path).config)
     try:
         return transformers.AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

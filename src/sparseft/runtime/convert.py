@@ -113,15 +113,9 @@ def _skeleton(config_dict: dict[str, Any], dtype: torch.dtype, trust_remote_code
     import transformers
     from accelerate import init_empty_weights
 
-    config_dict = dict(config_dict)
-    config_dict.pop("quantization_config", None)
-    model_type = config_dict.get("model_type")
-    if not isinstance(model_type, str) or model_type not in transformers.CONFIG_MAPPING:
-        raise SparseftError(
-            f"unknown model_type {model_type!r} in the archive's model_config; the sparse runtime builds only "
-            "models transformers itself defines (not remote code)"
-        )
-    config = transformers.CONFIG_MAPPING[model_type].from_dict(config_dict)
+    from sparseft.formats import config_from_dict
+
+    config = config_from_dict(config_dict)
     architectures = config_dict.get("architectures") or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
     with init_empty_weights(include_buffers=False):
