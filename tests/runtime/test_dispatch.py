@@ -63,6 +63,28 @@ def test_sparse_mm_matches_reference(
             _assert_close(y, ref, x.float().abs() @ bound_w * (1 + 1 / 64), kind)
 
 
+@pytest.mark.skipif("avx512" not in KERNEL_ISAS, reason="no AVX-512 here")
+@pytest.mark.parametrize("fma", [True, False], ids=["fma", "vdpbf16ps"])
+def test_bf16_small_batch_tiles_match_reference_either_way(
+    fma: bool, awkward_weight: Callable[..., torch.Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # tiles of up to 4 batch rows multiply in fp32 FMAs on Intel and with vdpbf16ps elsewhere: both, on any CPU
+    monkeypatch.setenv("SPARSEFT_AMX", "0")
+    set_tiles = dispatch.extension().bf16_fma_tiles
+    assert set_tiles(int(fma)) == fma
+    try:
+        g = torch.Generator().manual_seed(2)
+        for rows, cols in SHAPES:
+            packed = pack_dense(awkward_weight(rows, cols), "bf16")
+            for batch in (1, 2, 4, 9, 12):
+                x = torch.randn(batch, cols, generator=g)
+                y, ref = dispatch.sparse_mm(x, packed, None, "avx512"), reference.sparse_mm(x, packed, None)
+                bound = x.abs() @ reference.unpack(packed).abs().T
+                _assert_close(y, ref, bound * (1 + 1 / 64), "bf16")
+    finally:
+        set_tiles(-1)
+
+
 @pytest.mark.skipif(not KERNEL_ISAS or not dispatch.amx_ready(), reason="no AMX here")
 def test_batches_run_on_amx(
     monkeypatch: pytest.MonkeyPatch, awkward_weight: Callable[..., torch.Tensor]

@@ -37,6 +37,19 @@ inline __m512i load_opaque(const void* p) {
   return v;
 }
 
+// vpexpand into a register zeroed just before, rather than with zeroing-masking ({z}): Zen 4 makes a zero-masked
+// instruction wait for the old value of its destination, and the compiler gives every row's expand the same
+// register, so the expands of a tile ran one after another. On a Zen 4 EPYC, 1 thread, L2: int8 6.7 -> 4.0 and
+// bf16 9.2 -> 4.8 cycles per chunk; out of cache (4096x4096, 70%, batch 1) 1.1-1.8x. The zeroing idiom costs no
+// execution port on Intel or AMD.
+inline __m512i fresh_zero() {
+  __m512i z = _mm512_setzero_si512();
+  asm volatile("" : "+v"(z));  // keeps the zeroing instruction: the compiler would fold it back into {z}
+  return z;
+}
+inline __m512i expand16(uint32_t bits, __m512i packed) { return _mm512_mask_expand_epi16(fresh_zero(), bits, packed); }
+inline __m512i expand8(uint64_t bits, __m512i packed) { return _mm512_mask_expand_epi8(fresh_zero(), bits, packed); }
+
 inline __mmask32 tail_mask32(int64_t count) {
   return count >= 32 ? static_cast<__mmask32>(0xffffffffu) : static_cast<__mmask32>((1u << count) - 1u);
 }
@@ -45,23 +58,23 @@ inline __mmask32 tail_mask32(int64_t count) {
 // DENSE). Several rows at once give independent dependency chains: the next load address of a row waits on the
 // popcount of its current mask word.
 //
-// The sparse tiles of up to 4 batch rows multiply in fp32 rather than with vdpbf16ps: each 32-bit lane of the
-// expanded weights holds an even and an odd column, which a shift and an and turn into two fp32 vectors for two
-// FMAs against the activations split the same way (a.split, made by bf16_avx512). On this Xeon
-// vdpbf16ps takes 3 cycles and vpexpandw 2, both on port 5, while FMAs also issue on port 0: 4.1 instead of 5.1
-// cycles per 32 columns in L2, and 1.03-1.27x out of cache (batch 1, 70%). The products of two bf16 values are
-// exact in fp32, so this is also the more accurate of the two. Larger batch tiles keep vdpbf16ps, which needs
-// half the accumulator registers.
+// On Intel (FMA: a.split is set, see fma_tiles) the sparse tiles of up to 4 batch rows multiply in fp32 rather
+// than with vdpbf16ps: each 32-bit lane of the expanded weights holds an even and an odd column, which a shift and
+// an and turn into two fp32 vectors for two FMAs against the activations split the same way (a.split, made by
+// bf16_avx512). On a Xeon vdpbf16ps takes 3 cycles and vpexpandw 2, both on port 5, while FMAs also issue on port
+// 0: 4.1 instead of 5.1 cycles per 32 columns in L2, and 1.03-1.27x out of cache (batch 1, 70%). The products of
+// two bf16 values are exact in fp32, so this is also the more accurate of the two. Larger batch tiles keep
+// vdpbf16ps, which needs half the accumulator registers.
 //
-// At batch 1 this is close to what the ports allow: per 32 columns the mask's kmovd (about a cycle more than a
+// On that Xeon at batch 1 this is close to what the ports allow: per 32 columns the mask's kmovd (about a cycle more than a
 // fixed mask, in an L1 loop) and the expand are three uops only port 5 runs, and the shift, the and and the two
 // FMAs are four more for ports 0 and 5, so 3.5 cycles at best against 3.9-4.1 measured. Tried, alternated in one
 // process, and slower: the shift as a vpshufb (port 5) 0.96-0.99x; vdpbf16ps 0.84-0.93x; compressing the
 // activations to each row's nonzeros, then a dense dot with the packed values, 0.55x out of cache; AMX (amx.cpp)
 // 0.69-0.84x, and with four result tiles taken in turn 0.61-0.66x.
-template <int NR, int NB, bool DENSE>
+template <int NR, int NB, bool DENSE, bool FMA>
 void bf16_tile(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r, int64_t step, int64_t b0) {
-  constexpr bool kFma = !DENSE && NB <= 4;
+  constexpr bool kFma = FMA && !DENSE && NB <= 4;
   constexpr int kHalves = kFma ? 2 : 1;  // accumulators per (row, batch row): even and odd columns
   const int64_t chunks = (w.cols + 31) / 32;
   const uint32_t* m[NR];
@@ -111,7 +124,7 @@ void bf16_tile(const SparseMatrix& w, const Activations& a, const Output& o, int
         prefetch(p[i]);
         const __m512i packed = load_opaque(p[i]);
         p[i] += _mm_popcnt_u32(bits);
-        wv = _mm512_maskz_expand_epi16(bits, packed);
+        wv = expand16(bits, packed);
       }
       if constexpr (kFma) {
         const __m512 even_w = _mm512_castsi512_ps(_mm512_slli_epi32(wv, 16));
@@ -167,7 +180,7 @@ void int8_tile(const SparseMatrix& w, const Activations& a, const Output& o, int
       if (k % 8 == 0) prefetch(m[i] + k);
       const __m512i packed = load_opaque(p[i]);
       p[i] += _mm_popcnt_u64(bits);
-      const __m512i wv = _mm512_maskz_expand_epi8(bits, packed);
+      const __m512i wv = expand8(bits, packed);
 #pragma GCC unroll 8
       for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xv[j], wv);
     }
@@ -185,8 +198,13 @@ void int8_tile(const SparseMatrix& w, const Activations& a, const Output& o, int
 
 template <int NR, int NB, int KIND>
 void tile(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r, int64_t step, int64_t b0) {
-  if constexpr (KIND == 0) bf16_tile<NR, NB, false>(w, a, o, r, step, b0);
-  if constexpr (KIND == 1) bf16_tile<NR, NB, true>(w, a, o, r, step, b0);
+  if constexpr (KIND == 0) {
+    if (a.split != nullptr)
+      bf16_tile<NR, NB, false, true>(w, a, o, r, step, b0);
+    else
+      bf16_tile<NR, NB, false, false>(w, a, o, r, step, b0);
+  }
+  if constexpr (KIND == 1) bf16_tile<NR, NB, true, false>(w, a, o, r, step, b0);
   if constexpr (KIND == 2) int8_tile<NR, NB>(w, a, o, r, step, b0);
 }
 
@@ -255,10 +273,33 @@ void rows(const SparseMatrix& w, const Activations& a, const Output& o, int64_t 
 // into even and odd columns as fp32, made here once for the thread's rows rather than by a shift and an and for
 // every 32 columns of every tile: those two ops shared the ports of the expand. With six rows a tile, 1.15-1.23x
 // out of cache (4096x4096, 70%, batch 1, alternated in one process).
+//
+// Only on Intel: on a Zen 4 EPYC vdpbf16ps is the faster way, 3.7 against 4.8 cycles per 32 columns in L2 (1
+// thread) and 1.09x out of cache (11008x4096, 70%, batch 1, alternated in one process).
+namespace {
+
+std::atomic<int> fma_setting{-1};  // -1: by the CPU; 0 or 1: set by bf16_fma_tiles
+
+bool fma_tiles() {
+  static const bool intel = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") != 0;
+  }();
+  const int set = fma_setting.load(std::memory_order_relaxed);
+  return set < 0 ? intel : set == 1;
+}
+
+}  // namespace
+
+bool bf16_fma_tiles(int64_t mode) {
+  fma_setting.store(static_cast<int>(mode < 0 ? -1 : mode > 0), std::memory_order_relaxed);
+  return fma_tiles();
+}
+
 void bf16_avx512(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1,
                  const Shared* shared) {
   const int64_t tail = a.batch % kMaxBatchTile == 0 ? kMaxBatchTile : a.batch % kMaxBatchTile;
-  const int64_t split_rows = tail <= 4 ? tail : 0;
+  const int64_t split_rows = tail <= 4 && fma_tiles() ? tail : 0;
   const int64_t chunks = (w.cols + 31) / 32;
   thread_local std::vector<float> buffer;
   buffer.resize(static_cast<size_t>(split_rows * chunks * 32 + 16));
@@ -273,7 +314,7 @@ void bf16_avx512(const SparseMatrix& w, const Activations& a, const Output& o, i
       _mm512_store_si512(split + (b * chunks + k) * 32 + 16, _mm512_and_si512(v, odd));
     }
   Activations with_split = a;
-  with_split.split = split;
+  with_split.split = split_rows > 0 ? split : nullptr;
   rows<0>(w, with_split, o, r0, r1, shared);
 }
 
@@ -375,7 +416,7 @@ void decompress_avx512(const SparseMatrix& w, bool int8, uint16_t* out, int64_t 
         const __m512i packed = load_opaque(p);
         p += _mm_popcnt_u32(m[k]);
         _mm512_mask_storeu_epi16(row + k * 32, tail_mask32(w.cols - k * 32),
-                                 _mm512_maskz_expand_epi16(m[k], packed));
+                                 expand16(m[k], packed));
       }
       continue;
     }
@@ -385,7 +426,7 @@ void decompress_avx512(const SparseMatrix& w, bool int8, uint16_t* out, int64_t 
     for (int64_t k = 0; k < w.words; ++k) {
       const __m512i packed = load_opaque(p);
       p += _mm_popcnt_u64(m[k]);
-      const __m512i q = _mm512_maskz_expand_epi8(m[k], packed);
+      const __m512i q = expand8(m[k], packed);
       for (int part = 0; part < 4; ++part) {
         const int64_t col = k * 64 + part * 16;
         if (col >= w.cols) break;

@@ -416,6 +416,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto free = pybind11::call_guard<pybind11::gil_scoped_release>();
   m.def("best_isa", &sparseft::best_isa);
   m.def("amx_supported", &sparseft::amx_supported);
+  m.def("bf16_fma_tiles", &sparseft::bf16_fma_tiles);
   m.def("clock_ghz", &sparseft::clock_ghz, free);
   m.def("parallel_threads", &sparseft::parallel_threads, free);
   m.def("sparse_mm", &sparseft::sparse_mm, free);

@@ -89,6 +89,9 @@ void int8_scalar(const SparseMatrix&, const Activations&, const Output&, int64_t
 void bf16_avx2(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t, const Shared*);
 void int8_avx2(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t, const Shared*);
 void bf16_avx512(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t, const Shared*);
+// Whether bf16_avx512 multiplies tiles of up to 4 batch rows with fp32 FMAs (by default on Intel) or vdpbf16ps
+// (elsewhere): `mode` 1 or 0 sets it (for the tests, which check both ways on any CPU), -1 goes back to the CPU's.
+bool bf16_fma_tiles(int64_t mode);
 // AMX (tdpbf16ps, tdpbssd) for batch 1..kAmxBatch with `pairs` prepared by `interleave` (for (batch + 15) / 16
 // groups of min(batch, 16) rows, row_words * min(batch, 16) words each); kAmxBuilt is false where the compiler
 // had no AMX intrinsics (the kernels then run the expand kernels). ops.cpp gives them larger batches in pieces.
