@@ -108,3 +108,18 @@ def test_fsync_tree_flushes_every_file_and_directory(tmp_path: Path, monkeypatch
     assert sorted(synced) == sorted(f"{root}{p}" for p in ["", "/a", "/sub", "/sub/b"])
     # a file before the directory naming it
     assert synced.index(f"{root}/sub/b") < synced.index(f"{root}/sub")
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads file names of descriptors from /proc")
+def test_atomic_dir_publishes_only_what_is_on_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b)))
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "model.safetensors").write_bytes(b"weights")
+        written = os.path.realpath(tmp / "model.safetensors")
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    renamed = events.index(("replace", str(tmp_path / "out")))
+    assert ("fsync", written) in events[:renamed]
+    assert ("fsync", os.path.realpath(tmp_path)) in events[renamed:]  # the rename itself

@@ -83,3 +83,16 @@ def test_unknown_method_is_rejected_by_the_parser(capsys: pytest.CaptureFixture[
         main(["prune", "m", "--method", "random", "--output", "o"])
     assert exc.value.code == 2
     assert "invalid choice: 'random'" in capsys.readouterr().err
+
+
+def test_our_warnings_print_as_one_line(
+    make_model_dir: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = make_model_dir("llama", hidden=64)
+    capsys.readouterr()
+    argv = ["export", str(source), "-o", str(tmp_path / "out"), "--format", "hf", "--quantize", "int8"]
+    assert main([*argv, "--ignore", "k_proj"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "warning" in line.lower()]
+    assert len(lines) == 1 and lines[0].startswith("sparseft: warning: vLLM fuses q_proj/k_proj/v_proj"), (
+        lines
+    )

@@ -63,3 +63,49 @@ def test_too_little_text_for_one_window() -> None:
 def test_calibration_samples_from_a_file(tokenizer: object, text_file: Path) -> None:
     ids = calibration_samples(tokenizer, TextSource(str(text_file)), 3, 64, seed=0)
     assert ids.shape == (3, 64) and ids.dtype == torch.long
+
+
+def test_local_values_are_read_as_written(tmp_path: Path) -> None:
+    from sparseft.data import load_records
+
+    (tmp_path / "a.csv").write_text("q,answer\nx,2.50\nNA,007\nnull,\n")
+    csv = load_records(str(tmp_path / "a.csv"))
+    assert csv["q"] == ["x", "NA", "null"] and csv["answer"] == [
+        "2.50",
+        "007",
+        None,
+    ]  # an empty cell is missing
+    (tmp_path / "b.jsonl").write_text(
+        '{"answer": 12}\n\n{"answer": 3.50, "extra": {"k": [1]}}\n{"answer": "1"}\n'
+    )
+    jsonl = load_records(str(tmp_path / "b.jsonl"))
+    assert jsonl["answer"] == ["12", "3.50", "1"] and jsonl["extra"][0] is None
+    columns = {"question": ["a", "b"], "answer": [1, 2]}
+    (tmp_path / "c.json").write_text(json.dumps(columns))
+    (tmp_path / "d.json").write_text(
+        json.dumps([{"question": "a", "answer": 1}, {"question": "b", "answer": 2}])
+    )
+    for name in ("c.json", "d.json"):
+        assert load_records(str(tmp_path / name))[:] == {"question": ["a", "b"], "answer": ["1", "2"]}
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("e.jsonl", "", "holds no records"),
+        ("f.jsonl", '{"a": 1}\n{"a": \n', "line 2: Expecting value"),
+        ("g.json", '{"a": [1, 2], "b": [1]}', "mapping of equal-length columns"),
+        ("h.jsonl", '{"a": 1}\n[1, 2]\n', "line 2 is a list, not a record"),
+        ("i.csv", "", "no header row"),
+        ("j.csv", "a,b\n1,2,3\n", "line 2 has 3 fields, the header 2"),
+    ],
+)
+def test_a_malformed_local_file_is_one_line_naming_it(
+    tmp_path: Path, name: str, content: str, message: str
+) -> None:
+    from sparseft.data import load_records
+
+    (tmp_path / name).write_text(content)
+    with pytest.raises(SparseftError, match=f"cannot parse .*{name} as .*{message}") as info:
+        load_records(str(tmp_path / name))
+    assert "\n" not in str(info.value)

@@ -72,3 +72,21 @@ def test_the_teacher_is_trained_again_when_its_data_changes_in_place(
 def test_dataset_without_model_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--quick", "--output", str(tmp_path), "--dataset", "gsm8k"]) == 2
     assert "--dataset needs --model" in capsys.readouterr().err
+
+
+def test_a_local_dataset_is_a_directory_with_both_splits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sparseft import mathtask
+    from sparseft.demo import task_data
+
+    (tmp_path / "one.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n')
+    argv = ["demo", "--output", str(tmp_path / "out"), "--model", str(tmp_path), "--dataset"]
+    assert main([*argv, str(tmp_path / "one.jsonl")]) == 2
+    assert "directory holding train.jsonl and test.jsonl" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+    mathtask.write_dataset(tmp_path / "task", 4, 2, seed=0)
+    data = task_data(str(tmp_path / "task"))
+    assert data.train == (str(tmp_path / "task" / "train.jsonl"), "train") and data.test[0].endswith(
+        "test.jsonl"
+    )

@@ -261,6 +261,25 @@ def test_hf_int4_needs_whole_groups(make_model_dir: Callable[..., Path], tmp_pat
     assert not (tmp_path / "x").exists()
 
 
+def test_hf_export_warns_where_vllm_would_refuse_it(
+    make_model_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    source = str(make_model_dir("llama", hidden=64))
+    with pytest.warns(
+        UserWarning, match=r"q_proj/k_proj/v_proj .* in 2 layers .*layers\.0\.self_attn: k_proj not"
+    ):
+        report = sparseft.export(source, tmp_path / "split", "hf", "int8", ignore=["k_proj"], progress=False)
+    assert len(report["vllm_warnings"]) == 1 and "gate_proj" not in report["vllm_warnings"][0]
+    with pytest.warns(UserWarning, match="group sizes 32, 64, 128; --group-size 16"):
+        report = sparseft.export(source, tmp_path / "g16", "hf", "int4", 16, progress=False)
+    assert len(report["vllm_warnings"]) == 1
+    # whole groups left out, and the usual group sizes, are fine
+    report = sparseft.export(
+        source, tmp_path / "fine", "hf", "int4", 32, ignore=["gate_proj", "up_proj"], progress=False
+    )
+    assert report["vllm_warnings"] == []
+
+
 def test_info_reports_sparsity_bits_and_bytes(make_model_dir: Callable[..., Path], tmp_path: Path) -> None:
     source = pruned_dir(make_model_dir, tmp_path, "bfloat16")
     sparseft.export(str(source), tmp_path / "b", "bitmask", progress=False)
@@ -454,6 +473,16 @@ def test_t5_in_float16_round_trips_with_its_fp32_feed_forward_outputs(tmp_path: 
     loaded = sparseft.load(tmp_path / "archive")
     for name, tensor in source.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name].float(), tensor.float(), rtol=0, atol=0)
+
+
+def test_a_config_without_architectures_builds_the_model_of_its_kind(tmp_path: Path) -> None:
+    _tiny_t5(tmp_path / "t5")
+    sparseft.export(str(tmp_path / "t5"), tmp_path / "archive", "bitmask", progress=False)
+    meta = read_config(tmp_path / "archive")
+    del meta["model_config"]["architectures"]
+    (tmp_path / "archive" / "config.json").write_text(json.dumps(meta))
+    assert isinstance(sparseft.load(tmp_path / "archive"), transformers.T5ForConditionalGeneration)
+    assert isinstance(runtime.load(tmp_path / "archive"), transformers.T5ForConditionalGeneration)
 
 
 def test_gptq_export_of_an_encoder_decoder_is_refused_in_one_line(tmp_path: Path, text_file: Path) -> None:

@@ -28,7 +28,7 @@ def test_every_recipe_validates(path):
 
 
 def test_paper_recipes_carry_the_paper_hyper_parameters():
-    expected = {  # DESIGN.md section 3, MPT-7B GSM8K: sparsity -> (lr, epochs)
+    expected = {  # the paper's MPT-7B GSM8K schedule: sparsity -> (lr, epochs)
         "40": (0.4, 3e-5, 2), "50": (0.5, 3e-5, 2), "60": (0.6, 1e-4, 2), "70": (0.7, 8e-5, 4),
         "80": (0.8, 1e-4, 4), "2of4": (0.5, 1e-4, 4),
     }  # fmt: skip
@@ -126,9 +126,12 @@ def test_empty_prune_section_reads_as_no_settings(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("prune:\n")
     assert prune_config(recipe, method="wanda").method == "wanda"
-    recipe.write_text("prune:\nsparsity: 0.7\n")  # settings meant for the section, not indented
-    with pytest.raises(SparseftError, match="indent them under prune:"):
-        prune_config(recipe)
+    for text in ("prune:\nsparsity: 0.7\n", "sparsity: 0.7\nprune:\n  targets: [q_proj]\n"):
+        recipe.write_text(text)  # settings meant for the section, not indented
+        with pytest.raises(
+            SparseftError, match=r"settings \(sparsity\) sit at the top level.*indent them under"
+        ):
+            prune_config(recipe)
 
 
 def test_empty_finetune_sections_read_as_no_settings(tmp_path):

@@ -35,6 +35,18 @@ def test_qa_loss_on_answer_only(tok, tmp_path):
     assert row.labels[0] == IGNORE_INDEX
 
 
+def test_qa_labels_everything_evaluation_expects_the_model_to_write(tok, tmp_path):
+    from sparseft.evaluate import ANSWER, QUESTION
+
+    data = _write_jsonl(
+        tmp_path / "qa.jsonl", [{"question": "q", "answer": f"{n} + 1\n#### 7"} for n in (4, 40)]
+    )
+    for row in build_rows(tok, DataConfig(dataset=data)):
+        prompt = tok(QUESTION + "q" + ANSWER)["input_ids"]  # what evaluation feeds
+        assert row.input_ids[: len(prompt)] == prompt
+        assert IGNORE_INDEX not in row.labels[len(prompt) :]
+
+
 def test_chat_uses_prompt_and_response_fields(tok, tmp_path):
     data = _write_jsonl(tmp_path / "chat.jsonl", [{"prompt": "say hi", "response": "hi there"}])
     (row,) = build_rows(tok, DataConfig(dataset=data, format="chat"))
@@ -160,3 +172,45 @@ def test_a_chat_template_that_writes_bos_gets_no_second_one(tmp_path):
     data = _write_jsonl(tmp_path / "c.jsonl", [{"prompt": "hi", "response": " there"}])
     (row,) = build_rows(tok, DataConfig(dataset=data, format="chat"))
     assert row.input_ids[0] == tok.bos_token_id and row.input_ids[1] != tok.bos_token_id
+
+
+def test_an_eos_already_written_is_labelled_not_doubled(tok, tmp_path):
+    from tokenizers.processors import TemplateProcessing
+
+    eos = tok.eos_token
+    written = _write_jsonl(tmp_path / "a.jsonl", [{"question": "q", "answer": f"no{eos}"}])
+    adds_eos = train_tokenizer(python_corpus(20_000), 300)
+    adds_eos.backend_tokenizer.post_processor = (
+        TemplateProcessing(  # add_eos_token, as some Llama tokenizers do
+            single=f"$A {adds_eos.eos_token}", special_tokens=[(adds_eos.eos_token, adds_eos.eos_token_id)]
+        )
+    )
+    plain = _write_jsonl(tmp_path / "b.jsonl", [{"question": "q", "answer": "yes"}])
+    for tokenizer, data in [(tok, written), (adds_eos, plain)]:
+        (row,) = build_rows(tokenizer, DataConfig(dataset=data))
+        assert row.input_ids[-1] == tokenizer.eos_token_id != row.input_ids[-2]
+        assert row.labels[-1] == tokenizer.eos_token_id
+
+
+def test_a_list_in_a_text_field_is_refused(tok, tmp_path):
+    data = _write_jsonl(
+        tmp_path / "c.jsonl", [{"prompt": [{"role": "user", "content": "hi"}], "response": "yo"}]
+    )
+    with pytest.raises(SparseftError, match="row 1 of .* holds a list in field 'prompt', not text"):
+        build_rows(tok, DataConfig(dataset=data, format="chat"))
+
+
+def test_examples_cut_or_left_out_are_counted_in_a_warning(tok, tmp_path):
+    from sparseft.errors import SparseftWarning
+
+    records = [
+        {"question": "q", "answer": "a"},
+        {"question": "a long question " * 20, "answer": "x"},
+        {"question": "q", "answer": "a long answer " * 20},
+    ]
+    data = _write_jsonl(tmp_path / "qa.jsonl", records)
+    with pytest.warns(
+        SparseftWarning, match=r"2 of 3 examples are longer than seqlen=16 .*; 1 rows have no token"
+    ):
+        rows = build_rows(tok, DataConfig(dataset=data, seqlen=16))
+    assert len(rows) == 2

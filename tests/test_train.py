@@ -380,3 +380,24 @@ def test_a_finished_stage_whose_report_is_damaged_is_one_error(tmp_path, student
     ) as info:
         sparseft.finetune(student, run, resume=True, **settings)
     assert "\n" not in str(info.value)
+
+
+def test_the_seed_alone_decides_dropout(tmp_path, task, make_model_dir):
+    student = str(make_model_dir("gpt2"))  # dropout 0.1
+    runs = []
+    for outer in (1, 2):
+        torch.manual_seed(outer)  # the caller's RNG state must not matter
+        out = tmp_path / f"run-{outer}"
+        sparseft.finetune(student, out, dataset=task, loss="ce", train__max_steps=2, train__lr=1e-2, **SMALL)
+        runs.append(_weights(out / "model"))
+    for key in runs[0]:
+        torch.testing.assert_close(runs[1][key], runs[0][key], rtol=0, atol=0)
+
+
+def test_tensorboard_missing_is_refused_before_the_output_is_made(tmp_path, task, student, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    with pytest.raises(SparseftError, match="pip install tensorboard"):
+        sparseft.finetune(
+            student, tmp_path / "run", dataset=task, loss="ce", train__tensorboard=True, **SMALL
+        )
+    assert not (tmp_path / "run").exists()  # a rerun after installing it is not refused as "already exists"

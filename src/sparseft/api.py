@@ -19,7 +19,7 @@ import torch
 from sparseft import mathtask, seq2seq_data
 from sparseft.atomic import atomic_dir, check_json_target, write_json
 from sparseft.data import TextSource, calibration_samples, check_local, load_records, load_texts, token_stream
-from sparseft.errors import SparseftError
+from sparseft.errors import SparseftError, SparseftWarning
 from sparseft.evaluate import perplexity
 from sparseft.models import (
     find_targets,
@@ -122,6 +122,7 @@ def prune(
         warnings.warn(
             f"{len(fused)} weights of the blocks ({share:.0%} of the model's parameters, e.g. {next(iter(fused))}) "
             "are mixture-of-experts tensors that sparseft does not prune yet: they stay dense",
+            SparseftWarning,
             stacklevel=2,
         )
     prune_model(net, targets, settings_, samples, device=device, progress=progress)
@@ -530,7 +531,7 @@ def export(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Export a (pruned) HF checkpoint as `format` "hf" (zeros kept; with `quantize`, compressed-tensors
-    pack-quantized) or "bitmask" (the compact archive of DESIGN.md section 4), optionally quantizing the target
+    pack-quantized) or "bitmask" (the compact archive laid out in sparseft/formats.py), optionally quantizing the target
     linears to "int8" (per channel) or "int4" (per group of `group_size`) by "rtn" or "gptq" (calibrated on
     `dataset` like pruning). Returns the report also written to `output/export.json`."""
     from sparseft import formats
@@ -564,6 +565,7 @@ def export(
     except SparseftError:
         tokenizer = None  # a model without a tokenizer exports fine; GPTQ below needs one
     chosen = find_targets(net, targets, ignore)
+    vllm: list[str] = []  # why vLLM may refuse a compressed-tensors export; the checkpoint itself is right
     if spec is not None and format == "hf":
         for name, module in chosen.items():
             if not isinstance(module, torch.nn.Linear):
@@ -576,6 +578,9 @@ def export(
                     f"{name} has {module.in_features} inputs, not a multiple of --group-size {spec.group_size}; "
                     "vLLM needs whole groups: choose a group size that divides it, or use --format bitmask"
                 )
+        vllm = formats.vllm_problems(net, set(chosen), spec)
+        for problem in vllm:
+            warnings.warn(problem, SparseftWarning, stacklevel=2)
 
     quantized = None
     errors: dict[str, dict[str, float]] = {}
@@ -611,6 +616,8 @@ def export(
         "calibration": calibration,
         "layers": layers,
     }
+    if spec is not None and format == "hf":
+        report["vllm_warnings"] = vllm
     for key in ("rtn_weight_error", "gptq_weight_error", "rtn_output_error", "gptq_output_error"):
         values = [v[key] for v in layers.values() if key in v]
         if values:

@@ -32,7 +32,8 @@ def _usual_modes(root: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike[str], overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary directory next to `target`; on success it replaces `target`, on error it is removed."""
+    """Yield a temporary directory next to `target`; on success it is flushed to disk and replaces `target`, on
+    error it is removed."""
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise SparseftError(f"output path {target} exists and is not a directory; choose another --output")
@@ -46,6 +47,7 @@ def atomic_dir(target: str | os.PathLike[str], overwrite: bool = True) -> Iterat
     try:
         yield tmp
         _usual_modes(tmp)
+        fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -61,6 +63,7 @@ def atomic_dir(target: str | os.PathLike[str], overwrite: bool = True) -> Iterat
             os.replace(old, target)  # the previous result back where it was
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

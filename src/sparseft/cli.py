@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sparseft.errors import SparseftError
+from sparseft.errors import SparseftError, SparseftWarning
 
 
 def _list(text: str | None) -> list[str] | None:
@@ -135,7 +136,7 @@ def add_eval(sub: Any) -> None:
     _add_pair_fields(p)
     p.add_argument("--normalizer", default="basic", help="wer: Whisper's basic or english normaliser, none")
     p.add_argument("--num-beams", type=int, help="bleu/wer: beam search width (default 5 bleu, 1 wer)")
-    p.add_argument("--batch-size", type=int, help="default 1 for ppl, 8 otherwise")
+    p.add_argument("--batch-size", type=int, help="default 1 for ppl, 16 for bleu/wer, 8 otherwise")
     p.add_argument(
         "--runtime", action="store_true", help="run on sparseft's sparse CPU kernels (SparseLinear)"
     )
@@ -228,7 +229,9 @@ def add_demo(sub: Any) -> None:
     p.add_argument("--quick", action="store_true", help="the same pipeline at toy size (under a minute)")
     p.add_argument("--model", help="start from this model (hub id or directory) instead of a tiny one")
     p.add_argument(
-        "--dataset", help="GSM8K-style question/answer dataset with train and test splits (with --model)"
+        "--dataset",
+        help="GSM8K-style question/answer data with train and test splits (with --model): a datasets name, or a "
+        "directory holding train.jsonl and test.jsonl",
     )
     p.set_defaults(run=run_demo)
 
@@ -507,8 +510,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    show = warnings.showwarning
+
+    def show_ours(message: Warning | str, category: type[Warning], *rest: Any, **kwargs: Any) -> None:
+        if issubclass(category, SparseftWarning):  # ours are meant for the user: one line, no source location
+            print(f"sparseft: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, *rest, **kwargs)
+
     try:
-        args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = show_ours
+            args.run(args)
     except SparseftError as e:
         print(f"sparseft: error: {e}", file=sys.stderr)
         return 2

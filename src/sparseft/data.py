@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,11 +60,15 @@ def load_records(dataset: str, config: str | None = None, split: str = "train") 
             # One record for the whole file: line-by-line records would lose paragraph structure.
             return datasets.Dataset.from_dict({"text": [path.read_text(encoding="utf-8", errors="replace")]})
         try:
-            return datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
-        except Exception as e:  # datasets raises many types for malformed files
-            raise SparseftError(
-                f"cannot parse {dataset} as {path.suffix[1:]}: {str(e).splitlines()[0]}"
-            ) from e
+            if path.suffix == ".parquet":  # typed columns: read as stored
+                return datasets.load_dataset("parquet", data_files=str(path), split="train")
+            return datasets.Dataset.from_dict(_read_csv(path) if path.suffix == ".csv" else _read_json(path))
+        except (ValueError, UnicodeDecodeError, csv.Error, SparseftError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SparseftError(f"cannot parse {dataset} as {path.suffix[1:]}: {reason}") from e
+        except Exception as e:  # datasets and pyarrow raise many types for malformed files
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SparseftError(f"cannot read {dataset}: {reason}") from e
     try:
         return datasets.load_dataset(dataset, config, split=split)
     except Exception as e:  # network, unknown name, unknown config or split
@@ -71,6 +77,63 @@ def load_records(dataset: str, config: str | None = None, split: str = "train") 
             f"cannot load dataset {dataset!r} (config {config}, split {split}): {reason}; without network access, "
             "pass a local .txt/.jsonl/.json/.csv/.parquet file as --dataset"
         ) from e
+
+
+# Local JSON and CSV files are read with the standard library, every value as written: datasets' readers infer a
+# type per column (Arrow, pandas), which turns an answer of 12 into "12.0", 007 into 7 and "NA" into null.
+
+
+def _columns(records: list[Any], what: str) -> dict[str, list[Any]]:
+    """Records (mappings) as columns; a field missing from a record is null there."""
+    names: dict[str, None] = {}
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise SparseftError(f"{what} {i + 1} is a {type(record).__name__}, not a record of fields")
+        names.update(dict.fromkeys(record))
+    return {name: [r.get(name) for r in records] for name in names}
+
+
+def _read_json(path: Path) -> dict[str, list[Any]]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text, parse_int=str, parse_float=str)
+        except json.JSONDecodeError:
+            data = None  # JSON lines under a .json name
+        if isinstance(data, list):
+            return _columns(data, "record")
+        if isinstance(data, dict):
+            lengths = {len(v) if isinstance(v, list) else -1 for v in data.values()}
+            if len(lengths) != 1 or -1 in lengths:
+                raise SparseftError(
+                    "a .json file holds a list of records or a mapping of equal-length columns"
+                )
+            return data
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line, parse_int=str, parse_float=str))
+            except json.JSONDecodeError as e:
+                raise SparseftError(f"line {number}: {e}") from None
+    if not records:
+        raise SparseftError("the file holds no records")
+    return _columns(records, "line")
+
+
+def _read_csv(path: Path) -> dict[str, list[Any]]:
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if not header:
+            raise SparseftError("the file has no header row naming its columns")
+        columns: dict[str, list[Any]] = {name: [] for name in header}
+        for row in reader:
+            if len(row) > len(header):
+                raise SparseftError(f"line {reader.line_num} has {len(row)} fields, the header {len(header)}")
+            for name, value in zip(header, row + [""] * (len(header) - len(row)), strict=True):
+                columns[name].append(value if value != "" else None)  # an empty cell is a missing value
+    return columns
 
 
 def load_texts(source: TextSource) -> list[str]:

@@ -1,11 +1,11 @@
-"""`sparseft demo`: the whole pipeline of DESIGN.md section 1, offline, on the bundled math task.
+"""`sparseft demo`: the whole pipeline (prune, sparse fine-tune, export, run), offline, on the bundled math task.
 
     train a small dense model on the task (the teacher; cached) -> SparseGPT one-shot to 70% -> evaluate
     -> sparse fine-tune with SquareHead from the teacher -> evaluate -> export bitmask + int8
     -> decode speed of the runtime (SparseLinear) against dense bf16, side by side
 
 Every step is the public API (`sparseft.api`), so this file is also the worked example of using it. The teacher
-is trained from scratch with `finetune` (CE, no pruning): DESIGN.md's "sparseft can produce the teacher itself".
+is trained from scratch with `finetune` (CE, no pruning): the design's "sparseft can produce the teacher itself".
 With `model`/`dataset` the same pipeline starts from a real model and a GSM8K-style dataset instead.
 """
 
@@ -23,6 +23,7 @@ from typing import Any
 
 from sparseft import __version__, api, mathtask
 from sparseft.atomic import write_json
+from sparseft.data import is_local
 from sparseft.errors import SparseftError
 
 
@@ -94,6 +95,22 @@ def bundled_data(output: Path, size: DemoSize) -> TaskData:
     )
 
 
+def task_data(dataset: str) -> TaskData:
+    """A datasets name's train and test splits, or a local directory's train.jsonl and test.jsonl: one local file
+    has no splits, and training and measuring on the same records would hide what the demo shows."""
+    if not is_local(dataset):
+        return TaskData((dataset, "train"), (dataset, "test"), f"{dataset} (train / test splits)")
+    files = [Path(dataset).expanduser() / f"{split}.jsonl" for split in ("train", "test")]
+    if not all(f.is_file() for f in files):
+        raise SparseftError(
+            f"--dataset {dataset}: a local dataset is a directory holding train.jsonl and test.jsonl (the demo "
+            "fine-tunes on one and measures on the other), or pass a datasets name with train and test splits"
+        )
+    return TaskData(
+        (str(files[0]), "train"), (str(files[1]), "test"), f"{dataset} (train.jsonl / test.jsonl)"
+    )
+
+
 def initial_model(output: Path, size: DemoSize) -> str:
     """A randomly initialised small Llama with the task's shipped tokenizer, saved as the teacher's start."""
     from sparseft.tiny import save_task_llama
@@ -123,6 +140,10 @@ def finetune(
     )
 
 
+# Bumped when training rows are built differently (labels, EOS), so that a cached teacher is trained again.
+ROWS_REVISION = 2
+
+
 def teacher(output: Path, start: str, data: TaskData, size: DemoSize, progress: bool) -> str:
     """The dense teacher: `start` fine-tuned on the task with CE. Cached: reused while its inputs are the same."""
     run = output / "teacher"
@@ -133,6 +154,7 @@ def teacher(output: Path, start: str, data: TaskData, size: DemoSize, progress: 
         "train_file": _fingerprint(Path(data.train[0])),
         "size": asdict(size),
         "sparseft": __version__,
+        "rows": ROWS_REVISION,
     }
     key_file = run / "demo_key.json"
     cached = (run / "model" / "config.json").is_file() and key_file.is_file()
@@ -201,6 +223,9 @@ def run_demo(
 
     if dataset is not None and model is None:
         raise SparseftError("--dataset needs --model: the bundled tiny model is trained for the bundled task")
+    data = None
+    if dataset is not None and dataset != mathtask.NAME:
+        data = task_data(dataset)  # before anything is written
     transformers.utils.logging.disable_progress_bar()
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -215,10 +240,7 @@ def run_demo(
         seconds[name] = round(time.perf_counter() - started, 1)
         return value
 
-    if dataset is None or dataset == mathtask.NAME:
-        data = bundled_data(output, size)
-    else:
-        data = TaskData((dataset, "train"), (dataset, "test"), f"{dataset} (train / test splits)")
+    data = data or bundled_data(output, size)
     start = model or initial_model(output, size)
     dense = timed("teacher", lambda: teacher(output, start, data, size, progress))
     pruned = str(output / "pruned")

@@ -46,6 +46,7 @@ per word, value i of a word at bits [i·bits, (i+1)·bits); ``<module>.weight_sc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -591,6 +592,39 @@ def compressed_tensors_config(spec: QuantSpec, ignore: list[str]) -> dict[str, A
     }
 
 
+# vLLM loads these sibling linears as one fused layer and refuses a checkpoint that quantizes only some of them
+VLLM_FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# the group sizes of vLLM's Marlin kernels, its int4 path on most GPUs (channel-wise scales are always taken)
+VLLM_GROUP_SIZES = (32, 64, 128)
+
+
+def vllm_problems(model: nn.Module, quantized: set[str], spec: QuantSpec) -> list[str]:
+    """Why a compressed-tensors checkpoint of `model` with the linears `quantized` may not load in vLLM, one line
+    each (empty when nothing is known to stop it). The checkpoint is still right for transformers and sparseft."""
+    problems = []
+    if spec.group_size is not None and spec.group_size not in VLLM_GROUP_SIZES:
+        sizes = ", ".join(map(str, VLLM_GROUP_SIZES))
+        problems.append(
+            f"vLLM's int4 kernels take group sizes {sizes}; --group-size {spec.group_size} may not load"
+        )
+    names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for group in VLLM_FUSED_GROUPS:
+        split = []  # (parent, the members left unquantized) of each group quantized only in part
+        for name in sorted(n for n in names if n.rpartition(".")[2] == group[0]):
+            parent = name.rpartition(".")[0]
+            present = [g for g in group if f"{parent}.{g}" in names]
+            left = [g for g in present if f"{parent}.{g}" not in quantized]
+            if 0 < len(left) < len(present):
+                split.append((parent, left))
+        if split:
+            parent, left = split[0]
+            problems.append(
+                f"vLLM fuses {'/'.join(group)} into one layer and refuses them quantized in part, as in {len(split)} "
+                f"layers here (e.g. {parent}: {', '.join(left)} not): quantize all or none of them (--targets/--ignore)"
+            )
+    return problems
+
+
 def write_hf_quantized(
     model: nn.Module,
     quantized: dict[str, QuantizedWeight],
@@ -649,23 +683,33 @@ def config_from_dict(config_dict: dict[str, Any]) -> Any:
     return transformers.CONFIG_MAPPING[model_type].from_dict(config_dict)
 
 
-def _build_model(config_dict: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
-    """An uninitialised model of the config's architecture; the caller fills every tensor."""
+def build_model(
+    config_dict: dict[str, Any],
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    empty: contextlib.AbstractContextManager,
+) -> nn.Module:
+    """A model of the config dict's architecture (its `architectures` class, else the Auto class of its kind),
+    built inside `empty`: the caller's way of skipping weight init or memory, since it fills every tensor."""
     import transformers
-    from transformers.initialization import no_init_weights
 
     config = config_from_dict(config_dict)
     architectures = config_dict.get("architectures") or []
     arch_class = getattr(transformers, architectures[0], None) if architectures else None
-    with no_init_weights():
+    with empty:
         if arch_class is not None:
             model = arch_class._from_config(config, dtype=dtype)
         else:
-            model = transformers.AutoModelForCausalLM.from_config(
-                config, dtype=dtype, trust_remote_code=trust_remote_code
-            )
+            model = model_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.eval()
+
+
+def _build_model(config_dict: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    """An uninitialised model of the config's architecture; the caller fills every tensor."""
+    from transformers.initialization import no_init_weights
+
+    model = build_model(config_dict, dtype, trust_remote_code, no_init_weights())
     _keep_in_fp32_(model, dtype)
-    model.eval()
     return model
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from sparseft.errors import SparseftError
+from sparseft.errors import SparseftError, SparseftWarning
 
 PREFIX = "lm-eval:"
 
@@ -49,6 +49,7 @@ def wrap(model: nn.Module, tokenizer: Any, batch_size: int = 8, max_length: int 
         warnings.warn(
             f"the model's generation_config.eos_token_id {stops} does not hold the tokenizer's EOS "
             f"{tokenizer.eos_token_id}; lm-eval generation tasks will not stop at it",
+            SparseftWarning,
             stacklevel=2,
         )
     return lm_eval.models.huggingface.HFLM(

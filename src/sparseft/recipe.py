@@ -137,10 +137,11 @@ def prune_config(recipe: str | Path | None = None, **overrides: Any) -> PruneCon
     data: dict[str, Any] = {}
     if recipe is not None:
         loaded = read_yaml(recipe)
-        if "prune" in loaded and loaded["prune"] is None and len(loaded) > 1:
+        if "prune" in loaded and len(loaded) > 1:
+            others = ", ".join(k for k in loaded if k != "prune")
             raise SparseftError(
-                f"recipe {recipe}: the prune: section is empty and other settings sit at the top level; indent "
-                "them under prune:"
+                f"recipe {recipe}: settings ({others}) sit at the top level beside the prune: section, which alone "
+                "is read; indent them under prune:"
             )
         data.update(_section(loaded, "prune", recipe) if "prune" in loaded else loaded)
     data.update({k: v for k, v in overrides.items() if v is not None})

@@ -15,6 +15,7 @@ not take them, OPT's ignores them) cannot keep them apart: `check_packing` finds
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -24,7 +25,7 @@ from torch import nn
 from sparseft import seq2seq_data
 from sparseft.data import load_records, random_windows
 from sparseft.distill import IGNORE_INDEX
-from sparseft.errors import SparseftError
+from sparseft.errors import SparseftError, SparseftWarning
 from sparseft.recipe import DataConfig
 
 
@@ -48,7 +49,11 @@ def required_fields(cfg: DataConfig) -> list[str]:
 def prompt_and_response(record: dict[str, Any], cfg: DataConfig, tokenizer: Any) -> tuple[str, str]:
     """The text that carries no loss and the text that does."""
     if cfg.format == "qa":
-        return cfg.prompt_template.format(question=record[cfg.question_field]), str(record[cfg.answer_field])
+        prompt = cfg.prompt_template.format(question=record[cfg.question_field])
+        # The space ending "Answer: " is the model's to write: evaluation prompts "Answer:" and expects " 42", and
+        # where a space is a token of its own it would otherwise never be learnt.
+        cut = len(prompt.rstrip(" "))
+        return prompt[:cut], prompt[cut:] + str(record[cfg.answer_field])
     if cfg.format == "chat":
         prompt = str(record[cfg.prompt_field])
         if getattr(tokenizer, "chat_template", None):
@@ -78,7 +83,9 @@ def encode(tokenizer: Any, prompt: str, response: str) -> Row:
         head = tokenizer(prompt, verbose=False, add_special_tokens=special)["input_ids"] if prompt else []
         tail = tokenizer(response, add_special_tokens=False, verbose=False)["input_ids"]
         ids, in_response = list(head) + list(tail), [False] * len(head) + [True] * len(tail)
-    if tokenizer.eos_token_id is not None:
+    if ids and ids[-1] == tokenizer.eos_token_id:
+        in_response[-1] = True  # the tokenizer (add_eos_token) or the text wrote it already: learn it, once
+    elif tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
         in_response.append(True)
     labels = [i if keep else IGNORE_INDEX for i, keep in zip(ids, in_response, strict=True)]
@@ -156,12 +163,18 @@ def check_packing(model: nn.Module, cfg: DataConfig) -> None:
 
 
 def check_values(records: Any, cfg: DataConfig) -> None:
-    """Fail on a null field, which `str` would otherwise turn into the text "None" and train on."""
+    """Fail on a null, list or mapping field, which `str` would otherwise turn into text ("None", "[{'role': ...")
+    and train on."""
     for field in required_fields(cfg):
         for i, value in enumerate(records[field]):
             if value is None:
                 raise SparseftError(
                     f"row {i + 1} of {cfg.dataset} has no value (null) in field {field!r}; fill it in or drop the row"
+                )
+            if isinstance(value, list | dict):
+                raise SparseftError(
+                    f"row {i + 1} of {cfg.dataset} holds a {type(value).__name__} in field {field!r}, not text; "
+                    f"format {cfg.format!r} takes one string per field (write a list of messages out as text)"
                 )
 
 
@@ -178,15 +191,29 @@ def build_rows(tokenizer: Any, cfg: DataConfig) -> list[Row]:
         records = records.select(range(min(cfg.max_examples, len(records))))
     check_values(records, cfg)
     rows: list[Row] = []
+    cut = 0
     for record in records:
         prompt, response = prompt_and_response(record, cfg, tokenizer)
-        rows += _split_long(encode(tokenizer, prompt, response), cfg.seqlen, keep_tail=cfg.format == "text")
-    rows = [r for r in rows if any(label != IGNORE_INDEX for label in r.labels[1:])]
-    if not rows:
+        row = encode(tokenizer, prompt, response)
+        cut += cfg.format != "text" and len(row.input_ids) > cfg.seqlen
+        rows += _split_long(row, cfg.seqlen, keep_tail=cfg.format == "text")
+    learnable = [r for r in rows if any(label != IGNORE_INDEX for label in r.labels[1:])]
+    if not learnable:
         raise SparseftError(
             f"no example of {cfg.dataset} has a token to learn: every label is masked (empty "
             f"{required_fields(cfg)[-1]!r} fields, or prompts longer than seqlen={cfg.seqlen}; raise --seqlen)"
         )
+    problems = []
+    if cut:
+        problems.append(
+            f"{cut} of {len(records)} examples are longer than seqlen={cfg.seqlen} tokens and are cut to it, losing "
+            f"the end of their {required_fields(cfg)[-1]!r} and its EOS (raise --seqlen)"
+        )
+    if len(learnable) < len(rows):
+        problems.append(f"{len(rows) - len(learnable)} rows have no token to learn and are left out")
+    if problems:
+        warnings.warn(f"{cfg.dataset}: {'; '.join(problems)}", SparseftWarning, stacklevel=2)
+    rows = learnable
     return pack(rows, cfg.seqlen) if cfg.packing else rows
 
 

@@ -31,9 +31,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparseft import seq2seq_data
-from sparseft.atomic import atomic_dir, fsync_dir, fsync_tree, write_json
+from sparseft.atomic import atomic_dir, write_json
 from sparseft.distill import LossWeights, distill_terms
-from sparseft.errors import SparseftError
+from sparseft.errors import SparseftError, SparseftWarning
 from sparseft.models import (
     find_blocks,
     find_targets,
@@ -223,11 +223,8 @@ def save_checkpoint(
                 where, state_dict=weights, safe_serialization=True
             )
             write_json(where / STATE_FILE, state)
-        accelerator.wait_for_everyone()
-        if main:
-            fsync_tree(where)  # every process has written its files
+        accelerator.wait_for_everyone()  # every process has written its files before atomic_dir flushes them
     if main:
-        fsync_dir(root)
         for old in checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -286,7 +283,9 @@ def latest_checkpoint(
             return checkpoint
         if problem is not None:
             then = "; trying the one before it" if path != found[0] else ""
-            warnings.warn(f"checkpoint {path} cannot be loaded ({problem}){then}", stacklevel=2)
+            warnings.warn(
+                f"checkpoint {path} cannot be loaded ({problem}){then}", SparseftWarning, stacklevel=2
+            )
     if found:
         raise SparseftError(
             f"no checkpoint in {root} can be loaded (see the warnings above); remove that directory to start the "
@@ -431,7 +430,10 @@ def train_stage(
         teacher.requires_grad_(False)
 
     start, history = 0, []
-    if resume_from is not None:
+    if resume_from is None:
+        # dropout and any other random op follow the seed, not the caller's RNG state (resuming restores it)
+        torch.manual_seed(cfg.seed + accelerator.process_index)
+    else:
         restore(resume_from, optimizer, scheduler)
         state = resume_from.state
         if state["expected_zeros"] != expected_zeros:
@@ -588,7 +590,8 @@ def _check_lengths(model: nn.Module, cfg: FinetuneConfig) -> None:
             )
 
 
-def _tensorboard(output: Path, wanted: bool, main: bool) -> Any:
+def _tensorboard_writer(wanted: bool, main: bool) -> Any:
+    """TensorBoard's SummaryWriter class, or None when no log is written (other processes, or not asked for)."""
     if not (wanted and main):
         return None
     try:
@@ -597,7 +600,7 @@ def _tensorboard(output: Path, wanted: bool, main: bool) -> Any:
         raise SparseftError(
             "TensorBoard logging needs the tensorboard package: pip install tensorboard"
         ) from None
-    return SummaryWriter(str(output / "tensorboard"))
+    return SummaryWriter
 
 
 def run_finetune(
@@ -646,11 +649,12 @@ def run_finetune(
         check_teacher(student, teacher, weights)
     for train_cfg in trains:
         total_steps(train_cfg, Schedule.of(train_cfg, len(rows), accelerator.num_processes))
+    summary_writer = _tensorboard_writer(any(t.tensorboard for t in trains), accelerator.is_main_process)
     if overwrite and not resume and accelerator.is_main_process and output.exists():
         shutil.rmtree(output)
     accelerator.wait_for_everyone()
     output.mkdir(parents=True, exist_ok=True)
-    writer = _tensorboard(output, any(t.tensorboard for t in trains), accelerator.is_main_process)
+    writer = summary_writer(str(output / "tensorboard")) if summary_writer else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     reports: list[dict[str, Any]] = []

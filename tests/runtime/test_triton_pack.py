@@ -30,7 +30,7 @@ def sparse_weight(rows: int, cols: int, sparsity: float, seed: int = 0) -> torch
 
 
 def archive_of(w: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The bitmask archive of DESIGN.md section 4, written independently with numpy (LSB-first bytes)."""
+    """The bitmask archive (its layout is in sparseft/formats.py), written independently with numpy (LSB-first bytes)."""
     mask = (w != 0).numpy()
     counts = mask.sum(1)
     return {

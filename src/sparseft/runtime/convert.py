@@ -110,22 +110,11 @@ def _fuse(model: nn.Module) -> dict[str, int]:
 
 def _skeleton(config_dict: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
     """The model with its parameters on the meta device (no memory) and its buffers real (rotary tables)."""
-    import transformers
     from accelerate import init_empty_weights
 
-    from sparseft.formats import config_from_dict
+    from sparseft.formats import build_model
 
-    config = config_from_dict(config_dict)
-    architectures = config_dict.get("architectures") or []
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
-    with init_empty_weights(include_buffers=False):
-        if model_class is not None:
-            model = model_class._from_config(config, dtype=dtype)
-        else:
-            model = transformers.AutoModelForCausalLM.from_config(
-                config, dtype=dtype, trust_remote_code=trust_remote_code
-            )
-    return model.eval()
+    return build_model(config_dict, dtype, trust_remote_code, init_empty_weights(include_buffers=False))
 
 
 def _read_parts(reader: TensorReader, archive: Archive, name: str) -> dict[str, Any]:

@@ -67,7 +67,7 @@ class SparseLinear(nn.Module):
         scale: torch.Tensor | None = None,
         name: str = "linear",
     ) -> SparseLinear:
-        """From the bitmask archive's tensors of one weight (DESIGN.md section 4)."""
+        """From the bitmask archive's tensors of one weight (the layout in sparseft/formats.py)."""
         return cls(pack_bitmask(shape, compressed, bitmask, row_offsets, values, scale, name), bias)
 
     @property

@@ -1,6 +1,6 @@
 """The runtime's internal weight layout, made from the bitmask archive's tensors or from a dense weight.
 
-The archive (DESIGN.md section 4) stores a weight (R, C) as its nonzeros in row-major order, a bitmask of
+The archive (the layout in sparseft/formats.py) stores a weight (R, C) as its nonzeros in row-major order, a bitmask of
 ceil(C/8) bytes per row (least significant bit first) and the nonzeros before each row. The kernels keep the
 same order and only change the framing: each mask row is padded to whole 64-bit words (read as little-endian,
 byte b bit i is word b // 8 bit 8 * (b % 8) + i, the same column), the offsets get the total appended, and the

@@ -1,6 +1,6 @@
 """Triton kernels for y = x W^T with W in the tile packing of `triton_pack` (GPU decode, batch 1..16).
 
-Decoding a token reads every weight once, so time follows bytes (DESIGN.md section 5): the kernels read the
+Decoding a token reads every weight once, so time follows bytes: the kernels read the
 compressed tiles (mask words + nonzeros) and expand them in registers, never a dense W. One program owns
 `row_tiles` x 16 output rows and walks a range of 64-column tiles; several programs split the columns when there
 are too few row blocks to fill the GPU, and their float32 partial sums are added afterwards.

@@ -1,7 +1,7 @@
 """The GPU packing of a sparse weight: the bitmask archive regrouped into tiles of 16 rows x 64 columns.
 
 Why tiles: a GPU program decodes a whole tile at once, so everything it needs should lie together. The archive
-(DESIGN.md section 4) keeps one row's mask bytes and nonzeros together, and a tile needs 16 rows' worth. Layout
+(the layout in sparseft/formats.py) keeps one row's mask bytes and nonzeros together, and a tile needs 16 rows' worth. Layout
 (`TritonPacked`), for a weight of shape (R, C), with n_tr = ceil(R / 16) row tiles and n_tc = ceil(C / 64)
 column tiles, tiles numbered t = tr * n_tc + tc:
 
@@ -86,7 +86,7 @@ def pack_for_gpu(
     scale: torch.Tensor | None = None,
     values: str | None = None,
 ) -> TritonPacked:
-    """Regroup one archive weight (DESIGN.md section 4) into the tile layout, on the tensors' device.
+    """Regroup one archive weight (the layout in sparseft/formats.py) into the tile layout, on the tensors' device.
 
     `values` chooses how the nonzeros are stored: None keeps the archive's dtype (int8 archives need `scale`, one
     per output row), "bf16"/"fp16"/"fp32" cast (dequantizing int8), "int8"/"fp8" quantize symmetric per row.
