@@ -286,6 +286,20 @@ def test_large_batches_take_the_dense_path(
         dispatch.linear(x, packed, None)
 
 
+@pytest.mark.skipif("avx512" not in KERNEL_ISAS, reason="no AVX-512 here")
+def test_the_bf16_prefill_switch_follows_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPARSEFT_AMX", "0")
+    for intel, expected in (
+        (True, dispatch.DENSE_ABOVE["bf16"]),
+        (False, dispatch.OTHER_DENSE_ABOVE["bf16"]),
+    ):
+        monkeypatch.setattr(dispatch, "_intel_cpu", lambda intel=intel: intel)
+        assert dispatch.dense_above("bf16", "avx512") == expected
+        assert dispatch.dense_above("bf16", "avx2") == dispatch.DENSE_ABOVE["bf16"]  # another kernel
+        assert dispatch.dense_above("int8", "avx512") == dispatch.DENSE_ABOVE["int8"]
+    assert dispatch.extension().intel_cpu() in (True, False)
+
+
 def test_isa_is_forced_by_setting_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPARSEFT_ISA", "torch")
     assert dispatch.current_isa() == "torch"

@@ -48,7 +48,7 @@ def best_isa() -> str:
 
 def forget_kernels() -> None:
     """Drop what this process decided about the kernels, so the next call looks again (after a rebuild)."""
-    for cached in (best_isa, _resolve_isa, _ops, _op, _amx_supported):
+    for cached in (best_isa, _resolve_isa, _ops, _op, _amx_supported, _intel_cpu):
         cached.cache_clear()
 
 
@@ -77,7 +77,7 @@ def _resolve_isa(name: str) -> str:
 
 # Above this many tokens per call, decompress and use the dense matmul. The expand kernel's cost grows with
 # every token (one multiply-add per 32 or 64 weights per token), the dense path's barely does. The crossover
-# section of benchmarks/cpu_kernels.py, on a quiet machine with the kernels on 2 threads (4096x4096 at 70%), put
+# section of benchmarks/cpu_kernels.py, on a quiet Xeon with the kernels on 2 threads (4096x4096 at 70%), put
 # it between 8 and 16 tokens for bf16 values (2.3 vs 4.4 ms at 8, 10.6 vs 4.6 at 16) and between 32 and 64 for
 # int8 (3.4 vs 3.7 ms at 32, 5.9 vs 4.8 at 64).
 DENSE_ABOVE = {"bf16": 8, "int8": 32, "dense": 8}  # "dense": our dense bf16 GEMV (linear.DenseLinear)
@@ -96,6 +96,10 @@ DENSE_ABOVE = {"bf16": 8, "int8": 32, "dense": 8}  # "dense": our dense bf16 GEM
 # from 256.) bf16 on the same runs: 1.27x at 1024, 1.13x at 1536, 1.15x at 2048; two more runs: 0.94x and 1.30x at
 # 1536, 1.18x and 1.30x at 2048, so bf16's switch moved from 1024 to 2048 (it also spares the dense blocks' memory).
 AMX_DENSE_ABOVE = {"bf16": 2048, "int8": 1024}
+# Off Intel the bf16 expand kernel multiplies with vdpbf16ps (avx512.cpp) and keeps ahead of decompressing longer:
+# on a Zen 4 EPYC, 2 threads, 4096x4096 at 70%, 1.87 against 3.02 ms at 16 tokens, 3.77 against 4.39 at 32, 7.52
+# against 6.91 at 64.
+OTHER_DENSE_ABOVE = {"bf16": 32}
 _DECOMPRESS_BYTES = 8 * 2**20
 
 
@@ -104,7 +108,11 @@ def dense_above(kind: str, isa: str | None = None) -> int:
     env = os.environ.get("SPARSEFT_DENSE_ABOVE")
     if env:
         return _parse_count(env)
-    return AMX_DENSE_ABOVE[kind] if kind in AMX_DENSE_ABOVE and amx_ready(isa) else DENSE_ABOVE[kind]
+    if kind in AMX_DENSE_ABOVE and amx_ready(isa):
+        return AMX_DENSE_ABOVE[kind]
+    if kind in OTHER_DENSE_ABOVE and (isa or current_isa()) == "avx512" and not _intel_cpu():
+        return OTHER_DENSE_ABOVE[kind]
+    return DENSE_ABOVE[kind]
 
 
 def amx_ready(isa: str | None = None) -> bool:
@@ -113,6 +121,11 @@ def amx_ready(isa: str | None = None) -> bool:
     SPARSEFT_AMX is not 0."""
     # the hardware last: asking Linux for the tile registers is for processes that would use them
     return (isa or current_isa()) == "avx512" and os.environ.get("SPARSEFT_AMX") != "0" and _amx_supported()
+
+
+@functools.cache
+def _intel_cpu() -> bool:
+    return bool(_op("intel_cpu")())
 
 
 @functools.cache

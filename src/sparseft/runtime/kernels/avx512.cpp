@@ -281,12 +281,8 @@ namespace {
 std::atomic<int> fma_setting{-1};  // -1: by the CPU; 0 or 1: set by bf16_fma_tiles
 
 bool fma_tiles() {
-  static const bool intel = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_is("intel") != 0;
-  }();
   const int set = fma_setting.load(std::memory_order_relaxed);
-  return set < 0 ? intel : set == 1;
+  return set < 0 ? intel_cpu() : set == 1;
 }
 
 }  // namespace

@@ -38,6 +38,18 @@ int64_t best_isa() {
   return kScalar;
 }
 
+}  // namespace
+
+bool intel_cpu() {
+  static const bool intel = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") != 0;
+  }();
+  return intel;
+}
+
+namespace {
+
 // Whether the AMX kernels can run: they were compiled, the CPU has AMX (tiles, BF16, INT8) and Linux lets this
 // process use the tile registers (asked for once, ARCH_REQ_XCOMP_PERM for XTILEDATA). amx_ready adds the
 // SPARSEFT_AMX=0 switch.
@@ -417,6 +429,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("best_isa", &sparseft::best_isa);
   m.def("amx_supported", &sparseft::amx_supported);
   m.def("bf16_fma_tiles", &sparseft::bf16_fma_tiles);
+  m.def("intel_cpu", &sparseft::intel_cpu);
   m.def("clock_ghz", &sparseft::clock_ghz, free);
   m.def("parallel_threads", &sparseft::parallel_threads, free);
   m.def("sparse_mm", &sparseft::sparse_mm, free);

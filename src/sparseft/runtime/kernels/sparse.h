@@ -89,6 +89,8 @@ void int8_scalar(const SparseMatrix&, const Activations&, const Output&, int64_t
 void bf16_avx2(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t, const Shared*);
 void int8_avx2(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t, const Shared*);
 void bf16_avx512(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t, const Shared*);
+// Whether the CPU is Intel's: some choices between equally correct kernels follow the vendor's cores.
+bool intel_cpu();
 // Whether bf16_avx512 multiplies tiles of up to 4 batch rows with fp32 FMAs (by default on Intel) or vdpbf16ps
 // (elsewhere): `mode` 1 or 0 sets it (for the tests, which check both ways on any CPU), -1 goes back to the CPU's.
 bool bf16_fma_tiles(int64_t mode);
