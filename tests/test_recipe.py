@@ -65,6 +65,24 @@ def test_stage_overrides_merge_and_are_validated():
     assert cfg.stage_train(cfg.stages[0]).micro_batch_size == 4
 
 
+def test_a_prune_stage_takes_its_calibration_data_from_the_data_section():
+    data = {
+        "teacher": "t",
+        "data": {"dataset": "d.jsonl"},
+        "stages": [{"name": "s", "prune": {"sparsity": 0.5}}],
+    }
+    assert build(FinetuneConfig, data, "recipe").stages[0].prune.sparsity == 0.5
+    for field, value in [
+        ("split", "test"),
+        ("text_field", "body"),
+        ("source_lang", "de"),
+        ("dataset", "x.txt"),
+    ]:
+        data["stages"][0]["prune"] = {"sparsity": 0.5, field: value}  # silently unused before
+        with pytest.raises(SparseftError, match=f"calibrates on the task data .*drop its {field}"):
+            build(FinetuneConfig, data, "recipe")
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -401,3 +401,20 @@ def test_tensorboard_missing_is_refused_before_the_output_is_made(tmp_path, task
             student, tmp_path / "run", dataset=task, loss="ce", train__tensorboard=True, **SMALL
         )
     assert not (tmp_path / "run").exists()  # a rerun after installing it is not refused as "already exists"
+
+
+def test_prune_stage_calibration_length_is_checked_only_where_it_is_used():
+    from types import SimpleNamespace
+
+    from sparseft.recipe import DataConfig, FinetuneConfig, PruneConfig, StageConfig
+    from sparseft.train import _check_lengths
+
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=512))
+    stages = [StageConfig(name="s70", prune=PruneConfig(method="sparsegpt"))]  # default seqlen 2048
+    causal = FinetuneConfig(data=DataConfig(dataset="d.jsonl", seqlen=256), stages=stages, teacher="t")
+    with pytest.raises(SparseftError, match="stage s70: calibration seqlen 2048 .*set seqlen: 512 or less"):
+        _check_lengths(model, causal)
+    translation = FinetuneConfig(
+        data=DataConfig(dataset="d.jsonl", format="translation", seqlen=256), stages=stages, teacher="t"
+    )
+    _check_lengths(model, translation)  # calibrates on whole examples: no window length to refuse

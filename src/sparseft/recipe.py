@@ -360,8 +360,13 @@ class StageConfig(BaseModel):
     @field_validator("prune")
     @classmethod
     def _no_dataset(cls, value: PruneConfig | None) -> PruneConfig | None:
-        if value is not None and value.dataset is not None:
-            raise ValueError("a prune stage calibrates on the task data; drop its `dataset`")
+        # the calibration data are the task's: where they come from is the data section's to say
+        source = {"dataset", "dataset_config", "split", "text_field", *PairFields.model_fields}
+        given = sorted(source & (value.model_fields_set if value is not None else set()))
+        if given:
+            raise ValueError(
+                f"a prune stage calibrates on the task data (the data section); drop its {', '.join(given)}"
+            )
         return value
 
 

@@ -583,10 +583,13 @@ def _check_lengths(model: nn.Module, cfg: FinetuneConfig) -> None:
         raise SparseftError(
             f"data seqlen {cfg.data.seqlen} is longer than the model allows ({limit}); use --seqlen {limit}"
         )
+    if cfg.data.format in seq2seq_data.SEQ2SEQ_FORMATS:
+        return  # their prune stages calibrate on whole examples, not on windows of `seqlen` tokens
     for stage in cfg.stages:
         if stage.prune is not None and stage.prune.seqlen > limit:
             raise SparseftError(
-                f"stage {stage.name}: calibration seqlen {stage.prune.seqlen} is longer than the model allows ({limit})"
+                f"stage {stage.name}: calibration seqlen {stage.prune.seqlen} is longer than the model allows "
+                f"({limit}); set seqlen: {limit} or less under the stage's prune:"
             )
 
 

@@ -96,9 +96,9 @@ DENSE_ABOVE = {"bf16": 8, "int8": 32, "dense": 8}  # "dense": our dense bf16 GEM
 # from 256.) bf16 on the same runs: 1.27x at 1024, 1.13x at 1536, 1.15x at 2048; two more runs: 0.94x and 1.30x at
 # 1536, 1.18x and 1.30x at 2048, so bf16's switch moved from 1024 to 2048 (it also spares the dense blocks' memory).
 AMX_DENSE_ABOVE = {"bf16": 2048, "int8": 1024}
-# Off Intel the bf16 expand kernel multiplies with vdpbf16ps (avx512.cpp) and keeps ahead of decompressing longer:
-# on a Zen 4 EPYC, 2 threads, 4096x4096 at 70%, 1.87 against 3.02 ms at 16 tokens, 3.77 against 4.39 at 32, 7.52
-# against 6.91 at 64.
+# Off Intel (measured on Zen 4, where its small tiles use vdpbf16ps) the bf16 expand kernel keeps ahead of
+# decompressing longer: on a 2-core EPYC, 2 threads, 4096x4096 at 70%, 1.87 against 3.02 ms at 16 tokens, 3.77
+# against 4.39 at 32, 7.52 against 6.91 at 64.
 OTHER_DENSE_ABOVE = {"bf16": 32}
 _DECOMPRESS_BYTES = 8 * 2**20
 
