@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -230,6 +231,35 @@ def test_a_checkpoint_is_flushed_to_disk_before_it_is_published(tmp_path, task, 
     assert ("fsync", str(root)) in events[at:]  # the rename itself
 
 
+def _two_processes(port: int, args: list[str], **env: str) -> subprocess.CompletedProcess:
+    """`torch.distributed.run` with two processes on the CPU; on a timeout (a hang in a collective) the whole
+    process group is killed, so no worker outlives the test."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **env}
+    with subprocess.Popen(
+        command + args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    ) as process:
+        try:
+            out, err = process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    return subprocess.CompletedProcess(command + args, process.returncode, out, err)
+
+
 DDP = dict(
     train__max_steps=2,
     train__micro_batch_size=2,
@@ -251,12 +281,7 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, task, studen
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     teacher = str(make_model_dir("llama"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
-         str(driver), str(tmp_path / "two"), student, teacher, task],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
+    two = _two_processes(29561, [str(driver), str(tmp_path / "two"), student, teacher, task])
     assert two.returncode == 0, two.stderr[-3000:]
     # One process, two micro-batches per step: the same global batch of 4 rows.
     one = sparseft.finetune(student, tmp_path / "one", teacher=teacher, dataset=task, progress=False,
@@ -275,6 +300,60 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, task, studen
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
         if before[key].ndim == 2 and (before[key] == 0).any():
             assert (a[key][before[key] == 0] == 0).all()
+
+
+RESUME_DDP = {**DDP, "train__max_steps": 6, "train__save_every": 2}
+# Killed in step KILL_AT (when set), as a crash would; resumed otherwise.
+RESUME_DRIVER = f"""
+import json, os, sys
+import sparseft
+from sparseft.sparsemask import SparseMasks
+kill_at = int(os.environ.get("KILL_AT", "0"))
+if kill_at:
+    apply, calls = SparseMasks.apply, [0]
+    def killed(self):
+        calls[0] += 1
+        if calls[0] == kill_at:
+            raise KeyboardInterrupt
+        apply(self)
+    SparseMasks.apply = killed
+summary = sparseft.finetune(sys.argv[2], sys.argv[1], teacher=sys.argv[3], dataset=sys.argv[4], progress=False,
+                            resume=not kill_at, train__grad_accum=1, **{RESUME_DDP!r})
+with open(sys.argv[1] + "-steps-" + os.environ["RANK"], "w") as f:
+    json.dump([h["step"] for h in summary["history"]], f)
+"""
+
+
+def test_two_processes_fall_back_together_past_a_checkpoint_one_of_them_cannot_read(
+    tmp_path, task, student, make_model_dir
+):
+    driver = tmp_path / "driver.py"
+    driver.write_text(RESUME_DRIVER)
+    teacher = str(make_model_dir("llama"))
+    run = tmp_path / "two"
+
+    def launch(kill_at: int) -> subprocess.CompletedProcess:
+        return _two_processes(29562, [str(driver), str(run), student, teacher, task], KILL_AT=str(kill_at))
+
+    assert launch(kill_at=5).returncode != 0  # killed in step 5: checkpoints at steps 2 and 4
+    checkpoints = run / "checkpoints" / "0-finetune"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-2", "step-4"]
+    rng = checkpoints / "step-4" / "rng-1.pt"  # read by the second process only
+    rng.write_bytes(rng.read_bytes()[:10])
+    resumed = launch(kill_at=0)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step-4 cannot be loaded" in resumed.stderr
+    # both redid steps 3-6 from step 2 (had one taken step 4, the other step 2, they would have deadlocked or
+    # diverged), and end where one uninterrupted process does with the same global batch
+    for rank in range(2):
+        assert json.loads(Path(f"{run}-steps-{rank}").read_text()) == [1, 2, 3, 4, 5, 6]
+    one = tmp_path / "one"
+    sparseft.finetune(
+        student, one, teacher=teacher, dataset=task, progress=False, train__grad_accum=2, **RESUME_DDP
+    )
+    two, reference = _weights(run / "model"), _weights(one / "model")
+    for key in reference:
+        torch.testing.assert_close(two[key], reference[key], rtol=1e-5, atol=1e-6)
 
 
 def test_stages_from_a_recipe_through_the_cli(tmp_path, task, make_model_dir, capsys):
