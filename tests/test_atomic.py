@@ -123,3 +123,25 @@ def test_atomic_dir_publishes_only_what_is_on_disk(tmp_path: Path, monkeypatch: 
     renamed = events.index(("replace", str(tmp_path / "out")))
     assert ("fsync", written) in events[:renamed]
     assert ("fsync", os.path.realpath(tmp_path)) in events[renamed:]  # the rename itself
+
+
+def test_a_filesystem_that_cannot_flush_still_gets_its_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    def unsupported(fd: int) -> None:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "fsync", unsupported)
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "a").write_text("a")
+    assert (tmp_path / "out" / "a").read_text() == "a"
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing)  # a real write error is not hidden
+    with pytest.raises(OSError, match="Input/output"), atomic_dir(tmp_path / "other") as tmp:
+        (tmp / "a").write_text("a")
+    assert not (tmp_path / "other").exists()

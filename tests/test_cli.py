@@ -96,3 +96,25 @@ def test_our_warnings_print_as_one_line(
     assert len(lines) == 1 and lines[0].startswith("sparseft: warning: vLLM fuses q_proj/k_proj/v_proj"), (
         lines
     )
+
+
+def test_a_refused_write_is_one_line(
+    make_model_dir: Callable[..., Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import errno
+    import os
+
+    source = make_model_dir("llama", hidden=64)
+    capsys.readouterr()
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    assert main(["export", str(source), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "sparseft: error: No space left on device"  # no traceback
+    assert "Traceback" not in err and not (tmp_path / "out").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -95,13 +96,21 @@ def write_json(path: str | os.PathLike[str], data: Any) -> None:
         raise
 
 
+_NO_FSYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
 def fsync_tree(root: str | os.PathLike[str]) -> None:
     """Flush every file under `root` to disk, then the directories holding them. A rename is only as durable as
     what it publishes: without this, a power loss can leave the renamed directory holding empty files."""
     paths = [p for p in Path(root).rglob("*") if not p.is_symlink()]
     for path in paths:
         if path.is_file():
-            _fsync(path)
+            try:
+                _fsync(path)
+            except OSError as e:
+                if e.errno not in _NO_FSYNC:
+                    raise
+                return  # a filesystem that cannot flush (some FUSE and network mounts): nothing more to do
     for path in [p for p in paths if p.is_dir()] + [Path(root)]:
         fsync_dir(path)
 

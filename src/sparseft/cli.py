@@ -525,6 +525,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SparseftError as e:
         print(f"sparseft: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the system refused a read or write: a full disk, a permission, a failing device
+        where = f": {e.filename}" if e.filename else ""
+        print(f"sparseft: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(
             "sparseft: interrupted (outputs are written atomically; fine-tuning resumes with --resume)",

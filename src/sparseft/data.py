@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +64,7 @@ def load_records(dataset: str, config: str | None = None, split: str = "train") 
         try:
             if path.suffix == ".parquet":  # typed columns: read as stored
                 return datasets.load_dataset("parquet", data_files=str(path), split="train")
-            return datasets.Dataset.from_dict(_read_csv(path) if path.suffix == ".csv" else _read_json(path))
+            return _table(_csv_records(path) if path.suffix == ".csv" else _json_records(path))
         except (ValueError, UnicodeDecodeError, csv.Error, SparseftError) as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise SparseftError(f"cannot parse {dataset} as {path.suffix[1:]}: {reason}") from e
@@ -79,61 +81,114 @@ def load_records(dataset: str, config: str | None = None, split: str = "train") 
         ) from e
 
 
-# Local JSON and CSV files are read with the standard library, every value as written: datasets' readers infer a
-# type per column (Arrow, pandas), which turns an answer of 12 into "12.0", 007 into 7 and "NA" into null.
+# Local JSON and CSV files are read with the standard library, every text value as written: datasets' readers infer
+# a type per column (Arrow, pandas), which turns an answer of 12 into "12.0", 007 into 7 and "NA" into null. The
+# records go into Arrow a chunk at a time, so a large file is held once, as a table, not as Python objects.
+_CHUNK = 10_000
 
 
-def _columns(records: list[Any], what: str) -> dict[str, list[Any]]:
-    """Records (mappings) as columns; a field missing from a record is null there."""
-    names: dict[str, None] = {}
-    for i, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise SparseftError(f"{what} {i + 1} is a {type(record).__name__}, not a record of fields")
-        names.update(dict.fromkeys(record))
-    return {name: [r.get(name) for r in records] for name in names}
+class _Number(str):
+    """A JSON number, as written."""
 
 
-def _read_json(path: Path) -> dict[str, list[Any]]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text, parse_int=str, parse_float=str)
-        except json.JSONDecodeError:
-            data = None  # JSON lines under a .json name
-        if isinstance(data, list):
-            return _columns(data, "record")
-        if isinstance(data, dict):
-            lengths = {len(v) if isinstance(v, list) else -1 for v in data.values()}
-            if len(lengths) != 1 or -1 in lengths:
-                raise SparseftError(
-                    "a .json file holds a list of records or a mapping of equal-length columns"
-                )
-            return data
-    records = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line, parse_int=str, parse_float=str))
-            except json.JSONDecodeError as e:
-                raise SparseftError(f"line {number}: {e}") from None
-    if not records:
+def _field(value: Any, top: bool) -> Any:
+    """A record's field: a number is text at the top level (a field that is read as text) and a number inside
+    (an inline audio array, its sampling rate)."""
+    if isinstance(value, _Number):
+        return str(value) if top else (float(value) if any(c in value for c in ".eE") else int(value))
+    if isinstance(value, list):
+        return [_field(v, False) for v in value]
+    if isinstance(value, dict):
+        return {k: _field(v, False) for k, v in value.items()}
+    return value
+
+
+def _record(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise SparseftError(f"{where} is a {type(value).__name__}, not a record of fields")
+    return {k: _field(v, True) for k, v in value.items()}
+
+
+def _table(records: Iterable[dict[str, Any]]) -> Any:
+    """A datasets.Dataset of the records; a field missing from a record is null there."""
+    import datasets
+    import pyarrow as pa
+    from datasets.table import InMemoryTable
+
+    tables, chunk = [], []
+    for record in records:
+        chunk.append(record)
+        if len(chunk) == _CHUNK:
+            tables.append(_chunk_table(pa, chunk))
+            chunk = []
+    if chunk:
+        tables.append(_chunk_table(pa, chunk))
+    if not tables:
         raise SparseftError("the file holds no records")
-    return _columns(records, "line")
+    return datasets.Dataset(InMemoryTable(pa.concat_tables(tables, promote_options="default")))
 
 
-def _read_csv(path: Path) -> dict[str, list[Any]]:
-    with path.open(encoding="utf-8", newline="") as f:
+def _chunk_table(pa: Any, chunk: list[dict[str, Any]]) -> Any:
+    names = list(dict.fromkeys(name for record in chunk for name in record))
+    return pa.table({name: [record.get(name) for record in chunk] for name in names})
+
+
+def _json_records(path: Path) -> Iterator[dict[str, Any]]:
+    load = functools.partial(json.loads, parse_int=_Number, parse_float=_Number)
+    if path.suffix == ".json":
+        try:  # one JSON document: a list of records, a mapping of columns, or one record
+            data = load(path.read_text(encoding="utf-8-sig"))
+        except json.JSONDecodeError as e:
+            whole: json.JSONDecodeError | None = e  # or JSON lines under a .json name
+        else:
+            if isinstance(data, list):
+                yield from (_record(r, f"record {i + 1}") for i, r in enumerate(data))
+                return
+            if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
+                if len({len(v) for v in data.values()}) != 1:
+                    raise SparseftError("its columns (a mapping of lists) are of different lengths")
+                names = list(data)
+                yield from (
+                    _record(dict(zip(names, row, strict=True)), "a row")
+                    for row in zip(*data.values(), strict=True)
+                )
+                return
+            yield _record(data, "the document")
+            return
+    else:
+        whole = None
+    with path.open(encoding="utf-8-sig") as f:  # lines split at "\n" only: JSON strings may hold U+2028
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield _record(load(line), f"line {number}")
+                except json.JSONDecodeError as e:
+                    problem = f"{whole}" if whole is not None and number == 1 else f"line {number}: {e}"
+                    raise SparseftError(problem) from None
+
+
+def _csv_records(path: Path) -> Iterator[dict[str, Any]]:
+    csv.field_size_limit(2**31 - 1)  # a long document in one cell; the default stops at 128 KiB
+    with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if not header:
             raise SparseftError("the file has no header row naming its columns")
-        columns: dict[str, list[Any]] = {name: [] for name in header}
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:
+            raise SparseftError(
+                f"the header names {', '.join(repeated)} more than once; give each column its own name"
+            )
         for row in reader:
+            if not row:
+                continue  # a blank line
             if len(row) > len(header):
                 raise SparseftError(f"line {reader.line_num} has {len(row)} fields, the header {len(header)}")
-            for name, value in zip(header, row + [""] * (len(header) - len(row)), strict=True):
-                columns[name].append(value if value != "" else None)  # an empty cell is a missing value
-    return columns
+            # an empty or missing cell is a missing value
+            yield {
+                name: (value or None)
+                for name, value in zip(header, row + [""] * (len(header) - len(row)), strict=True)
+            }
 
 
 def load_texts(source: TextSource) -> list[str]:
