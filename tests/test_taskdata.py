@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -156,6 +157,18 @@ def test_calibration_windows_come_from_the_task_tokens(tok, tmp_path):
     windows = calibration_windows(rows, 4, 16, seed=0)
     assert windows.shape == (4, 16)
     assert set(windows.flatten().tolist()) <= {i for r in rows for i in r.input_ids}
+
+
+def test_chat_responses_end_with_the_templates_end_of_turn(tok, tmp_path):
+    tok = copy.deepcopy(tok)
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    data = _write_jsonl(tmp_path / "chat.jsonl", [{"prompt": "say hi", "response": "hi there"}])
+    (row,) = build_rows(tok, DataConfig(dataset=data, format="chat"))
+    assert tok.decode(row.input_ids).startswith("<|user|>say hi<|end|>\n<|assistant|>hi there<|end|>")
+    assert _labelled_text(tok, row) == "hi there<|end|>\n" + tok.eos_token  # the end of turn is learnt
 
 
 def test_a_chat_template_that_writes_bos_gets_no_second_one(tmp_path):

@@ -55,13 +55,18 @@ def prompt_and_response(record: dict[str, Any], cfg: DataConfig, tokenizer: Any)
         cut = len(prompt.rstrip(" "))
         return prompt[:cut], prompt[cut:] + str(record[cfg.answer_field])
     if cfg.format == "chat":
-        prompt = str(record[cfg.prompt_field])
-        if getattr(tokenizer, "chat_template", None):
-            messages = [{"role": "user", "content": prompt}]
-            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        else:
-            prompt = prompt + "\n"
-        return prompt, str(record[cfg.response_field])
+        prompt, response = str(record[cfg.prompt_field]), str(record[cfg.response_field])
+        if not getattr(tokenizer, "chat_template", None):
+            return prompt + "\n", response
+        messages = [{"role": "user", "content": prompt}]
+        opening = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # The whole exchange as the template writes it, so the response ends with the template's own end of turn
+        # (Llama 3's <|eot_id|>, Qwen's <|im_end|>, Gemma's <end_of_turn>): the token generation stops at.
+        turn = [*messages, {"role": "assistant", "content": response}]
+        whole = tokenizer.apply_chat_template(turn, tokenize=False)
+        if whole.startswith(opening) and response in whole[len(opening) :]:
+            return opening, whole[len(opening) :]
+        return opening, response  # a template that rewrites earlier turns: the response as given
     return "", str(record[cfg.text_field])
 
 
