@@ -309,3 +309,15 @@ def test_speech_needs_a_feature_extractor(whisper_dir: Path, tmp_path: Path) -> 
 def test_causal_models_are_refused(make_model_dir, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(SparseftError, match="not an encoder-decoder"):
         encoding(make_model_dir("gpt2"), PairSource("x.jsonl"))
+
+
+def test_clips_longer_than_the_window_are_counted_in_a_warning(whisper_dir: Path, tmp_path: Path) -> None:
+    from sparseft.errors import SparseftWarning
+
+    data = write_speech(tmp_path / "speech", 3)  # 0.5-1.5 s clips: inside the tiny Whisper's 2 s window
+    soundfile.write(data.parent / "long.wav", tone(WHISPER_SECONDS + 1.0, 300, RATE), RATE)
+    with data.open("a") as f:
+        f.write(json.dumps({"audio": "long.wav", "text": "a long clip"}) + "\n")
+    source = PairSource(str(data))
+    with pytest.warns(SparseftWarning, match=r"1 of 4 clips of .* longer than the model's 2 s window"):
+        assert len(load_examples(source, encoding(whisper_dir, source))) == 4

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +31,7 @@ import torch
 
 from sparseft.data import check_local, is_local, load_records
 from sparseft.distill import IGNORE_INDEX
-from sparseft.errors import SparseftError
+from sparseft.errors import SparseftError, SparseftWarning
 from sparseft.models import model_kind, read_config
 
 Kind = Literal["causal", "translation", "speech"]
@@ -339,7 +340,18 @@ def load_examples(
         records = records.select(order)
     if encoding.kind == "translation":
         return [encoding.example(s, t) for s, t in translation_pairs(records, source)]
-    return [encoding.example(audio, text) for audio, text in speech_pairs(records, source, encoding)]
+    pairs = speech_pairs(records, source, encoding)
+    window = getattr(encoding.feature_extractor, "n_samples", None)  # Whisper's 30 s
+    longer = sum(len(audio) > window for audio, _ in pairs) if isinstance(window, int) else 0
+    if longer:
+        seconds = window / encoding.feature_extractor.sampling_rate
+        warnings.warn(
+            f"{longer} of {len(pairs)} clips of {source.dataset} are longer than the model's {seconds:g} s window: "
+            "it hears only their start while their whole transcript is the target; split long clips",
+            SparseftWarning,
+            stacklevel=2,
+        )
+    return [encoding.example(audio, text) for audio, text in pairs]
 
 
 def speech_pairs(records: Any, source: PairSource, encoding: Encoding) -> list[tuple[np.ndarray, str]]:
