@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from sparseft.errors import SparseftError
+from sparseft.errors import SparseftError, first_line
 
 LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -66,18 +66,15 @@ def load_records(dataset: str, config: str | None = None, split: str = "train") 
                 return datasets.load_dataset("parquet", data_files=str(path), split="train")
             return _table(_csv_records(path) if path.suffix == ".csv" else _json_records(path))
         except (ValueError, UnicodeDecodeError, csv.Error, SparseftError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SparseftError(f"cannot parse {dataset} as {path.suffix[1:]}: {reason}") from e
+            raise SparseftError(f"cannot parse {dataset} as {path.suffix[1:]}: {first_line(e)}") from e
         except Exception as e:  # datasets and pyarrow raise many types for malformed files
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SparseftError(f"cannot read {dataset}: {reason}") from e
+            raise SparseftError(f"cannot read {dataset}: {first_line(e)}") from e
     try:
         return datasets.load_dataset(dataset, config, split=split)
     except Exception as e:  # network, unknown name, unknown config or split
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SparseftError(
-            f"cannot load dataset {dataset!r} (config {config}, split {split}): {reason}; without network access, "
-            "pass a local .txt/.jsonl/.json/.csv/.parquet file as --dataset"
+            f"cannot load dataset {dataset!r} (config {config}, split {split}): {first_line(e)}; without network "
+            "access, pass a local .txt/.jsonl/.json/.csv/.parquet file as --dataset"
         ) from e
 
 
@@ -119,16 +116,18 @@ def _table(records: Iterable[dict[str, Any]]) -> Any:
     for record in records:
         chunk.append(record)
         if len(chunk) == _CHUNK:
-            tables.append(_chunk_table(pa, chunk))
+            tables.append(_chunk_table(chunk))
             chunk = []
     if chunk:
-        tables.append(_chunk_table(pa, chunk))
+        tables.append(_chunk_table(chunk))
     if not tables:
         raise SparseftError("the file holds no records")
     return datasets.Dataset(InMemoryTable(pa.concat_tables(tables, promote_options="default")))
 
 
-def _chunk_table(pa: Any, chunk: list[dict[str, Any]]) -> Any:
+def _chunk_table(chunk: list[dict[str, Any]]) -> Any:
+    import pyarrow as pa
+
     names = list(dict.fromkeys(name for record in chunk for name in record))
     return pa.table({name: [record.get(name) for record in chunk] for name in names})
 

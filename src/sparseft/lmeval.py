@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from sparseft.errors import SparseftError, SparseftWarning
+from sparseft.errors import SparseftError, SparseftWarning, first_line
 
 PREFIX = "lm-eval:"
 
@@ -114,7 +114,7 @@ def run_tasks(
             fewshot_random_seed=seed,
         )
     except OSError as e:  # the hub (ConnectionError, HTTP errors, offline mode) or a missing data file
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise SparseftError(
             f"lm-eval could not load the data of {', '.join(tasks)} ({reason}); without network access, point a "
             "task YAML at local files and pass its folder with --lm-eval-include"

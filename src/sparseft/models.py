@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from sparseft.errors import SparseftError
+from sparseft.errors import SparseftError, first_line
 
 try:  # GPT-2 style models store linear layers as Conv1D with a transposed weight.
     from transformers.pytorch_utils import Conv1D
@@ -72,9 +72,7 @@ def read_config(name_or_path: str, trust_remote_code: bool = False) -> Any:
     try:
         return transformers.AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise SparseftError(
-            f"cannot read the config of {name_or_path}: {str(e).strip().splitlines()[0]}"
-        ) from e
+        raise SparseftError(f"cannot read the config of {name_or_path}: {first_line(e)}") from e
 
 
 def model_class(config: Any) -> Any:
@@ -107,7 +105,7 @@ def load_model(
             use_safetensors=True,
         )
     except (OSError, ValueError, ImportError) as e:  # ImportError: a quantization method's package is missing
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise SparseftError(f"cannot load model {name_or_path}: {first}") from e
     model.eval()
     return model

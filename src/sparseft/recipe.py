@@ -8,7 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from sparseft.errors import SparseftError
+from sparseft.errors import SparseftError, first_line
 from sparseft.pruning.masks import NM, parse_structure
 from sparseft.pruning.sequential import PruneSettings
 
@@ -114,7 +114,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise SparseftError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise SparseftError(f"recipe {path} is not valid YAML: {first_line(e)}") from None
     if not isinstance(data, dict):
         raise SparseftError(f"recipe {path} must be a mapping of settings, got {type(data).__name__}")
     return data

@@ -31,7 +31,7 @@ import torch
 
 from sparseft.data import check_local, is_local, load_records
 from sparseft.distill import IGNORE_INDEX
-from sparseft.errors import SparseftError, SparseftWarning
+from sparseft.errors import SparseftError, SparseftWarning, first_line
 from sparseft.models import model_kind, read_config
 
 Kind = Literal["causal", "translation", "speech"]
@@ -186,7 +186,7 @@ def decode_audio(data: str | Path | bytes, name: str) -> tuple[np.ndarray, int]:
             io.BytesIO(data) if isinstance(data, bytes) else str(data), dtype="float32", always_2d=True
         )
     except (RuntimeError, OSError, ValueError, TypeError) as e:  # soundfile.LibsndfileError is a RuntimeError
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise SparseftError(
             f"cannot decode audio {name}: {reason}; give wav, flac or ogg files (mp3 needs libsndfile >= 1.1)"
         ) from e
@@ -323,7 +323,7 @@ class Encoding:
         try:
             out = self.feature_extractor(audio, sampling_rate=rate, return_tensors="pt")
         except ValueError as e:
-            raise SparseftError(f"the feature extractor refuses the audio: {str(e).splitlines()[0]}") from e
+            raise SparseftError(f"the feature extractor refuses the audio: {first_line(e)}") from e
         return out["input_features"].float()
 
 
