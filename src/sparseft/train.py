@@ -180,8 +180,10 @@ def setup_of(cfg: TrainConfig, schedule: Schedule) -> dict[str, Any]:
 def check_setup(path: Path, saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
     """Refuse to resume `path` under another setup: it would silently read other rows or follow another schedule.
     Checkpoints written before the setup was recorded (`saved` None) are not checked."""
+    if saved is None:
+        return
     for key, value in current.items():
-        if saved is not None and key in saved and saved[key] != value:
+        if key in saved and saved[key] != value:
             raise SparseftError(
                 f"checkpoint {path} was written with {key} = {saved[key]} but this run has {value}; "
                 f"set it back to {saved[key]} to resume, or start again in another --output"
