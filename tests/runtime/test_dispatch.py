@@ -338,8 +338,9 @@ def test_tensors_the_kernels_read_raw_must_be_contiguous_cpu_arrays(
     for bias in (torch.arange(32.0)[::2], torch.tensor([1.0]).expand(16)):  # strided, and one value 16 times
         with pytest.raises(RuntimeError, match="bias must be a contiguous CPU tensor"):
             dispatch.sparse_mm(x, packed, bias, KERNEL_ISAS[-1])
-    with pytest.raises(RuntimeError, match="weight must be a contiguous CPU tensor"):
-        dispatch.dense_mm(x.bfloat16(), torch.empty(16, 40, dtype=torch.bfloat16, device="meta"))
+    if "avx512" in KERNEL_ISAS:  # the dense GEMV kernel is AVX-512 only; elsewhere dense_mm is torch's
+        with pytest.raises(RuntimeError, match="weight must be a contiguous CPU tensor"):
+            dispatch.dense_mm(x.bfloat16(), torch.empty(16, 40, dtype=torch.bfloat16, device="meta"))
 
 
 @pytest.mark.skipif(not KERNEL_ISAS, reason="the C++ kernels are not built here")
