@@ -1,14 +1,16 @@
-"""End-to-end CPU decoding: sparseft (bf16 and int8 values) vs transformers dense bf16 and fp32.
+"""End-to-end CPU decoding: sparseft's own decoder (bf16 and int8 values) and its transformers path vs
+transformers dense bf16 and fp32.
 
-    .venv/bin/python benchmarks/cpu_decode.py [--new-tokens 128] [--prompt-tokens 16] [--runs 3]
-        [--workdir /tmp/sparseft-decode]
+    .venv/bin/python benchmarks/cpu_decode.py [--new-tokens 128] [--prompt-tokens 32] [--runs 3]
+        [--workdir /tmp/sparseft-decode] [--output benchmarks/results/cpu_decode_DATE_CPU.json]
 
 A randomly initialised Llama of TinyLlama's shape (hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 KV heads,
 vocab 32000; about 1.1B parameters) is pruned to 70% by magnitude (speed does not depend on which weights survive)
 and saved three ways in --workdir (reused by later runs): a dense bf16 HF checkpoint, a bitmask archive and an int8
-bitmask archive; the int8 archive also runs with its LM head in int8 (`head_values="int8"`). Then:
+bitmask archive; the int8 archive also runs with its LM head in int8 (`head_values="int8"`), and on the runtime's
+transformers path (`decoder="transformers"`: transformers' Llama code with sparse linears swapped in). Then:
 - tokens/s of greedy decoding (`model.generate`, --new-tokens new tokens after a --prompt-tokens prompt) and of the
-  prompt's prefill for the five models, loaded side by side in this process and run alternately; medians of
+  prompt's prefill for the six models, loaded side by side in this process and run alternately; medians of
   --runs, a copy-bandwidth probe per run;
 - peak memory of each, each in a fresh process that loads the model from disk and generates (ru_maxrss, and the
   same minus the process's size before loading);
@@ -38,7 +40,7 @@ from sparseft.atomic import atomic_dir
 from sparseft.models import find_targets
 from sparseft.pruning.magnitude import magnitude_prune
 from sparseft.quant import QuantSpec, rtn_quantize
-from sparseft.runtime.bench import copy_bandwidth, measure_generation
+from sparseft.runtime.bench import copy_bandwidth, cpu_name, measure_generation, result_path
 
 VARIANTS = [
     "transformers fp32",
@@ -46,8 +48,9 @@ VARIANTS = [
     "sparseft bf16",
     "sparseft int8",
     "sparseft int8, int8 head",
+    "transformers path int8",
 ]
-PROMPT_TOKENS = 16
+PROMPT_TOKENS = 32
 
 
 def tinyllama_config(layers: int) -> transformers.LlamaConfig:
@@ -100,6 +103,8 @@ def load_variant(name: str, workdir: Path) -> nn.Module:
         return runtime.load(workdir / "archive-bf16")
     if name == "sparseft int8":
         return runtime.load(workdir / "archive-int8")
+    if name == "transformers path int8":
+        return runtime.load(workdir / "archive-int8", decoder="transformers")
     return runtime.load(workdir / "archive-int8", head_values="int8")
 
 
@@ -172,7 +177,7 @@ def main() -> None:
         "--prompt-tokens",
         type=int,
         default=PROMPT_TOKENS,
-        help="prompt length for the speed runs (memory: 16)",
+        help="prompt length for the speed runs and the memory runs",
     )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--layers", type=int, default=22, help="fewer layers for a quick smoke run")
@@ -180,7 +185,7 @@ def main() -> None:
     parser.add_argument(
         "--skip", default="", help="comma-separated variants to leave out, e.g. 'transformers fp32'"
     )
-    parser.add_argument("--output", default="benchmarks/results/cpu_decode.json")
+    parser.add_argument("--output", help="default: benchmarks/results/cpu_decode_DATE_CPU.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -232,6 +237,9 @@ def main() -> None:
             f"{speed[name]['prefill_tok_s']:>14.1f} {rows[name]['x_dense_bf16_prefill'] or 0:>13.2f} "
             f"{mem['peak_rss'] / 1e6:>12.0f} {mem['peak_minus_before'] / 1e6:>13.0f} {rows[name]['x_dense_bf16_memory'] or 0:>13.3f}"
         )
+    if "transformers path int8" in speed and "sparseft int8" in speed:
+        own, path = speed["sparseft int8"]["decode_tok_s"], speed["transformers path int8"]["decode_tok_s"]
+        print(f"\nown decoder vs transformers path, int8: {own / path:.2f}x decode tok/s")
     if other_ms is not None:
         total_ms = 1000 / speed["sparseft bf16"]["decode_tok_s"]
         print(
@@ -239,12 +247,20 @@ def main() -> None:
         )
     print(
         f"copy bandwidth {bandwidth:.1f} GB/s (median of the probes), clock {machine.get('clock_ghz') or 'n/a'} GHz; "
-        "targets: bf16 >= 2.5x, int8 >= 3.5x dense bf16 tokens/s; peak memory <= 0.45x dense bf16"
+        "targets: bf16 >= 2.5x, int8 >= 3.5x dense bf16 tokens/s; peak memory <= 0.45x dense bf16; outside the "
+        "linears <= 2 ms/token"
     )
-    out = Path(args.output)
+    out = Path(args.output or result_path("cpu_decode"))
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
-        "machine": {**machine, "copy_gb_s": round(bandwidth, 1), "kernels": runtime.current_isa()},
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": {
+            **machine,
+            "cpu": cpu_name(),
+            "copy_gb_s": round(bandwidth, 1),
+            "kernels": runtime.current_isa(),
+        },
+        "decoders": {name: getattr(m, "decoder_name", "transformers") for name, m in models.items()},
         "new_tokens": args.new_tokens,
         "prompt_tokens": args.prompt_tokens,
         "runs": args.runs,

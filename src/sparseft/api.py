@@ -203,6 +203,7 @@ def _eval_model(
     device: str,
     runtime: bool,
     trust_remote_code: bool,
+    decoder: str = "auto",
 ) -> tuple[torch.nn.Module, Any]:
     """The model and tokenizer to evaluate: a loaded module as given, else read from a hub id or directory
     (HF checkpoint or any sparseft export; with `runtime`, on sparseft's sparse CPU kernels)."""
@@ -213,7 +214,7 @@ def _eval_model(
     # The tokenizer first: a directory without one fails in a second, not after the model has loaded.
     tokenizer = tokenizer or load_tokenizer(model, trust_remote_code)
     if runtime:
-        net = load_sparse(model, trust_remote_code=trust_remote_code)
+        net = load_sparse(model, trust_remote_code=trust_remote_code, decoder=decoder)
     elif Path(model).is_dir():
         net = load(model, dtype, trust_remote_code)
     else:
@@ -335,7 +336,8 @@ def eval_lm_eval(
 
     manager = lmeval.task_manager(include_path)
     lmeval.check_tasks(tasks, manager)  # before the model loads
-    net, tokenizer = _eval_model(model, tokenizer, dtype, device, runtime, trust_remote_code)
+    # lm-eval's HFLM wraps a transformers module: the runtime's transformers path, not its own decoder
+    net, tokenizer = _eval_model(model, tokenizer, dtype, device, runtime, trust_remote_code, "transformers")
     result = lmeval.run_tasks(
         net,
         tokenizer,
@@ -696,22 +698,27 @@ def load_sparse(
     dtype: str = "bfloat16",
     trust_remote_code: bool = False,
     head_values: str = "bf16",
+    decoder: str = "auto",
 ) -> torch.nn.Module:
-    """A model whose pruned linears run on sparseft's CPU kernels (`SparseLinear`, bf16 or int8 values): a
-    bitmask archive loads straight into them, never dense; an HF checkpoint with zeros kept is converted.
-    `head_values="int8"` also quantizes the LM head to int8 (half its bytes; logits change slightly)."""
-    from sparseft import formats, runtime
+    """A model whose pruned linears run on sparseft's CPU kernels (`SparseLinear`, bf16 or int8 values), from a
+    bitmask archive (read straight into them, never dense) or an HF checkpoint with zeros kept.
+    `decoder`: "auto" runs Llama-family models on the runtime's own decoder and the rest on transformers' model
+    code; "sparseft" or "transformers" insists (lm-eval needs "transformers"). `head_values="int8"` also
+    quantizes the LM head to int8 (half its bytes; logits change slightly)."""
+    from sparseft import runtime
     from sparseft.models import parse_dtype
 
     for name, given in (("values", values), ("head_values", head_values)):
         if given not in (None, "bf16", "int8"):
             raise SparseftError(f"{name} must be bf16 or int8, got {given!r}")
-    torch_dtype = parse_dtype(dtype)
-    if formats.detect(path) == "bitmask":
-        return runtime.load(path, values, torch_dtype, trust_remote_code, head_values=head_values)  # type: ignore[arg-type]
-    model = formats.load_dir(path, torch_dtype, trust_remote_code)
-    runtime.sparsify_(model, values or "bf16", head_values=head_values)  # type: ignore[arg-type]
-    return model
+    return runtime.load(
+        path,
+        values,  # type: ignore[arg-type]
+        parse_dtype(dtype),
+        trust_remote_code,
+        head_values=head_values,  # type: ignore[arg-type]
+        decoder=decoder,
+    )
 
 
 def generate(
@@ -722,12 +729,16 @@ def generate(
     sample: bool = False,
     trust_remote_code: bool = False,
     head_values: str = "bf16",
+    decoder: str = "auto",
 ) -> dict[str, Any]:
-    """Generate a continuation of `prompt` with the sparse CPU runtime (greedy unless `sample`)."""
+    """Generate a continuation of `prompt` with the sparse CPU runtime (greedy unless `sample`); the result says
+    which decoder ran (`load_sparse`)."""
     if max_new_tokens < 1:
         raise SparseftError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     tokenizer = load_tokenizer(str(model), trust_remote_code)
-    net = load_sparse(model, values, trust_remote_code=trust_remote_code, head_values=head_values)
+    net = load_sparse(
+        model, values, trust_remote_code=trust_remote_code, head_values=head_values, decoder=decoder
+    )
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
         raise SparseftError("the prompt is empty (no tokens); give some text to continue")
@@ -740,6 +751,7 @@ def generate(
     seconds = time.perf_counter() - started
     new = out[0, ids.shape[1] :]
     return {
+        "decoder": net.decoder_name,
         "text": tokenizer.decode(new, skip_special_tokens=True),
         "prompt_tokens": ids.shape[1],
         "new_tokens": len(new),
@@ -760,6 +772,7 @@ def bench(
     source_tokens: int = 32,
     num_beams: int | None = None,
     head_values: str = "bf16",
+    decoder: str = "auto",
 ) -> dict[str, Any]:
     """Speed and memory, sparse (sparseft kernels) vs dense bf16 (transformers), measured side by side in one
     process, alternating run by run.
@@ -785,7 +798,9 @@ def bench(
     for name, (value, least) in at_least.items():
         if value < least:
             raise SparseftError(f"bench needs {name} >= {least}, got {value}")
-    sparse = load_sparse(model, values, trust_remote_code=trust_remote_code, head_values=head_values)
+    sparse = load_sparse(
+        model, values, trust_remote_code=trust_remote_code, head_values=head_values, decoder=decoder
+    )
     kind = model_kind(sparse.config)
     if kind == "speech":
         _check_transcript_length(sparse.config, new_tokens)
@@ -803,7 +818,14 @@ def bench(
         workload |= {"new_tokens": new_tokens, "num_beams": beams}
         result = measure_seq2seq(models, inputs, new_tokens, beams, runs)
     result["_machine"]["kernels"] = current_isa()
-    return {"model": str(model), "kind": kind, **workload, "runs": runs, "results": result}
+    return {
+        "model": str(model),
+        "kind": kind,
+        "decoder": sparse.decoder_name,
+        **workload,
+        "runs": runs,
+        "results": result,
+    }
 
 
 def _check_positions(config: Any, tokens: int, what: str) -> None:

@@ -418,6 +418,12 @@ def add_generate(sub: Any) -> None:
         help="LM head in memory: bf16 (exact) or int8 (half its bytes, faster; logits change slightly)",
     )
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument(
+        "--decoder",
+        choices=["auto", "sparseft", "transformers"],
+        default="auto",
+        help="model code: sparseft's own decoder (Llama family), transformers' with sparse linears, or auto",
+    )
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(run=run_generate)
 
@@ -427,11 +433,12 @@ def run_generate(args: argparse.Namespace) -> None:
 
     result = api.generate(
         args.model, args.prompt, args.max_new_tokens, args.values, args.sample, args.trust_remote_code,
-        head_values=args.head_values,
+        head_values=args.head_values, decoder=args.decoder,
     )  # fmt: skip
     print(result["text"])
     print(
-        f"[{result['new_tokens']} tokens in {result['seconds']} s, {result['tokens_per_s']} tok/s]",
+        f"[decoder: {result['decoder']}; {result['new_tokens']} tokens in {result['seconds']} s, "
+        f"{result['tokens_per_s']} tok/s]",
         file=sys.stderr,
     )
 
@@ -456,6 +463,12 @@ def add_bench(sub: Any) -> None:
         "--head-values", choices=["bf16", "int8"], default="bf16", help="the sparse model's LM head in memory"
     )
     p.add_argument("--output", help="also write the result as JSON here")
+    p.add_argument(
+        "--decoder",
+        choices=["auto", "sparseft", "transformers"],
+        default="auto",
+        help="model code: sparseft's own decoder (Llama family), transformers' with sparse linears, or auto",
+    )
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(run=run_bench)
 
@@ -469,10 +482,11 @@ def run_bench(args: argparse.Namespace) -> None:
     report = api.bench(
         args.model, args.prompt_tokens, args.new_tokens, args.runs, args.values, args.trust_remote_code,
         sentences=args.sentences, source_tokens=args.source_tokens, num_beams=args.num_beams,
-        head_values=args.head_values,
+        head_values=args.head_values, decoder=args.decoder,
     )  # fmt: skip
     if args.output:
         write_json(args.output, report)
+    print(f"decoder: {report['decoder']}")
     results = dict(report["results"])
     machine = results.pop("_machine")
     if report["kind"] == "causal":

@@ -184,3 +184,14 @@ def test_bench_rejects_bad_encoder_decoder_settings(
 def test_bench_rejects_a_missing_model(tmp_path: Path) -> None:
     with pytest.raises(SparseftError, match="not a directory"):
         api.bench(tmp_path / "missing")
+
+
+def test_result_files_are_named_by_benchmark_date_and_machine() -> None:
+    from sparseft.runtime.bench import cpu_name, result_path
+
+    path = result_path("cpu_decode")
+    name = path.removeprefix("benchmarks/results/cpu_decode_").removesuffix(".json")
+    date, _, machine = name.partition("_")
+    assert len(date) == 10 and date[4] == date[7] == "-"
+    assert machine and all(c.isalnum() or c == "-" for c in machine) and "--" not in machine
+    assert cpu_name().rsplit(", ", 1)[1] in ("avx512", "avx2", "other")

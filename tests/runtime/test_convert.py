@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -16,9 +17,12 @@ from sparseft.errors import SparseftError
 from sparseft.models import find_targets, weight_matrix
 from sparseft.pruning.magnitude import magnitude_prune
 from sparseft.quant import QuantSpec, rtn_quantize
-from sparseft.runtime import DenseLinear, SparseLinear, load, sparsify_
+from sparseft.runtime import DenseLinear, SparseLinear, convert, sparsify_
 from sparseft.runtime.bench import model_bytes
 from sparseft.runtime.fuse import Slice
+
+# This file tests the transformers path of the runtime (module swap); the own decoder has tests/runtime/models.
+load = functools.partial(convert.load, decoder="transformers")
 
 PROMPT = torch.tensor([[5, 17, 250, 3, 99, 42, 7]])
 

@@ -173,7 +173,8 @@ def test_decompressed_path_adds_an_fp32_bias_unrounded(isa: str) -> None:
     bias = torch.full((40,), 1000.3)  # 1000.0 in bf16
     x = torch.randn(3, 64)
     y = dispatch.decompressed_linear(x, packed, bias, isa)
-    product = (x.bfloat16() @ weight.bfloat16().T).float()
+    # fp32 inputs: bf16-rounded, multiplied and summed in fp32 as the kernels do
+    product = x.bfloat16().float() @ weight.bfloat16().float().T
     assert (
         y - product - bias
     ).abs().max() < 0.01  # a bias rounded to bf16 (or a bf16 sum) is 0.3 or more off

@@ -37,6 +37,31 @@ def median_known(values: list[float | None], digits: int) -> float | None:
     return round(statistics.median(known), digits) if known else None
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), with its widest vector instructions: "AMD EPYC, avx2"."""
+    name, flags = "unknown CPU", ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name == "unknown CPU":
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = value
+    except OSError:
+        pass
+    widest = "avx512" if "avx512f" in flags.split() else "avx2" if "avx2" in flags.split() else "other"
+    return f"{name}, {widest}"
+
+
+def result_path(benchmark: str, directory: str = "benchmarks/results") -> str:
+    """Where a benchmark's result JSON goes: one committed file per run, named by date and machine."""
+    slug = "".join(c if c.isalnum() else "-" for c in cpu_name().lower()).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    return f"{directory}/{benchmark}_{time.strftime('%Y-%m-%d')}_{slug}.json"
+
+
 def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
     """A STREAM-like copy: GB/s of bytes read plus bytes written, best of `repeats`."""
     src = torch.ones(megabytes * 2**20 // 4)
@@ -55,8 +80,10 @@ def _generate_seconds(model: nn.Module, input_ids: torch.Tensor, new_tokens: int
     # A random model would stop at any EOS; without one, generate makes exactly `new_tokens`. Not min_new_tokens:
     # its logits processor looks the EOS up in the whole vocabulary every step, 0.5-0.9 ms a token on a
     # 32000-token vocabulary, which no real decoding pays.
+    # The own decoder reads None as "the model's end tokens" and [] as none; transformers reads None as none.
+    ends: Any = [] if hasattr(model, "new_cache") else None
     model.generate(  # type: ignore[operator]
-        input_ids, max_new_tokens=new_tokens, eos_token_id=None, do_sample=False, pad_token_id=0
+        input_ids, max_new_tokens=new_tokens, eos_token_id=ends, do_sample=False, pad_token_id=0
     )
     return time.perf_counter() - start
 

@@ -4,13 +4,14 @@ dense tensors that stay dense (embeddings, norms, LM head) plus activations."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from sparseft.errors import SparseftError
+from sparseft.errors import SparseftError, SparseftWarning
 from sparseft.models import find_targets, is_linear, replace_module, weight_matrix
 from sparseft.runtime.attention import fuse_attention_
 from sparseft.runtime.decode_layer import fuse_layers_
@@ -18,12 +19,12 @@ from sparseft.runtime.fuse import fuse_siblings_
 from sparseft.runtime.heap import release_freed_memory
 from sparseft.runtime.linear import DenseLinear, SparseLinear
 from sparseft.runtime.norm import fuse_norms_
-from sparseft.runtime.packing import PAD_BYTES, Values, pack_dense, pack_full_int8
+from sparseft.runtime.packing import Values, pack_dense, pack_full_int8
 from sparseft.runtime.reader import TensorReader
-from sparseft.runtime.rotary import fuse_rotary_
+from sparseft.runtime.weights import packed_from_parts, read_parts
 
 if TYPE_CHECKING:
-    from sparseft.formats import Archive
+    pass
 
 
 def _check_values(values: str) -> None:
@@ -68,7 +69,7 @@ def sparsify_(
     `SparseLinear`s holding their nonzeros as `values` ("bf16", or "int8" with per-row scales).
     `fast_head`: give the LM head a fast decoding kernel too, with `head_values` (see `fast_head_`).
     `fuse`: run each q/k/v and gate/up group as one kernel call (`fuse.fuse_siblings_`), and Llama-style
-    norms, rotary embeddings and decoding attention as one op each (`norm`, `rotary`, `attention`).
+    norms and decoding attention as one op each (`norm`, `attention`).
     Returns a summary: layers converted, their dense and compressed bytes, groups fused."""
     _check_values(values)
     chosen = find_targets(model, targets, ignore)
@@ -92,16 +93,15 @@ def sparsify_(
     }
 
 
-_FUSED = ("fused_groups", "fused_norms", "fused_rotary", "fused_attention", "fused_layers")
+_FUSED = ("fused_groups", "fused_norms", "fused_attention", "fused_layers")
 
 
 def _fuse(model: nn.Module) -> dict[str, int]:
-    """Fewer, larger calls per token: sibling linears, Llama-style norms, rotary embeddings, decoding attention,
+    """Fewer, larger calls per token: sibling linears, Llama-style norms, decoding attention,
     then the decoding step of each Llama-style layer as direct calls to those (it needs all four)."""
     counts = (
         fuse_siblings_(model),
         fuse_norms_(model),
-        fuse_rotary_(model),
         fuse_attention_(model),
         fuse_layers_(model),
     )
@@ -117,31 +117,9 @@ def _skeleton(config_dict: dict[str, Any], dtype: torch.dtype, trust_remote_code
     return build_model(config_dict, dtype, trust_remote_code, init_empty_weights(include_buffers=False))
 
 
-def _read_parts(reader: TensorReader, archive: Archive, name: str) -> dict[str, Any]:
-    """The archive parts of one weight, read into the buffers the runtime keeps (values already padded)."""
-    shape = reader.read(archive.part_key(name, "shape"))
-    if shape.dtype != torch.int64 or shape.numel() != 2:
-        raise SparseftError(
-            f"{name}.shape must be int64 [rows, columns]; the archive is damaged, export it again"
-        )
-    parts: dict[str, Any] = {
-        "shape": (int(shape[0]), int(shape[1])),
-        "bitmask": reader.read(archive.part_key(name, "bitmask")),
-        "row_offsets": reader.read(archive.part_key(name, "row_offsets")),
-        "compressed": reader.read(archive.part_key(name, "compressed"), pad_bytes=PAD_BYTES),
-    }
-    quant = archive.quantization
-    if quant is not None:
-        parts["scale"] = reader.read(archive.part_key(name, "scale"))
-        parts["bits"], parts["group_size"] = int(quant["bits"]), quant.get("group_size")
-    return parts
-
-
 def _sparse_from_parts(
     parts: dict[str, Any], name: str, module: nn.Module, values: Values, bias: torch.Tensor | None
 ) -> SparseLinear:
-    from sparseft import formats
-
     rows, cols = parts["shape"]
     if not is_linear(module) or tuple(weight_matrix(module).shape) != (rows, cols):
         shape = tuple(weight_matrix(module).shape) if is_linear(module) else type(module).__name__
@@ -149,22 +127,10 @@ def _sparse_from_parts(
             f"{name} is ({rows}, {cols}) in the archive but {shape} in the model its config builds; "
             "the archive was written for a different model: export it again"
         )
-    scale = parts.get("scale")
-    if scale is None or (parts["bits"] == 8 and scale.numel() == rows):
-        return SparseLinear.from_bitmask(
-            (rows, cols),
-            parts["compressed"],
-            parts["bitmask"],
-            parts["row_offsets"],
-            bias,
-            values,
-            scale,
-            name,
-        )
-    # Group-wise or 4-bit values: dequantize this one weight, then pack it in the runtime's layout. (pack_bitmask
-    # checks the parts it takes itself; these it does not see.)
-    formats.check_parts(name, parts)
-    return SparseLinear(pack_dense(formats.decompress(parts, torch.float32), values, name), bias)
+    return SparseLinear(packed_from_parts(parts, name, values), bias)
+
+
+DECODERS = ("auto", "sparseft", "transformers")
 
 
 def load(
@@ -175,19 +141,67 @@ def load(
     fast_head: bool = True,
     head_values: Values = "bf16",
     fuse: bool = True,
+    decoder: str = "auto",
 ) -> nn.Module:
-    """A transformers model from a bitmask archive, its compressed linears as `SparseLinear`.
+    """A model on the sparse runtime from a bitmask archive (read straight into the packed layout, never dense) or
+    a pruned HF checkpoint (packed as it loads).
 
+    `decoder`: "sparseft" is the runtime's own model code (Llama, Mistral, Qwen2/3, Phi-3: `models.LlamaDecoder`,
+    with `generate` and a forward that returns logits); "transformers" is the transformers model with its linears
+    swapped for `SparseLinear` (any architecture; what lm-eval and other transformers tools need); "auto" takes
+    the own decoder where it covers the model and warns when a listed architecture falls back. The model's
+    `decoder_name` says which runs.
     `values` defaults to "int8" for an int8 archive and "bf16" otherwise; `dtype` is the dtype of everything
-    that stays dense. `fast_head`/`head_values`: the LM head's decoding kernel (see `fast_head_`); `fuse`: one
-    kernel call per q/k/v and gate/up group (`fuse.fuse_siblings_`), one op per Llama-style RMSNorm
-    (`norm.fuse_norms_`) and rotary embedding (`rotary.fuse_rotary_`), and one op for the attention of each
-    decoding step (`attention.fuse_attention_`). `model.generate()` works as usual.
+    that stays dense. `fast_head`/`head_values`: the LM head's decoding kernel (see `fast_head_`); `fuse`
+    (transformers path): one kernel call per q/k/v and gate/up group and one op per norm and
+    decoding attention where the architecture allows.
     """
-    from sparseft.formats import read_archive
+    from sparseft import formats
+    from sparseft.runtime import models
 
+    if decoder not in DECODERS:
+        raise SparseftError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
     if dtype not in (torch.bfloat16, torch.float32):
         raise SparseftError(f"the sparse runtime runs in bfloat16 or float32, not {dtype}; pass one of those")
+    if values is not None:
+        _check_values(values)
+    _check_values(head_values)
+    reason = "asked for"
+    if decoder != "transformers":
+        try:
+            return models.load_own(directory, values, dtype, head_values if fast_head else None)
+        except models.NotCovered as e:
+            reason = str(e)
+            if decoder == "sparseft":
+                raise SparseftError(
+                    f"the sparseft decoder does not run {directory}: {reason}; use decoder='transformers'"
+                ) from None
+            if e.listed:
+                warnings.warn(
+                    f"{directory} runs on transformers' model code (slower): {reason}",
+                    SparseftWarning,
+                    stacklevel=2,
+                )
+    if formats.detect(directory) == "bitmask":
+        model = _load_archive(directory, values, dtype, trust_remote_code, fast_head, head_values, fuse)
+    else:
+        model = formats.load_dir(directory, dtype, trust_remote_code)
+        sparsify_(model, values or "bf16", fast_head=fast_head, head_values=head_values, fuse=fuse)
+    object.__setattr__(model, "decoder_name", f"transformers ({reason})")
+    return model
+
+
+def _load_archive(
+    directory: str | Path,
+    values: Values | None,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    fast_head: bool,
+    head_values: Values,
+    fuse: bool,
+) -> nn.Module:
+    from sparseft.formats import read_archive
+
     archive = read_archive(directory)
     quant = archive.quantization
     values = values or ("int8" if quant is not None and int(quant["bits"]) == 8 else "bf16")
@@ -215,7 +229,7 @@ def load(
             )
         bias = reader.read(bias_name) if bias_name in tensor_names else None
         tensor_names.discard(bias_name)
-        parts = _read_parts(reader, archive, name)
+        parts = read_parts(reader, archive, name)
         replace_module(model, module_name, _sparse_from_parts(parts, name, module, values, bias))
         del parts
         release_freed_memory()  # as we go: the peak is what counts

@@ -1,6 +1,7 @@
-"""A decoding step of a decoder layer as a few direct calls.
+"""A decoding step of Whisper's decoder layer as a few direct calls, on transformers' Whisper model (until the
+runtime's own Whisper decoder replaces it, as runtime/models replaced this path for the Llama family).
 
-Once the linears, norms, rotary embedding and attention are ops, the Python around them is what a decoded token
+Once the linears, norms and attention are ops, the Python around them is what a decoded token
 costs outside the linears: a transformers decoder layer makes some fifteen module calls, passes its arguments
 through deprecation decorators and runs every wrapper's checks. TinyLlama's shape with the linears stubbed out:
 227 µs a layer, 5 ms a token. `fuse_layers_` gives each converted layer a forward that, for a decoding step (one
@@ -9,8 +10,7 @@ directly, and hands every other call to the layer's own forward. Decode steps al
 TinyLlama's shape at 70%: int8 30.8-32.8 against 34.3-36.8 ms a token, bf16 48.2-51.6 against 51.7-55.3,
 with bit-identical logits.
 
-The steps themselves are in decode_llama (Llama, Mistral, Qwen2/3, Phi-3) and decode_whisper (Whisper's
-decoder). A layer class takes its step only once one check on random input through both forwards has agreed bit
+The step itself is in decode_whisper. A layer class takes its step only once one check on random input through both forwards has agreed bit
 for bit, so a transformers release that changes the layer keeps its own forward rather than diverging. A layer in
 training mode, or with one of the modules its step reads or skips in training mode, hooked, or replaced since,
 keeps its own forward too (step_guard). The dynamic cache layers a step updates become `kv_cache.GrowingLayer`s,
@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from sparseft.runtime import decode_llama, decode_whisper, dispatch
+from sparseft.runtime import decode_whisper, dispatch
 
 _FAST: dict[type, type] = {}
 
@@ -42,7 +42,7 @@ def _fast(cls: type) -> type:
 
 
 def fuse_layers_(model: nn.Module) -> int:
-    """Give every converted Llama, Mistral, Qwen2/3, Phi-3 or Whisper decoder layer of `model` the direct decoding step;
+    """Give every converted Whisper decoder layer of `model` the direct decoding step;
     returns how many layers have it. Nothing changes where the AVX-512 kernels are not available."""
     if dispatch.best_isa() != "avx512":
         return 0
@@ -53,7 +53,7 @@ def fuse_layers_(model: nn.Module) -> int:
         if cls in _FAST.values():
             count += 1
             continue
-        plan = decode_llama.plan(layer) or decode_whisper.plan(layer)
+        plan = decode_whisper.plan(layer)
         if plan is None:
             continue
         if cls not in checked:  # the code is the class's: one layer of each class is enough to check it

@@ -219,6 +219,10 @@ def decompressed_linear(x: torch.Tensor, p: Packed, bias: torch.Tensor | None, i
         stop = min(start + step, p.shape[0])
         dense = decompress(p.rows(start, stop), isa)
         part_bias = None if bias is None else bias[start:stop]
+        if x.dtype == torch.float32:  # as the kernels: bf16-rounded inputs, products and sums in fp32
+            parts.append(torch.nn.functional.linear(xb.float(), dense.float(), part_bias))
+            del dense
+            continue
         if part_bias is None or x.dtype == torch.bfloat16:
             fused = None if part_bias is None else part_bias.to(xb.dtype)
             parts.append(torch.nn.functional.linear(xb, dense, fused).to(x.dtype))
@@ -236,7 +240,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def rotary(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x * cos + rotate_half(x) * sin for x = q and k, in one C++ op (see runtime/rotary.py); a RuntimeError for
+    """x * cos + rotate_half(x) * sin for x = q and k, in one C++ op (kernels/rotary.cpp; runtime/models/ops.py); a RuntimeError for
     shapes, dtypes or layouts it does not cover."""
     return _op("rotary")(q, k, cos, sin)
 

@@ -1,4 +1,4 @@
-"""What every direct decoding step (decode_llama, decode_whisper) checks before it skips a layer's own forward:
+"""What the direct decoding step (decode_whisper) checks before it skips a layer's own forward:
 that the modules it reads are still the ones it planned with, none of them is in training mode (dropout) and
 nothing hooks into them, and that the cache layer it updates is one it knows."""
 

@@ -1,0 +1,45 @@
+"""The runtime's own decoding models (gpt-fast's way: the model code is ours, the weights are converted once at
+load). `load_own` builds one for the architectures it covers and raises `NotCovered`, naming the reason, for
+the rest, which run on transformers' model code with sparse linears swapped in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparseft.runtime.models.llama import ARCHITECTURES, LlamaDecoder, NotCovered, build, llama_config
+from sparseft.runtime.packing import Values
+from sparseft.runtime.weights import CheckpointWeights
+
+__all__ = ["ARCHITECTURES", "LlamaDecoder", "NotCovered", "covered", "load_own"]
+
+
+def covered(config: Any) -> None:
+    """Nothing if the own decoder runs the transformers config `config`, else NotCovered with the reason."""
+    llama_config(config)
+
+
+def load_own(
+    directory: str | Path,
+    values: Values | None,
+    dtype: torch.dtype,
+    head_values: Values | None,
+) -> LlamaDecoder:
+    """The own decoder of a bitmask archive or a pruned HF checkpoint. `values` defaults to int8 for an int8
+    archive, bf16 otherwise; `head_values` None keeps the LM head as stored (no fast kernel)."""
+    from transformers import GenerationConfig
+
+    from sparseft.formats import config_from_dict
+
+    weights = CheckpointWeights(directory)
+    hf_config = config_from_dict(weights.config)
+    covered(hf_config)  # before reading any weight
+    quant = weights.quantization
+    values = values or ("int8" if quant is not None and int(quant["bits"]) == 8 else "bf16")
+    if (weights.directory / "generation_config.json").is_file():
+        generation = GenerationConfig.from_pretrained(weights.directory)
+    else:
+        generation = GenerationConfig.from_model_config(hf_config)
+    return build(weights, hf_config, values, dtype, head_values, generation)

@@ -1,0 +1,123 @@
+"""The weights of a checkpoint directory as the runtime keeps them: linears packed (bitmask + bf16 or int8
+values), everything else as plain tensors. A bitmask archive's compressed weights go straight from their parts
+into the packed layout, never dense; a Hugging Face checkpoint (pruned, zeros kept) is packed one weight at a
+time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparseft.errors import SparseftError
+from sparseft.runtime.packing import PAD_BYTES, Packed, Values, pack_bitmask, pack_dense
+from sparseft.runtime.reader import TensorReader
+
+
+def read_parts(reader: TensorReader, archive: Any, name: str) -> dict[str, Any]:
+    """The archive parts of one weight, read into the buffers the runtime keeps (values already padded)."""
+    shape = reader.read(archive.part_key(name, "shape"))
+    if shape.dtype != torch.int64 or shape.numel() != 2:
+        raise SparseftError(
+            f"{name}.shape must be int64 [rows, columns]; the archive is damaged, export it again"
+        )
+    parts: dict[str, Any] = {
+        "shape": (int(shape[0]), int(shape[1])),
+        "bitmask": reader.read(archive.part_key(name, "bitmask")),
+        "row_offsets": reader.read(archive.part_key(name, "row_offsets")),
+        "compressed": reader.read(archive.part_key(name, "compressed"), pad_bytes=PAD_BYTES),
+    }
+    quant = archive.quantization
+    if quant is not None:
+        parts["scale"] = reader.read(archive.part_key(name, "scale"))
+        parts["bits"], parts["group_size"] = int(quant["bits"]), quant.get("group_size")
+    return parts
+
+
+def packed_from_parts(parts: dict[str, Any], name: str, values: Values) -> Packed:
+    """One weight's archive parts in the runtime's layout."""
+    from sparseft import formats
+
+    rows, _ = parts["shape"]
+    scale = parts.get("scale")
+    if scale is None or (parts["bits"] == 8 and scale.numel() == rows):
+        return pack_bitmask(
+            parts["shape"],
+            parts["compressed"],
+            parts["bitmask"],
+            parts["row_offsets"],
+            values,
+            scale,
+            name,
+        )
+    # Group-wise or 4-bit values: dequantize this one weight, then pack it in the runtime's layout. (pack_bitmask
+    # checks the parts it takes itself; these it does not see.)
+    formats.check_parts(name, parts)
+    return pack_dense(formats.decompress(parts, torch.float32), values, name)
+
+
+class CheckpointWeights:
+    """Tensors and packed linears by name from a bitmask archive or an HF safetensors checkpoint."""
+
+    def __init__(self, directory: str | Path) -> None:
+        from sparseft import formats
+
+        self.directory = Path(directory)
+        self.kind = formats.detect(self.directory)
+        if self.kind == "hf-quantized":
+            raise SparseftError(
+                f"{self.directory} holds compressed-tensors quantized weights, which the runtime reads from a "
+                "bitmask archive only: export with --format bitmask"
+            )
+        self.archive: Any = None
+        if self.kind == "bitmask":
+            self.archive = formats.read_archive(self.directory)
+            self.config: dict[str, Any] = self.archive.config
+            weight_map = self.archive.shards.weight_map
+            self._compressed = set(self.archive.compressed_names())
+            self._plain = set(self.archive.tensor_names())
+        else:
+            self.config = formats._read_json(self.directory / formats.CONFIG)
+            weight_map = formats.Shards(self.directory).weight_map
+            self._compressed = set()
+            self._plain = set(weight_map)
+        self.reader = TensorReader(self.directory, weight_map)
+
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        return None if self.archive is None else self.archive.quantization
+
+    def has(self, name: str) -> bool:
+        return name in self._compressed or name in self._plain
+
+    def names(self) -> set[str]:
+        return self._compressed | self._plain
+
+    def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """A tensor that stays dense; mapped from its file where it needs no conversion (an embedding table's
+        rows enter memory only when looked up)."""
+        if name not in self._plain:
+            raise SparseftError(f"{self.directory} lacks {name}, which the model needs; export it again")
+        if self.reader.dtype(name) == dtype:
+            return self.reader.map(name)
+        return self.reader.read(name).to(dtype)
+
+    def packed(self, name: str, values: Values, shape: tuple[int, int]) -> Packed:
+        """Linear weight `name`, which must be `shape`, packed with `values`."""
+        if name in self._compressed:
+            parts = read_parts(self.reader, self.archive, name)
+            found = parts["shape"]
+            packed: Packed | None = None
+            if tuple(found) == shape:
+                packed = packed_from_parts(parts, name, values)
+        else:
+            dense = self.tensor(name, torch.float32)
+            found = tuple(dense.shape)
+            packed = pack_dense(dense, values, name) if found == shape else None
+        if packed is None:
+            raise SparseftError(
+                f"{name} is {tuple(found)} in {self.directory} but its config.json makes it {shape}; the "
+                "checkpoint was written for a different model: export it again"
+            )
+        return packed
