@@ -1,8 +1,9 @@
 """End-to-end CPU decoding: sparseft's own decoder (bf16 and int8 values) and its transformers path vs
-transformers dense bf16 and fp32.
+transformers dense bf16 and fp32, and vs llama.cpp (BF16, Q8_0, Q4_0).
 
     .venv/bin/python benchmarks/cpu_decode.py [--new-tokens 128] [--prompt-tokens 32] [--runs 3]
         [--workdir /tmp/sparseft-decode] [--output benchmarks/results/cpu_decode_DATE_CPU.json]
+        [--skip 'transformers fp32,llama.cpp BF16'] [--llamacpp-venv ~/.cache/sparseft-llamacpp/venv]
 
 A randomly initialised Llama of TinyLlama's shape (hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 KV heads,
 vocab 32000; about 1.1B parameters) is pruned to 70% by magnitude (speed does not depend on which weights survive)
@@ -10,12 +11,25 @@ and saved three ways in --workdir (reused by later runs): a dense bf16 HF checkp
 bitmask archive; the int8 archive also runs with its LM head in int8 (`head_values="int8"`), and on the runtime's
 transformers path (`decoder="transformers"`: transformers' Llama code with sparse linears swapped in). Then:
 - tokens/s of greedy decoding (`model.generate`, --new-tokens new tokens after a --prompt-tokens prompt) and of the
-  prompt's prefill for the six models, loaded side by side in this process and run alternately; medians of
-  --runs, a copy-bandwidth probe per run;
+  prompt's prefill for the six models (and llama.cpp's three, below), loaded side by side in this process and run
+  alternately; medians of --runs, a copy-bandwidth probe per run;
 - peak memory of each, each in a fresh process that loads the model from disk and generates (ru_maxrss, and the
   same minus the process's size before loading);
 - the milliseconds per token spent outside the linears (attention, norms, rotary, sampling, Python): the sparse
   bf16 model timed again with every linear replaced by a stub.
+
+llama.cpp baseline (benchmarks/llamacpp.py): llama-cpp-python built from source in its own venv, --llamacpp-venv
+(see llamacpp.py for the build; where it is missing or broken, one line says llama.cpp was skipped and how to build
+it, and the rest runs as before). The dense checkpoint is converted to GGUF BF16 and quantized by llama.cpp to Q8_0
+and Q4_0 (its defaults: Q4_0's output head is Q6_K), kept in --workdir; the three run dense, as llama.cpp runs them,
+in a worker process of that venv holding them side by side, with the torch models' thread count and a context of
+max(512, prompt + new tokens). They take their turns in the same alternating passes as the other variants, timed
+here the same way (a prompt and one token, then the prompt and --new-tokens greedy tokens, no early stop; the
+worker's round trip, about 0.3 ms a call, is in the time), and their peak memory is measured in a fresh
+process of that venv that loads and generates (its size before loading is after importing llama_cpp). Printed
+and in the JSON ("vs_llamacpp"): sparseft int8 with int8 head vs llama.cpp Q4_0 and Q8_0, sparseft bf16 vs
+llama.cpp BF16, as ratios of decode and prefill tokens/s, of peak RSS (whole processes: sparseft's carries torch
+and transformers, about 0.5 GB before loading) and of model+act (peak minus the size before loading).
 """
 
 from __future__ import annotations
@@ -31,6 +45,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import llamacpp
 import torch
 import transformers
 from torch import nn
@@ -49,6 +64,16 @@ VARIANTS = [
     "sparseft int8",
     "sparseft int8, int8 head",
     "transformers path int8",
+    "llama.cpp BF16",
+    "llama.cpp Q8_0",
+    "llama.cpp Q4_0",
+]
+LLAMACPP = "llama.cpp "
+# sparseft variant vs llama.cpp variant, printed and in the JSON.
+LLAMACPP_PAIRS = [
+    ("sparseft int8, int8 head", "llama.cpp Q4_0"),
+    ("sparseft int8, int8 head", "llama.cpp Q8_0"),
+    ("sparseft bf16", "llama.cpp BF16"),
 ]
 PROMPT_TOKENS = 32
 
@@ -108,6 +133,22 @@ def load_variant(name: str, workdir: Path) -> nn.Module:
     return runtime.load(workdir / "archive-int8", head_values="int8")
 
 
+class LlamaCppModel(nn.Module):
+    """A GGUF model in the llama.cpp worker, with what `measure_generation` asks of a model: `config.vocab_size`
+    and `generate` (greedy, exactly `max_new_tokens` tokens). It holds no tensors here, so its model_bytes reads 0
+    and main puts the GGUF file's size in its row instead."""
+
+    decoder_name = "llama.cpp"
+
+    def __init__(self, worker: llamacpp.Worker, name: str, config: transformers.PretrainedConfig) -> None:
+        super().__init__()
+        self.worker, self.name, self.config = worker, name, config
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **_: Any) -> torch.Tensor:
+        new = self.worker.generate(self.name, input_ids[0].tolist(), max_new_tokens)
+        return torch.cat([input_ids, torch.tensor([new])], dim=1)
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
@@ -119,6 +160,10 @@ def peak_rss_bytes() -> int:
     with open("/proc/self/status") as f:
         line = next(line for line in f if line.startswith("VmHWM:"))
     return int(line.split()[1]) * 1024
+
+
+def memory_prompt() -> list[int]:
+    return torch.randint(0, 32000, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(0)).tolist()
 
 
 def memory_child(name: str, workdir: Path) -> None:
@@ -134,7 +179,7 @@ def memory_child(name: str, workdir: Path) -> None:
     del tiny
     before = rss_bytes()
     model = load_variant(name, workdir)
-    ids = torch.randint(0, 32000, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([memory_prompt()])
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)  # type: ignore[operator]
     peak = peak_rss_bytes()
@@ -145,6 +190,19 @@ def peak_memory(name: str, workdir: Path) -> dict[str, int]:
     cmd = [sys.executable, __file__, "--child", name, "--child-dir", str(workdir)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def prepare_llamacpp(variants: list[str], workdir: Path, venv: Path, threads: int) -> dict[str, Path]:
+    """The GGUF file of each llama.cpp variant asked for, made once in workdir; none, with a line saying so, where
+    the llama.cpp venv is missing or broken."""
+    quants = [v.removeprefix(LLAMACPP) for v in variants if v.startswith(LLAMACPP)]
+    if not quants:
+        return {}
+    files = llamacpp.prepare(workdir / "dense", workdir / "gguf", quants, venv, threads)
+    if files is None:
+        print(f"llama.cpp skipped: {llamacpp.build_hint(venv)}")
+        return {}
+    return {LLAMACPP + quant: path for quant, path in files.items()}
 
 
 def _stub(out_features: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -186,6 +244,12 @@ def main() -> None:
         "--skip", default="", help="comma-separated variants to leave out, e.g. 'transformers fp32'"
     )
     parser.add_argument("--output", help="default: benchmarks/results/cpu_decode_DATE_CPU.json")
+    parser.add_argument(
+        "--llamacpp-venv",
+        type=Path,
+        default=llamacpp.DEFAULT_VENV,
+        help="venv with llama-cpp-python built from source (see benchmarks/llamacpp.py); skipped where missing",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -195,16 +259,34 @@ def main() -> None:
     workdir = Path(args.workdir) / f"layers{args.layers}-s{args.sparsity}"
     prepare(workdir, args.layers, args.sparsity)
     variants = [v for v in VARIANTS if v not in args.skip.split(",")]
-    print(
-        f"kernels {runtime.current_isa()}, {torch.get_num_threads()} threads; peak memory, one fresh process each..."
-    )
-    memory = {name: peak_memory(name, workdir) for name in variants}
+    threads = torch.get_num_threads()
+    n_ctx = max(512, args.prompt_tokens + args.new_tokens)
+    gguf = prepare_llamacpp(variants, workdir, args.llamacpp_venv, threads)
+    variants = [v for v in variants if not v.startswith(LLAMACPP) or v in gguf]
+    print(f"kernels {runtime.current_isa()}, {threads} threads; peak memory, one fresh process each...")
+    memory = {
+        name: llamacpp.peak_memory(gguf[name], memory_prompt(), 8, threads, n_ctx, args.llamacpp_venv)
+        if name in gguf
+        else peak_memory(name, workdir)
+        for name in variants
+    }
 
     print(f"decoding {args.new_tokens} tokens, {args.runs} alternating runs...", flush=True)
-    models = {name: load_variant(name, workdir) for name in variants}
+    worker = llamacpp.Worker(gguf, threads, n_ctx, args.llamacpp_venv) if gguf else None
+    config = transformers.AutoConfig.from_pretrained(workdir / "dense")
+    models = {
+        name: LlamaCppModel(worker, name, config) if worker and name in gguf else load_variant(name, workdir)
+        for name in variants
+    }
     started = time.perf_counter()
-    speed = measure_generation(models, args.prompt_tokens, args.new_tokens, args.runs)
+    try:
+        speed = measure_generation(models, args.prompt_tokens, args.new_tokens, args.runs)
+    finally:
+        if worker:
+            worker.close()
     machine = speed.pop("_machine")
+    for name, path in gguf.items():
+        speed[name]["model_bytes"] = path.stat().st_size
     other_ms = (
         outside_linears(models["sparseft bf16"], args.prompt_tokens, min(args.new_tokens, 32), args.runs)
         if "sparseft bf16" in models
@@ -240,6 +322,23 @@ def main() -> None:
     if "transformers path int8" in speed and "sparseft int8" in speed:
         own, path = speed["sparseft int8"]["decode_tok_s"], speed["transformers path int8"]["decode_tok_s"]
         print(f"\nown decoder vs transformers path, int8: {own / path:.2f}x decode tok/s")
+    vs_llamacpp: dict[str, dict[str, float]] = {}
+    for ours, theirs in LLAMACPP_PAIRS:
+        if ours in rows and theirs in rows:
+            vs_llamacpp[f"{ours} / {theirs}"] = {
+                "decode": round(rows[ours]["decode_tok_s"] / rows[theirs]["decode_tok_s"], 2),
+                "prefill": round(rows[ours]["prefill_tok_s"] / rows[theirs]["prefill_tok_s"], 2),
+                "peak_rss": round(rows[ours]["peak_rss"] / rows[theirs]["peak_rss"], 3),
+                "model_act": round(rows[ours]["peak_minus_before"] / rows[theirs]["peak_minus_before"], 3),
+            }
+    if vs_llamacpp:
+        print(
+            f"\n{'sparseft / llama.cpp':<42} {'decode':>7} {'prefill':>8} {'peak RSS':>9} {'model+act':>10}"
+        )
+        for pair, r in vs_llamacpp.items():
+            print(
+                f"{pair:<42} {r['decode']:>7.2f} {r['prefill']:>8.2f} {r['peak_rss']:>9.3f} {r['model_act']:>10.3f}"
+            )
     if other_ms is not None:
         total_ms = 1000 / speed["sparseft bf16"]["decode_tok_s"]
         print(
@@ -268,6 +367,15 @@ def main() -> None:
         "sparsity": args.sparsity,
         "variants": rows,
         "outside_linears_ms_per_token": other_ms,
+        "llamacpp": {
+            **worker.info,
+            "venv": str(args.llamacpp_venv),
+            "n_ctx": n_ctx,
+            "gguf": {name: str(path) for name, path in gguf.items()},
+        }
+        if worker
+        else None,
+        "vs_llamacpp": vs_llamacpp,
         "seconds": round(time.perf_counter() - started, 1),
     }
     out.write_text(json.dumps(report, indent=1))

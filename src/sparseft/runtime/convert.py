@@ -147,7 +147,8 @@ def load(
     a pruned HF checkpoint (packed as it loads).
 
     `decoder`: "sparseft" is the runtime's own model code (Llama, Mistral, Qwen2/3, Phi-3: `models.LlamaDecoder`,
-    with `generate` and a forward that returns logits); "transformers" is the transformers model with its linears
+    with `generate` and a forward that returns logits; Whisper: `models.WhisperModel`, greedy, only when asked for
+    by name); "transformers" is the transformers model with its linears
     swapped for `SparseLinear` (any architecture; what lm-eval and other transformers tools need); "auto" takes
     the own decoder where it covers the model and warns when a listed architecture falls back. The model's
     `decoder_name` says which runs.
@@ -169,7 +170,9 @@ def load(
     reason = "asked for"
     if decoder != "transformers":
         try:
-            return models.load_own(directory, values, dtype, head_values if fast_head else None)
+            return models.load_own(
+                directory, values, dtype, head_values if fast_head else None, decoder == "sparseft"
+            )
         except models.NotCovered as e:
             reason = str(e)
             if decoder == "sparseft":

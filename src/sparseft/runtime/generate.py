@@ -63,9 +63,9 @@ def _prefill(
     """The last logits of each prompt, its keys and values cached. Left-padded rows are prefilled one by one
     without their padding, so each row's numbers are those it gets alone (a batched prompt would take other
     kernels: the decompress-and-matmul path past a few tokens)."""
-    cache.begin(*input_ids.shape, attention_mask)
-    if not cache.padded:
+    if attention_mask is None or bool(attention_mask.all()):
         return model(input_ids, cache=cache, last_only=True).logits[:, -1]
+    cache.begin(*input_ids.shape, attention_mask)
     rows = []
     for row, start in enumerate(cache.starts):
         rows.append(
@@ -92,12 +92,14 @@ def generate(
     stop_strings: Sequence[str] | None = None,
     tokenizer: Any = None,
     generator: torch.Generator | None = None,
+    logits_filter: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The prompts `input_ids` (B, T; left-padded rows marked by `attention_mask`) followed by up to
     `max_new_tokens` new tokens each, as (B, T + new). A row ends at one of the end tokens (`eos_token_id`, else
     the model's) or once its new text holds one of `stop_strings` (decoded with `tokenizer`); an ended row is
     filled with `pad_token_id` (else its end token) while the others go on. `streamer` takes each new token as a
-    transformers streamer does (`put`, then `end`); `callback` gets each step's tokens (B,)."""
+    transformers streamer does (`put`, then `end`); `callback` gets each step's tokens (B,). `logits_filter(step,
+    logits)` may change each step's logits before the choice (Whisper's suppressed tokens)."""
     _check(max_new_tokens, temperature, top_k, top_p)
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise SparseftError(f"input_ids must be (batch, tokens) with tokens, got {tuple(input_ids.shape)}")
@@ -116,6 +118,8 @@ def generate(
     end_tensor = torch.tensor(sorted(ends), dtype=input_ids.dtype)
     new: list[torch.Tensor] = []
     for step in range(max_new_tokens):
+        if logits_filter is not None:
+            logits = logits_filter(step, logits)
         token = choose(logits, do_sample, temperature, top_k, top_p, generator)
         token = torch.where(done, torch.full_like(token, filler), token)
         new.append(token)

@@ -9,9 +9,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from sparseft.errors import SparseftError
-from sparseft.runtime.packing import PAD_BYTES, Packed, Values, pack_bitmask, pack_dense
+from sparseft.runtime.linear import DenseLinear, SparseLinear
+from sparseft.runtime.packing import (
+    PAD_BYTES,
+    Packed,
+    Values,
+    concat_rows,
+    pack_bitmask,
+    pack_dense,
+    pack_full_int8,
+)
 from sparseft.runtime.reader import TensorReader
 
 
@@ -121,3 +131,35 @@ class CheckpointWeights:
                 "checkpoint was written for a different model: export it again"
             )
         return packed
+
+    def linear(self, name: str, values: Values, shape: tuple[int, int]) -> tuple[Packed, torch.Tensor | None]:
+        """Linear `name` ("model.layers.0.mlp.up_proj"): its packed weight and its fp32 bias, if it has one."""
+        packed = self.packed(name + ".weight", values, shape)
+        if not self.has(name + ".bias"):
+            return packed, None
+        bias = self.tensor(name + ".bias", torch.float32)
+        if bias.numel() != shape[0]:
+            raise SparseftError(
+                f"{name}.bias has {bias.numel()} entries for {shape[0]} outputs; export it again"
+            )
+        return packed, bias
+
+
+def stacked_linear(parts: list[tuple[Packed, torch.Tensor | None]]) -> SparseLinear:
+    """One SparseLinear over the rows of `parts` (q/k/v, gate/up: linears that read the same input), a member
+    without a bias (Whisper's k_proj) given zeros in the stacked bias."""
+    packed = concat_rows([p for p, _ in parts])
+    bias = None
+    if any(b is not None for _, b in parts):
+        bias = torch.cat([b if b is not None else torch.zeros(p.shape[0]) for p, b in parts])
+    return SparseLinear(packed, bias)
+
+
+def lm_head(weight: torch.Tensor, dtype: torch.dtype, head_values: Values | None) -> nn.Module:
+    """The LM head over `weight` (vocab, width): int8 rows for the int8 kernel, our bf16 GEMV, or (None, or a
+    float32 model) torch's linear."""
+    if head_values == "int8":
+        return SparseLinear(pack_full_int8(weight))
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    return DenseLinear(linear) if head_values == "bf16" and dtype == torch.bfloat16 else linear

@@ -9,16 +9,23 @@ from typing import Any
 
 import torch
 
-from sparseft.runtime.models.llama import ARCHITECTURES, LlamaDecoder, NotCovered, build, llama_config
+from sparseft.runtime.models import llama, whisper
+from sparseft.runtime.models.llama import LlamaDecoder, NotCovered
+from sparseft.runtime.models.whisper import WhisperModel
 from sparseft.runtime.packing import Values
 from sparseft.runtime.weights import CheckpointWeights
 
-__all__ = ["ARCHITECTURES", "LlamaDecoder", "NotCovered", "covered", "load_own"]
+__all__ = ["ARCHITECTURES", "LlamaDecoder", "NotCovered", "WhisperModel", "covered", "load_own"]
+
+ARCHITECTURES = llama.ARCHITECTURES | {"whisper"}
 
 
 def covered(config: Any) -> None:
-    """Nothing if the own decoder runs the transformers config `config`, else NotCovered with the reason."""
-    llama_config(config)
+    """Nothing if an own decoder runs the transformers config `config`, else NotCovered with the reason."""
+    if config.model_type == "whisper":
+        whisper.whisper_config(config)
+    else:
+        llama.llama_config(config)
 
 
 def load_own(
@@ -26,9 +33,11 @@ def load_own(
     values: Values | None,
     dtype: torch.dtype,
     head_values: Values | None,
-) -> LlamaDecoder:
+    opt_in: bool = True,
+) -> LlamaDecoder | WhisperModel:
     """The own decoder of a bitmask archive or a pruned HF checkpoint. `values` defaults to int8 for an int8
-    archive, bf16 otherwise; `head_values` None keeps the LM head as stored (no fast kernel)."""
+    archive, bf16 otherwise; `head_values` None keeps the LM head as stored (no fast kernel). `opt_in`: the
+    caller asked for the own decoder by name (Whisper's is used only then)."""
     from transformers import GenerationConfig
 
     from sparseft.formats import config_from_dict
@@ -36,10 +45,16 @@ def load_own(
     weights = CheckpointWeights(directory)
     hf_config = config_from_dict(weights.config)
     covered(hf_config)  # before reading any weight
+    if hf_config.model_type == "whisper" and not opt_in:
+        # evaluation and `bench` rely on transformers' Whisper generate (beam search, timestamps)
+        raise NotCovered(
+            "the own Whisper decoder is opt-in (decoder='sparseft'): it has no beam search", listed=False
+        )
     quant = weights.quantization
     values = values or ("int8" if quant is not None and int(quant["bits"]) == 8 else "bf16")
     if (weights.directory / "generation_config.json").is_file():
         generation = GenerationConfig.from_pretrained(weights.directory)
     else:
         generation = GenerationConfig.from_model_config(hf_config)
+    build = whisper.build if hf_config.model_type == "whisper" else llama.build
     return build(weights, hf_config, values, dtype, head_values, generation)

@@ -20,11 +20,11 @@ from torch.nn import functional
 
 from sparseft.errors import SparseftError
 from sparseft.runtime.heap import release_freed_memory
-from sparseft.runtime.linear import DenseLinear, SparseLinear
+from sparseft.runtime.linear import SparseLinear
 from sparseft.runtime.models import ops
 from sparseft.runtime.models.cache import KVCache, Masks
-from sparseft.runtime.packing import Values, concat_rows, pack_full_int8
-from sparseft.runtime.weights import CheckpointWeights
+from sparseft.runtime.packing import Values
+from sparseft.runtime.weights import CheckpointWeights, lm_head, stacked_linear
 
 ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
 
@@ -269,7 +269,8 @@ class LlamaDecoder(nn.Module):
         q, k = ops.rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         window = c.windows[index]
         if cache is None:
-            a = ops.attention(q, k, v, self.scale, mask[window])
+            seen = mask[window]
+            a = ops.attention(q, k, v, self.scale, seen, causal=seen is None)
         else:
             keys, values = cache.store(index, k, v)
             a = self._cached_attention(q, keys, values, cache, mask, window)
@@ -294,7 +295,7 @@ class LlamaDecoder(nn.Module):
             k, v = keys[:, :, first:], values[:, :, first:]
             if ops.op_attends(q):
                 return ops.decode_attention(q, k, v, self.scale)
-            return ops.attention(q, k, v, self.scale, None)
+            return ops.attention(q, k, v, self.scale)
         if q.shape[2] == 1:  # left-padded rows: each over its own keys, as it would decode alone
             rows = []
             for row, start in enumerate(cache.starts):
@@ -303,7 +304,7 @@ class LlamaDecoder(nn.Module):
                 if ops.op_attends(one):
                     rows.append(ops.decode_attention(one, k, v, self.scale))
                 else:
-                    rows.append(ops.attention(one, k, v, self.scale, None))
+                    rows.append(ops.attention(one, k, v, self.scale))
             return torch.cat(rows)
         return ops.attention(q, keys, values, self.scale, mask[window])
 
@@ -347,28 +348,6 @@ def _positions_and_mask(
 # ---- building from a checkpoint ------------------------------------------------------------------------
 
 
-def _linear(weights: CheckpointWeights, name: str, values: Values, shape: tuple[int, int]) -> Any:
-    return weights.packed(name + ".weight", values, shape), _bias(weights, name, shape[0])
-
-
-def _bias(weights: CheckpointWeights, name: str, rows: int) -> torch.Tensor | None:
-    if not weights.has(name + ".bias"):
-        return None
-    bias = weights.tensor(name + ".bias", torch.float32)
-    if bias.numel() != rows:
-        raise SparseftError(f"{name}.bias has {bias.numel()} entries for {rows} outputs; export it again")
-    return bias
-
-
-def _stacked(parts: list[Any]) -> SparseLinear:
-    packed = concat_rows([p for p, _ in parts])
-    biases = [b for _, b in parts]
-    bias = None
-    if any(b is not None for b in biases):
-        bias = torch.cat([b if b is not None else torch.zeros(p.shape[0]) for p, b in parts])
-    return SparseLinear(packed, bias)
-
-
 def _head(
     weights: CheckpointWeights,
     cfg: LlamaConfig,
@@ -376,21 +355,21 @@ def _head(
     dtype: torch.dtype,
     head_values: Values | None,
 ) -> nn.Module:
-    """The LM head: our bf16 GEMV over the weight, or int8 rows (`head_values`); None keeps torch's linear."""
     tied = cfg.tie_embeddings or not weights.has("lm_head.weight")
-    if head_values == "int8":
-        # read, not mapped: a mapped page once touched stays resident beside the int8 copy
-        weight = embed if tied else weights.reader.read("lm_head.weight")
-        return SparseLinear(pack_full_int8(weight))
-    linear = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
-    weight = embed if tied else weights.tensor("lm_head.weight", dtype)
+    if tied:
+        weight = embed
+    elif (
+        head_values == "int8"
+    ):  # read, not mapped: a mapped page once touched stays resident beside the int8 copy
+        weight = weights.reader.read("lm_head.weight")
+    else:
+        weight = weights.tensor("lm_head.weight", dtype)
     if tuple(weight.shape) != (cfg.vocab_size, cfg.hidden_size):
         raise SparseftError(
             f"lm_head.weight is {tuple(weight.shape)} in {weights.directory}, not {(cfg.vocab_size, cfg.hidden_size)}"
             "; export it again"
         )
-    linear.weight = nn.Parameter(weight, requires_grad=False)
-    return DenseLinear(linear) if head_values == "bf16" and dtype == torch.bfloat16 else linear
+    return lm_head(weight, dtype, head_values)
 
 
 def build(
@@ -410,24 +389,24 @@ def build(
     for i in range(cfg.layers):
         attn, mlp = f"{prefix}.{i}.self_attn", f"{prefix}.{i}.mlp"
         if cfg.stacked:
-            qkv = _stacked([_linear(weights, f"{attn}.qkv_proj", values, (q_rows + 2 * kv_rows, hidden))])
-            gate_up = _stacked([_linear(weights, f"{mlp}.gate_up_proj", values, (2 * inner, hidden))])
+            qkv = stacked_linear([weights.linear(f"{attn}.qkv_proj", values, (q_rows + 2 * kv_rows, hidden))])
+            gate_up = stacked_linear([weights.linear(f"{mlp}.gate_up_proj", values, (2 * inner, hidden))])
         else:
-            qkv = _stacked(
+            qkv = stacked_linear(
                 [
-                    _linear(weights, f"{attn}.q_proj", values, (q_rows, hidden)),
-                    _linear(weights, f"{attn}.k_proj", values, (kv_rows, hidden)),
-                    _linear(weights, f"{attn}.v_proj", values, (kv_rows, hidden)),
+                    weights.linear(f"{attn}.q_proj", values, (q_rows, hidden)),
+                    weights.linear(f"{attn}.k_proj", values, (kv_rows, hidden)),
+                    weights.linear(f"{attn}.v_proj", values, (kv_rows, hidden)),
                 ]
             )
-            gate_up = _stacked(
+            gate_up = stacked_linear(
                 [
-                    _linear(weights, f"{mlp}.gate_proj", values, (inner, hidden)),
-                    _linear(weights, f"{mlp}.up_proj", values, (inner, hidden)),
+                    weights.linear(f"{mlp}.gate_proj", values, (inner, hidden)),
+                    weights.linear(f"{mlp}.up_proj", values, (inner, hidden)),
                 ]
             )
-        o = SparseLinear(*_linear(weights, f"{attn}.o_proj", values, (hidden, q_rows)))
-        down = SparseLinear(*_linear(weights, f"{mlp}.down_proj", values, (hidden, inner)))
+        o = SparseLinear(*weights.linear(f"{attn}.o_proj", values, (hidden, q_rows)))
+        down = SparseLinear(*weights.linear(f"{mlp}.down_proj", values, (hidden, inner)))
         norms = (
             weights.tensor(f"{prefix}.{i}.input_layernorm.weight", dtype),
             weights.tensor(f"{prefix}.{i}.post_attention_layernorm.weight", dtype),

@@ -77,10 +77,16 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
 ) -> torch.Tensor:
     """torch's SDPA of q (B, H, T, D) over k, v (B, Hkv, L, D), the keys shared by groups of heads; `mask` (B, 1,
-    T, L) True where a query sees a key, None for plain causal attention (T == L). Returns (B, T, H, D)."""
+    T, L) True where a query sees a key; without one, every key (`causal`: each query the keys up to its own, for
+    T == L). Returns (B, T, H, D)."""
     heads, kv_heads = q.shape[1], k.shape[1]
     if heads != kv_heads:
         group = heads // kv_heads
@@ -88,6 +94,6 @@ def attention(
         k = k[:, :, None].expand(b, kv_heads, group, length, d).reshape(b, heads, length, d)
         v = v[:, :, None].expand(b, kv_heads, group, length, d).reshape(b, heads, length, d)
     out = functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1, scale=scale
+        q, k, v, attn_mask=mask, is_causal=causal and mask is None and q.shape[2] > 1, scale=scale
     )
     return out.transpose(1, 2)

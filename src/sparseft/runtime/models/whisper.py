@@ -1,0 +1,405 @@
+"""The runtime's own Whisper: the encoder (convolution stem, sinusoidal positions, pre-norm blocks) runs once per
+clip; the decoder keeps its self-attention keys and values in a static cache and the encoder's keys and values of
+every cross-attention, computed once, beside them.
+
+The operations follow transformers' Whisper as the tests compare them: the query is scaled before attention (not
+inside it), LayerNorms with eps 1e-5, exact GELU, learned decoder positions, the output projection tied to the
+token embeddings. `generate` starts from the generation config's decoder prompt (start token, language and task
+tokens where the model is multilingual, no-timestamps token) and suppresses the tokens the config lists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+from sparseft.errors import SparseftError
+from sparseft.runtime.heap import release_freed_memory
+from sparseft.runtime.linear import SparseLinear
+from sparseft.runtime.models import ops
+from sparseft.runtime.models.cache import KVCache
+from sparseft.runtime.models.llama import CausalOutput, NotCovered
+from sparseft.runtime.packing import Values
+from sparseft.runtime.weights import CheckpointWeights, lm_head, stacked_linear
+
+EPS = 1e-5  # nn.LayerNorm's default, which transformers' Whisper keeps
+
+
+@dataclass(frozen=True)
+class WhisperConfig:
+    width: int
+    heads: int
+    encoder_layers: int
+    decoder_layers: int
+    encoder_ffn: int
+    decoder_ffn: int
+    vocab_size: int
+    mel_bins: int
+    source_positions: int
+    target_positions: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+
+def whisper_config(hf: Any) -> WhisperConfig:
+    if hf.model_type != "whisper":
+        raise NotCovered(f"{hf.model_type} has no own decoder", listed=False)
+    if hf.activation_function != "gelu":
+        raise NotCovered(f"its activation {hf.activation_function!r} is not covered")
+    if hf.encoder_attention_heads != hf.decoder_attention_heads:
+        raise NotCovered("encoder and decoder head counts that differ are not covered")
+    return WhisperConfig(
+        width=hf.d_model,
+        heads=hf.decoder_attention_heads,
+        encoder_layers=hf.encoder_layers,
+        decoder_layers=hf.decoder_layers,
+        encoder_ffn=hf.encoder_ffn_dim,
+        decoder_ffn=hf.decoder_ffn_dim,
+        vocab_size=hf.vocab_size,
+        mel_bins=hf.num_mel_bins,
+        source_positions=hf.max_source_positions,
+        target_positions=hf.max_target_positions,
+    )
+
+
+def _norm(x: torch.Tensor, norm: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return functional.layer_norm(x, (x.shape[-1],), norm[0], norm[1], EPS)
+
+
+class Block(nn.Module):
+    """One encoder or decoder layer: self-attention (q/k/v stacked), cross-attention for the decoder (its query,
+    and its k/v stacked, which read the encoder's output), the MLP, and the LayerNorms as (weight, bias)."""
+
+    def __init__(
+        self,
+        qkv: SparseLinear,
+        out: SparseLinear,
+        fc1: SparseLinear,
+        fc2: SparseLinear,
+        norms: list[tuple[torch.Tensor, torch.Tensor]],
+        cross: tuple[SparseLinear, SparseLinear, SparseLinear] | None = None,
+    ) -> None:
+        super().__init__()
+        self.qkv, self.out, self.fc1, self.fc2 = qkv, out, fc1, fc2
+        self.norms = norms
+        self.cross_q = self.cross_kv = self.cross_out = None
+        if cross is not None:
+            self.cross_q, self.cross_kv, self.cross_out = cross
+
+
+@dataclass(eq=False)
+class WhisperCache:
+    """The decoder's self-attention cache and, per layer, the encoder's keys and values (B, H, S, D)."""
+
+    self_attention: KVCache
+    cross: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def length(self) -> int:
+        return self.self_attention.length
+
+
+class WhisperModel(nn.Module):
+    """Whisper on the sparse runtime: `encode`, a decoder `forward` over a `WhisperCache`, and `generate`."""
+
+    decoder_name = "sparseft whisper"
+    _encoder: list[Block]
+    _decoder: list[Block]
+    conv1_weight: torch.Tensor
+    conv1_bias: torch.Tensor
+    conv2_weight: torch.Tensor
+    conv2_bias: torch.Tensor
+    encoder_positions: torch.Tensor
+    encoder_norm_weight: torch.Tensor
+    encoder_norm_bias: torch.Tensor
+    embed_tokens: torch.Tensor
+    decoder_positions: torch.Tensor
+    decoder_norm_weight: torch.Tensor
+    decoder_norm_bias: torch.Tensor
+
+    def __init__(
+        self,
+        config: WhisperConfig,
+        hf_config: Any,
+        tensors: dict[str, torch.Tensor],
+        encoder: list[Block],
+        decoder: list[Block],
+        head: nn.Module,
+        generation_config: Any = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = config
+        self.config = hf_config
+        self.generation_config = generation_config
+        for name, tensor in tensors.items():  # stem, positions, embeddings, final norms
+            setattr(self, name, nn.Parameter(tensor, requires_grad=False))
+        self.encoder_blocks = nn.ModuleList(encoder)
+        self.decoder_blocks = nn.ModuleList(decoder)
+        self._encoder, self._decoder = list(encoder), list(decoder)
+        self.head = head
+        self.scale = config.head_dim**-0.5
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.dtype
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        return x.view(batch, tokens, self.cfg.heads, self.cfg.head_dim).transpose(1, 2)
+
+    def _self_attention(self, block: Block, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        w = self.cfg.width
+        y = block.qkv(x)
+        # as transformers: the query scaled before attention, and attention itself unscaled
+        q = self._split_heads(y[..., :w] * self.scale)
+        return q, self._split_heads(y[..., w : 2 * w]), self._split_heads(y[..., 2 * w :])
+
+    def _mlp(self, block: Block, h: torch.Tensor) -> torch.Tensor:
+        return h + block.fc2(functional.gelu(block.fc1(_norm(h, block.norms[-1]))))
+
+    @torch.inference_mode()
+    def encode(self, input_features: torch.Tensor) -> torch.Tensor:
+        """The encoder's output (B, S, width) for log-mel features (B, mel bins, 2 S)."""
+        expected = (self.cfg.mel_bins, 2 * self.cfg.source_positions)
+        if input_features.dim() != 3 or tuple(input_features.shape[1:]) != expected:
+            raise SparseftError(
+                f"input_features must be (batch, {expected[0]}, {expected[1]}), got {tuple(input_features.shape)}; "
+                "use the model's feature extractor (30 s windows)"
+            )
+        x = input_features.to(self.dtype)
+        x = functional.gelu(functional.conv1d(x, self.conv1_weight, self.conv1_bias, padding=1))
+        x = functional.gelu(functional.conv1d(x, self.conv2_weight, self.conv2_bias, stride=2, padding=1))
+        h = x.permute(0, 2, 1) + self.encoder_positions
+        batch, tokens, _ = h.shape
+        for block in self._encoder:
+            q, k, v = self._self_attention(block, _norm(h, block.norms[0]))
+            a = ops.attention(q, k, v, 1.0)
+            h = h + block.out(a.reshape(batch, tokens, self.cfg.width))
+            h = self._mlp(block, h)
+        return _norm(h, (self.encoder_norm_weight, self.encoder_norm_bias))
+
+    def new_cache(self, batch: int, capacity: int, encoded: torch.Tensor) -> WhisperCache:
+        """A cache for `batch` rows of up to `capacity` decoder tokens, holding the cross-attention keys and values
+        of the encoder's output `encoded`."""
+        if capacity > self.cfg.target_positions:
+            raise SparseftError(
+                f"Whisper decodes at most {self.cfg.target_positions} tokens (max_target_positions), asked for "
+                f"{capacity}; ask for fewer new tokens"
+            )
+        c = self.cfg
+        cross = []
+        with torch.inference_mode():
+            for block in self._decoder:
+                assert block.cross_kv is not None
+                kv = block.cross_kv(encoded)
+                cross.append((self._split_heads(kv[..., : c.width]), self._split_heads(kv[..., c.width :])))
+        own = KVCache.empty(c.decoder_layers, batch, c.heads, capacity, c.head_dim, self.dtype)
+        return WhisperCache(own, cross)
+
+    def forward(
+        self, decoder_input_ids: torch.Tensor, cache: WhisperCache, last_only: bool = False
+    ) -> CausalOutput:
+        """Logits of the decoder tokens `decoder_input_ids` (B, T) after those already in `cache`."""
+        batch, tokens = decoder_input_ids.shape
+        own = cache.self_attention
+        own.begin(batch, tokens, None)
+        start = own.length
+        h = (
+            functional.embedding(decoder_input_ids, self.embed_tokens)
+            + self.decoder_positions[start : start + tokens]
+        )
+        masks = own.masks(tokens)
+        for index, block in enumerate(self._decoder):
+            q, k, v = self._self_attention(block, _norm(h, block.norms[0]))
+            keys, values = own.store(index, k, v)
+            if tokens == 1 and ops.op_attends(q):
+                a = ops.decode_attention(q, keys, values, 1.0)
+            else:
+                a = ops.attention(q, keys, values, 1.0, None if tokens == 1 else masks[None])
+            h = h + block.out(a.reshape(batch, tokens, self.cfg.width))
+            h = self._cross_attention(block, h, *cache.cross[index])
+            h = self._mlp(block, h)
+        own.length += tokens
+        if last_only:
+            h = h[:, -1:]
+        h = _norm(h, (self.decoder_norm_weight, self.decoder_norm_bias))
+        return CausalOutput(self.head(h))
+
+    def _cross_attention(
+        self, block: Block, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> torch.Tensor:
+        assert block.cross_q is not None and block.cross_out is not None
+        batch, tokens, _ = h.shape
+        q = self._split_heads(block.cross_q(_norm(h, block.norms[1])) * self.scale)
+        if tokens == 1 and ops.op_attends(q):
+            a = ops.decode_attention(q, keys, values, 1.0)
+        else:
+            a = ops.attention(q, keys, values, 1.0)
+        return h + block.cross_out(a.reshape(batch, tokens, self.cfg.width))
+
+    # ---- generation -----------------------------------------------------------------------------------
+
+    def prompt(self, language: str | None = None, task: str | None = None) -> list[int]:
+        """The decoder's first tokens: the start token, then (multilingual models) language and task, then the
+        no-timestamps token where the model has one."""
+        g = self.generation_config
+        tokens = [int(g.decoder_start_token_id)]
+        lang_to_id = getattr(g, "lang_to_id", None) or {}
+        task_to_id = getattr(g, "task_to_id", None) or {}
+        if language is not None:
+            key = language if language.startswith("<|") else f"<|{language}|>"
+            if key not in lang_to_id:
+                raise SparseftError(
+                    f"this Whisper has no language {language!r}; it knows {sorted(lang_to_id)[:8]}..."
+                )
+            tokens.append(int(lang_to_id[key]))
+        if task_to_id and (task or language is not None):
+            if (task or "transcribe") not in task_to_id:
+                raise SparseftError(f"task must be one of {sorted(task_to_id)}, got {task!r}")
+            tokens.append(int(task_to_id[task or "transcribe"]))
+        no_timestamps = getattr(g, "no_timestamps_token_id", None)
+        if no_timestamps is not None:
+            tokens.append(int(no_timestamps))
+        return tokens
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_features: torch.Tensor,
+        max_new_tokens: int = 64,
+        language: str | None = None,
+        task: str | None = None,
+        num_beams: int = 1,
+        **options: Any,
+    ) -> torch.Tensor:
+        """Greedy (or sampled) transcription of `input_features`: (B, prompt + new tokens), the decoder prompt
+        first (see `prompt`). Other options as `sparseft.runtime.generate.generate`."""
+        from sparseft.runtime.generate import generate
+
+        if num_beams != 1:
+            raise SparseftError(
+                "the sparseft Whisper decodes greedily or by sampling; beam search needs "
+                "decoder='transformers'"
+            )
+        encoded = self.encode(input_features)
+        prompt = torch.tensor([self.prompt(language, task)] * input_features.shape[0])
+        g = self.generation_config
+        suppress = torch.tensor(list(getattr(g, "suppress_tokens", None) or []), dtype=torch.long)
+        at_begin = torch.tensor(list(getattr(g, "begin_suppress_tokens", None) or []), dtype=torch.long)
+
+        def suppressed(step: int, logits: torch.Tensor) -> torch.Tensor:
+            hidden = torch.cat([suppress, at_begin]) if step == 0 else suppress
+            return logits.index_fill(-1, hidden, float("-inf")) if hidden.numel() else logits
+
+        bound = _Bound(self, encoded)
+        options.setdefault("pad_token_id", getattr(g, "pad_token_id", None))
+        return generate(bound, prompt, max_new_tokens=max_new_tokens, logits_filter=suppressed, **options)
+
+
+class _Bound:
+    """The decoder bound to one clip's encoder output, in the shape `runtime.generate` drives."""
+
+    def __init__(self, model: WhisperModel, encoded: torch.Tensor) -> None:
+        self.model, self.encoded = model, encoded
+        self.generation_config = model.generation_config
+        self.config = model.config
+
+    def new_cache(self, batch: int, capacity: int) -> WhisperCache:
+        return self.model.new_cache(batch, capacity, self.encoded)
+
+    def __call__(
+        self, ids: torch.Tensor, attention_mask: Any = None, cache: Any = None, last_only: bool = False
+    ) -> CausalOutput:
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise SparseftError("Whisper's decoder prompts are not padded")
+        return self.model(ids, cache, last_only)
+
+
+# ---- building from a checkpoint ------------------------------------------------------------------------
+
+
+def _block(
+    weights: CheckpointWeights,
+    prefix: str,
+    values: Values,
+    dtype: torch.dtype,
+    width: int,
+    ffn: int,
+    cross: bool,
+) -> Block:
+    def attention(name: str) -> list[Any]:
+        return [weights.linear(f"{prefix}.{name}.{p}_proj", values, (width, width)) for p in ("q", "k", "v")]
+
+    def norm(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return weights.tensor(f"{prefix}.{name}.weight", dtype), weights.tensor(
+            f"{prefix}.{name}.bias", dtype
+        )
+
+    names = ["self_attn_layer_norm", *(["encoder_attn_layer_norm"] if cross else []), "final_layer_norm"]
+    cross_linears = None
+    if cross:
+        q, k, v = attention("encoder_attn")
+        out = weights.linear(f"{prefix}.encoder_attn.out_proj", values, (width, width))
+        cross_linears = (SparseLinear(*q), stacked_linear([k, v]), SparseLinear(*out))
+    return Block(
+        stacked_linear(attention("self_attn")),
+        SparseLinear(*weights.linear(f"{prefix}.self_attn.out_proj", values, (width, width))),
+        SparseLinear(*weights.linear(f"{prefix}.fc1", values, (ffn, width))),
+        SparseLinear(*weights.linear(f"{prefix}.fc2", values, (width, ffn))),
+        [norm(n) for n in names],
+        cross_linears,
+    )
+
+
+def build(
+    weights: CheckpointWeights,
+    hf_config: Any,
+    values: Values,
+    dtype: torch.dtype,
+    head_values: Values | None = "bf16",
+    generation_config: Any = None,
+) -> WhisperModel:
+    """Whisper from the tensors of `weights`; NotCovered for a model it does not run."""
+    cfg = whisper_config(hf_config)
+    w = cfg.width
+    encoder = [
+        _block(weights, f"model.encoder.layers.{i}", values, dtype, w, cfg.encoder_ffn, cross=False)
+        for i in range(cfg.encoder_layers)
+    ]
+    release_freed_memory()
+    decoder = [
+        _block(weights, f"model.decoder.layers.{i}", values, dtype, w, cfg.decoder_ffn, cross=True)
+        for i in range(cfg.decoder_layers)
+    ]
+    names = {
+        "conv1_weight": "model.encoder.conv1.weight",
+        "conv1_bias": "model.encoder.conv1.bias",
+        "conv2_weight": "model.encoder.conv2.weight",
+        "conv2_bias": "model.encoder.conv2.bias",
+        "encoder_positions": "model.encoder.embed_positions.weight",
+        "encoder_norm_weight": "model.encoder.layer_norm.weight",
+        "encoder_norm_bias": "model.encoder.layer_norm.bias",
+        "embed_tokens": "model.decoder.embed_tokens.weight",
+        "decoder_positions": "model.decoder.embed_positions.weight",
+        "decoder_norm_weight": "model.decoder.layer_norm.weight",
+        "decoder_norm_bias": "model.decoder.layer_norm.bias",
+    }
+    tensors = {attr: weights.tensor(name, dtype) for attr, name in names.items()}
+    if tuple(tensors["embed_tokens"].shape) != (cfg.vocab_size, w):
+        raise SparseftError(
+            f"model.decoder.embed_tokens.weight is {tuple(tensors['embed_tokens'].shape)} in {weights.directory}, "
+            f"not {(cfg.vocab_size, w)}; export it again"
+        )
+    tied = not weights.has("proj_out.weight")
+    head = lm_head(
+        tensors["embed_tokens"] if tied else weights.tensor("proj_out.weight", dtype), dtype, head_values
+    )
+    model = WhisperModel(cfg, hf_config, tensors, encoder, decoder, head, generation_config)
+    release_freed_memory()
+    return model.eval()
