@@ -192,6 +192,6 @@ def test_result_files_are_named_by_benchmark_date_and_machine() -> None:
     path = result_path("cpu_decode")
     name = path.removeprefix("benchmarks/results/cpu_decode_").removesuffix(".json")
     date, _, machine = name.partition("_")
-    assert len(date) == 10 and date[4] == date[7] == "-"
+    assert len(date) == 15 and date[4] == date[7] == date[10] == "-"  # 2026-12-07-0215
     assert machine and all(c.isalnum() or c == "-" for c in machine) and "--" not in machine
     assert cpu_name().rsplit(", ", 1)[1] in ("avx512", "avx2", "other")

@@ -59,7 +59,7 @@ def result_path(benchmark: str, directory: str = "benchmarks/results") -> str:
     slug = "".join(c if c.isalnum() else "-" for c in cpu_name().lower()).strip("-")
     while "--" in slug:
         slug = slug.replace("--", "-")
-    return f"{directory}/{benchmark}_{time.strftime('%Y-%m-%d')}_{slug}.json"
+    return f"{directory}/{benchmark}_{time.strftime('%Y-%m-%d-%H%M')}_{slug}.json"
 
 
 def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:

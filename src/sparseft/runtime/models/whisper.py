@@ -198,7 +198,9 @@ class WhisperModel(nn.Module):
             for block in self._decoder:
                 assert block.cross_kv is not None
                 kv = block.cross_kv(encoded)
-                cross.append((self._split_heads(kv[..., : c.width]), self._split_heads(kv[..., c.width :])))
+                # contiguous once here, not copied by the attention at every step (1500 positions a layer)
+                keys, values = (self._split_heads(kv[..., i * c.width : (i + 1) * c.width]) for i in range(2))
+                cross.append((keys.contiguous(), values.contiguous()))
         own = KVCache.empty(c.decoder_layers, batch, c.heads, capacity, c.head_dim, self.dtype)
         return WhisperCache(own, cross)
 
@@ -276,10 +278,12 @@ class WhisperModel(nn.Module):
         language: str | None = None,
         task: str | None = None,
         num_beams: int = 1,
+        encoded: torch.Tensor | None = None,
         **options: Any,
     ) -> torch.Tensor:
         """Greedy (or sampled) transcription of `input_features`: (B, prompt + new tokens), the decoder prompt
-        first (see `prompt`). Other options as `sparseft.runtime.generate.generate`."""
+        first (see `prompt`). `encoded`: the clip's encoder output (`encode`) when the caller has it already.
+        Other options as `sparseft.runtime.generate.generate`."""
         from sparseft.runtime.generate import generate
 
         if num_beams != 1:
@@ -287,7 +291,8 @@ class WhisperModel(nn.Module):
                 "the sparseft Whisper decodes greedily or by sampling; beam search needs "
                 "decoder='transformers'"
             )
-        encoded = self.encode(input_features)
+        if encoded is None:
+            encoded = self.encode(input_features)
         prompt = torch.tensor([self.prompt(language, task)] * input_features.shape[0])
         g = self.generation_config
         suppress = torch.tensor(list(getattr(g, "suppress_tokens", None) or []), dtype=torch.long)
