@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,9 +22,6 @@ from sparseft.runtime.norm import fuse_norms_
 from sparseft.runtime.packing import Values, pack_dense, pack_full_int8
 from sparseft.runtime.reader import TensorReader
 from sparseft.runtime.weights import packed_from_parts, read_parts
-
-if TYPE_CHECKING:
-    pass
 
 
 def _check_values(values: str) -> None:
@@ -97,8 +94,8 @@ _FUSED = ("fused_groups", "fused_norms", "fused_attention", "fused_layers")
 
 
 def _fuse(model: nn.Module) -> dict[str, int]:
-    """Fewer, larger calls per token: sibling linears, Llama-style norms, decoding attention,
-    then the decoding step of each Llama-style layer as direct calls to those (it needs all four)."""
+    """Fewer, larger calls per token: sibling linears, Llama-style norms, decoding attention, then the decoding
+    step of each Whisper decoder layer as direct calls to those."""
     counts = (
         fuse_siblings_(model),
         fuse_norms_(model),
@@ -148,8 +145,8 @@ def load(
 
     `decoder`: "sparseft" is the runtime's own model code (Llama, Mistral, Qwen2/3, Phi-3: `models.LlamaDecoder`,
     with `generate` and a forward that returns logits; Whisper: `models.WhisperModel`, greedy, only when asked for
-    by name); "transformers" is the transformers model with its linears
-    swapped for `SparseLinear` (any architecture; what lm-eval and other transformers tools need); "auto" takes
+    by name); "transformers" is the transformers model with its linears swapped for `SparseLinear` (any
+    architecture; what lm-eval and other transformers tools need); "auto" takes
     the own decoder where it covers the model and warns when a listed architecture falls back. The model's
     `decoder_name` says which runs.
     `values` defaults to "int8" for an int8 archive and "bf16" otherwise; `dtype` is the dtype of everything

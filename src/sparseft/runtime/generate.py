@@ -60,10 +60,10 @@ def _check(max_new_tokens: int, temperature: float, top_k: int, top_p: float) ->
 def _prefill(
     model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: Any
 ) -> torch.Tensor:
-    """The last logits of each prompt, its keys and values cached. Left-padded rows are prefilled one by one
-    without their padding, so each row's numbers are those it gets alone (a batched prompt would take other
-    kernels: the decompress-and-matmul path past a few tokens)."""
-    if attention_mask is None or bool(attention_mask.all()):
+    """The last logits of each prompt, its keys and values cached. The rows of a batch are prefilled one by one,
+    left-padded ones without their padding, so each row's numbers are those it gets alone (a batched prompt
+    would take other kernels: the decompress-and-matmul path past a few tokens)."""
+    if input_ids.shape[0] == 1 and (attention_mask is None or bool(attention_mask.all())):
         return model(input_ids, cache=cache, last_only=True).logits[:, -1]
     cache.begin(*input_ids.shape, attention_mask)
     rows = []

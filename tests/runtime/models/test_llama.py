@@ -185,6 +185,14 @@ def test_batched_generation_equals_one_by_one(name: str, tmp_path: Path) -> None
     batched = own.generate(ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[])[:, width:]
     for row in range(len(prompts)):
         assert batched[row].tolist() == alone[row].tolist(), row
+    # rows of one length, no padding: the same again
+    same = torch.stack([PROMPT[0, :9], PROMPT[0, 5:14]])
+    together = own.generate(same, max_new_tokens=20, eos_token_id=[])[:, 9:]
+    for row in range(2):
+        assert (
+            together[row].tolist()
+            == own.generate(same[row : row + 1], max_new_tokens=20, eos_token_id=[])[0, 9:].tolist()
+        )
 
 
 def test_padded_forward_without_cache_matches_each_row(tmp_path: Path) -> None:

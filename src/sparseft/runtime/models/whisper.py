@@ -104,6 +104,22 @@ class WhisperCache:
     def length(self) -> int:
         return self.self_attention.length
 
+    @length.setter
+    def length(self, value: int) -> None:
+        self.self_attention.length = value
+
+    @property
+    def starts(self) -> list[int]:
+        return self.self_attention.starts
+
+    def begin(self, batch: int, tokens: int, attention_mask: torch.Tensor | None) -> None:
+        self.self_attention.begin(batch, tokens, attention_mask)
+
+    def row(self, row: int) -> WhisperCache:
+        """Row `row` as a cache of its own over the same buffers (see KVCache.row)."""
+        cross = [(k[row : row + 1], v[row : row + 1]) for k, v in self.cross]
+        return WhisperCache(self.self_attention.row(row), cross)
+
 
 class WhisperModel(nn.Module):
     """Whisper on the sparse runtime: `encode`, a decoder `forward` over a `WhisperCache`, and `generate`."""
