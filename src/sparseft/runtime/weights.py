@@ -101,9 +101,6 @@ class CheckpointWeights:
     def has(self, name: str) -> bool:
         return name in self._compressed or name in self._plain
 
-    def names(self) -> set[str]:
-        return self._compressed | self._plain
-
     def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """A tensor that stays dense; mapped from its file where it needs no conversion (an embedding table's
         rows enter memory only when looked up)."""

@@ -51,7 +51,6 @@ class LlamaConfig:
     eps: float
     rotary_dim: int
     inv_freq: tuple[float, ...]  # rotary frequencies, scaling applied
-    rope_attention_scaling: float
     windows: tuple[int | None, ...]  # per layer: the sliding window, None for full attention
     max_positions: int
     tie_embeddings: bool
@@ -59,8 +58,8 @@ class LlamaConfig:
     stacked: bool  # Phi-3 stores q/k/v and gate/up stacked in its own weights
 
 
-def _rope(hf: Any, head_dim: int) -> tuple[int, tuple[float, ...], float]:
-    """Rotary dimensions, frequencies and scaling of `hf`: the formulas of the default, linear and llama3 rope
+def _rope(hf: Any, head_dim: int) -> tuple[int, tuple[float, ...]]:
+    """Rotary dimensions and frequencies of `hf`: the formulas of the default, linear and llama3 rope
     types (Meta's Llama 3.1 reference code); any other type is not covered."""
     params = dict(getattr(hf, "rope_parameters", None) or {})
     scaling = getattr(hf, "rope_scaling", None)
@@ -84,7 +83,7 @@ def _rope(hf: Any, head_dim: int) -> tuple[int, tuple[float, ...], float]:
         inv = torch.where(medium, smoothed, scaled)
     elif kind != "default":
         raise NotCovered(f"its rope type {kind!r} is not covered")
-    return dim, tuple(inv.tolist()), 1.0
+    return dim, tuple(inv.tolist())
 
 
 def llama_config(hf: Any) -> LlamaConfig:
@@ -97,7 +96,7 @@ def llama_config(hf: Any) -> LlamaConfig:
     heads = hf.num_attention_heads
     kv_heads = getattr(hf, "num_key_value_heads", None) or heads
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
-    rotary_dim, inv_freq, scaling = _rope(hf, head_dim)
+    rotary_dim, inv_freq = _rope(hf, head_dim)
     layers = hf.num_hidden_layers
     window = getattr(hf, "sliding_window", None)
     kinds = getattr(hf, "layer_types", None)
@@ -117,7 +116,6 @@ def llama_config(hf: Any) -> LlamaConfig:
         eps=float(hf.rms_norm_eps),
         rotary_dim=rotary_dim,
         inv_freq=inv_freq,
-        rope_attention_scaling=scaling,
         windows=windows,
         max_positions=int(getattr(hf, "max_position_embeddings", 0) or 0),
         tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
@@ -200,9 +198,8 @@ class LlamaDecoder(nn.Module):
             # as transformers: products in float32, cos/sin of the doubled frequencies, then the model's dtype
             freqs = torch.arange(size, dtype=torch.float32)[:, None] * self._inv_freq[None, :]
             angles = torch.cat((freqs, freqs), dim=-1)
-            scaling = self.cfg.rope_attention_scaling
-            self._cos = (angles.cos() * scaling).to(self.dtype)
-            self._sin = (angles.sin() * scaling).to(self.dtype)
+            self._cos = angles.cos().to(self.dtype)
+            self._sin = angles.sin().to(self.dtype)
         return self._cos, self._sin
 
     # ---- the model -------------------------------------------------------------------------------------
