@@ -278,10 +278,16 @@ def test_large_batches_take_the_dense_path(
     torch.testing.assert_close(y, expected)
     bias = torch.randn(30)
     monkeypatch.setattr(dispatch, "_DECOMPRESS_BYTES", 2 * 70 * 7)  # blocks of 7 rows, the last one short
-    for kind in ("bf16", "int8"):
-        blocked = pack_dense(awkward_weight(30, 70), kind)  # type: ignore[arg-type]
-        expected = torch.nn.functional.linear(x, reference.decompress(blocked), bias.bfloat16())
-        torch.testing.assert_close(dispatch.linear(x, blocked, bias), expected)
+    for native in (True, False):  # a CPU with bf16 matrix instructions multiplies in bf16, others in fp32
+        monkeypatch.setattr(dispatch, "native_bf16_matmul", lambda native=native: native)
+        for kind in ("bf16", "int8"):
+            blocked = pack_dense(awkward_weight(30, 70), kind)  # type: ignore[arg-type]
+            w = reference.decompress(blocked)
+            if native:
+                expected = torch.nn.functional.linear(x, w, bias.bfloat16())
+            else:
+                expected = torch.nn.functional.linear(x.float(), w.float(), bias).bfloat16()
+            torch.testing.assert_close(dispatch.linear(x, blocked, bias), expected, rtol=0, atol=0)
     monkeypatch.setenv("SPARSEFT_DENSE_ABOVE", "four")
     with pytest.raises(SparseftError, match="SPARSEFT_DENSE_ABOVE"):
         dispatch.linear(x, packed, None)
