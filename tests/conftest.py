@@ -90,3 +90,34 @@ def math_model(
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return model, tok, records, path
+
+
+@pytest.fixture(scope="session")
+def exported_llama(tmp_path_factory: pytest.TempPathFactory, make_model_dir: Callable[..., Path]) -> Path:
+    """The tiny Llama pruned to 70% by magnitude and exported as a bitmask archive (bf16), for generation."""
+    from sparseft import api
+
+    root = tmp_path_factory.mktemp("exported-llama")
+    api.prune(str(make_model_dir("llama")), root / "pruned", method="magnitude", sparsity=0.7, progress=False)
+    api.export(str(root / "pruned"), root / "archive", dtype="bfloat16", progress=False)
+    return root / "archive"
+
+
+# A minimal chat template: each message as <|role|>content on its own line, then the assistant's tag.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def chat_llama(tmp_path_factory: pytest.TempPathFactory, exported_llama: Path) -> Path:
+    """`exported_llama` with a tokenizer that has `CHAT_TEMPLATE`."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("chat-llama") / "archive"
+    shutil.copytree(exported_llama, path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return path

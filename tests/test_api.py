@@ -2,6 +2,7 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -192,3 +193,91 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_run(
     monkeypatch.setattr(api, "eval_ppl", never)
     with pytest.raises(SparseftError, match="is a directory"):
         api.evaluate("some/model", "ppl", output=tmp_path, dataset="x.txt")
+
+
+# --- generate: streaming, chat, sampling ------------------------------------------------------------------------
+
+
+def test_generate_streams_the_text_piece_by_piece(exported_llama: Path) -> None:
+    pieces: list[str] = []
+    result = api.generate(exported_llama, "def main(", max_new_tokens=24, on_text=pieces.append)
+    assert len(pieces) > 1 and "".join(pieces) == result["text"]
+    assert result["new_tokens"] == 24
+    assert api.generate(exported_llama, "def main(", max_new_tokens=24)["text"] == result["text"]  # greedy
+
+
+@pytest.mark.parametrize("decoder", ["sparseft", "transformers"])
+def test_a_seed_makes_sampling_reproducible(exported_llama: Path, decoder: str) -> None:
+    def sampled(**options: Any) -> str:
+        return str(api.generate(exported_llama, "def main(", 16, decoder=decoder, **options)["text"])
+
+    greedy = sampled()
+    first = sampled(temperature=1.5, seed=1)
+    assert sampled(temperature=1.5, seed=1) == first != greedy
+    assert sampled(temperature=1.5, seed=2) != first
+    assert sampled(sample=True, seed=1) != greedy
+    # top_k=1 and a tiny top_p keep only the likeliest token: sampling that is greedy decoding
+    assert sampled(top_k=1, seed=3) == sampled(top_p=1e-6, seed=3) == greedy
+    before = torch.random.get_rng_state()
+    sampled(temperature=1.5, seed=1)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the seed does not touch the caller's generator
+
+
+def test_generate_with_chat_uses_the_template(chat_llama: Path, exported_llama: Path) -> None:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(chat_llama)
+    as_chat = api.generate(chat_llama, "hello", max_new_tokens=8, chat=True)
+    assert as_chat["prompt_tokens"] == len(tokenizer("<|user|>hello\n<|assistant|>").input_ids)
+    plain = api.generate(exported_llama, "<|user|>hello\n<|assistant|>", max_new_tokens=8)
+    assert as_chat["text"] == plain["text"]
+    messages = [{"role": "user", "content": "hello"}]
+    assert api.generate(chat_llama, messages, max_new_tokens=8)["text"] == as_chat["text"]
+    with pytest.raises(SparseftError, match="has no chat template"):
+        api.generate(exported_llama, "hello", chat=True)
+
+
+def test_chat_keeps_the_conversation_and_loads_once(
+    chat_llama: Path, exported_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loads: list[object] = []
+    load_sparse = api.load_sparse
+
+    def counted(*args: Any, **kwargs: Any) -> torch.nn.Module:
+        loads.append(args[0])
+        return load_sparse(*args, **kwargs)
+
+    monkeypatch.setattr(api, "load_sparse", counted)
+    first, second = api.chat(chat_llama, ["hello", "again"], max_new_tokens=8)
+    assert loads == [chat_llama]
+    # the same model without a template, given the conversation as the template writes it
+    opening = "<|user|>hello\n<|assistant|>"
+    conversation = f"{opening}{first['text']}\n<|user|>again\n<|assistant|>"
+    assert first["text"] == api.generate(exported_llama, opening, max_new_tokens=8)["text"]
+    assert second["text"] == api.generate(exported_llama, conversation, max_new_tokens=8)["text"]
+
+
+def test_threads_apply_to_the_call_only(exported_llama: Path) -> None:
+    before = torch.get_num_threads()
+    during: list[int] = []
+    api.generate(exported_llama, "x", 4, threads=1, on_text=lambda _: during.append(torch.get_num_threads()))
+    assert during and set(during) == {1}
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"temperature": 0.0}, "temperature must be above 0"),
+        ({"temperature": float("nan")}, "temperature must be above 0"),
+        ({"top_p": 2.0}, "top_p must be above 0 and at most 1"),
+        ({"top_p": 0.0}, "top_p must be above 0 and at most 1"),
+        ({"top_k": 0}, "top_k must be 1 or more"),
+        ({"seed": -1}, "seed must be from 0"),
+        ({"threads": 0}, "threads must be 1 or more"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be at least 1"),
+    ],
+)
+def test_bad_generation_settings_are_refused_before_the_model_loads(
+    options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(SparseftError, match=message):
+        api.generate("no/such/model", "x", **options)

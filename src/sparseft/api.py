@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sparseft import mathtask, seq2seq_data
+from sparseft import mathtask, modelcard, seq2seq_data
 from sparseft.atomic import atomic_dir, check_json_target, write_json
 from sparseft.data import TextSource, calibration_samples, check_local, load_records, load_texts, token_stream
 from sparseft.errors import SparseftError, SparseftWarning
@@ -151,6 +152,7 @@ def prune(
         tokenizer.save_pretrained(tmp)
         seq2seq_data.save_feature_extractor(model, config, tmp, trust_remote_code)
         write_json(tmp / "sparsity.json", report)
+        modelcard.write_card(tmp, model, output, trust_remote_code=trust_remote_code)
     return report
 
 
@@ -490,6 +492,7 @@ def evaluate(
         raise SparseftError(f"unknown task {task!r}; use one of {', '.join(EVAL_TASKS)} or lm-eval:TASK")
     if output is not None:
         write_json(output, result)
+        modelcard.refresh_evaluation(Path(output).parent)  # a result saved beside a sparseft card joins it
     return result
 
 
@@ -641,6 +644,7 @@ def export(
         report["size_on_disk"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
         report["seconds"] = round(time.perf_counter() - started, 2)
         write_json(tmp / "export.json", report)
+        modelcard.write_card(tmp, model, output, trust_remote_code=trust_remote_code)
     return report
 
 
@@ -723,30 +727,176 @@ def load_sparse(
 
 def generate(
     model: str | Path,
-    prompt: str,
+    prompt: str | list[dict[str, str]],
     max_new_tokens: int = 64,
     values: str | None = None,
     sample: bool = False,
     trust_remote_code: bool = False,
     head_values: str = "bf16",
     decoder: str = "auto",
+    *,
+    chat: bool = False,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    seed: int | None = None,
+    threads: int | None = None,
+    on_text: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Generate a continuation of `prompt` with the sparse CPU runtime (greedy unless `sample`); the result says
-    which decoder ran (`load_sparse`)."""
+    """Generate a continuation of `prompt` with the sparse CPU runtime; the result says which decoder ran
+    (`load_sparse`).
+
+    `chat` (or a list of messages, `{"role": ..., "content": ...}`, as `prompt`) puts the prompt as a user message
+    through the tokenizer's chat template and answers it. Decoding is greedy unless `sample` or any of
+    `temperature`, `top_p` and `top_k` is given; `seed` makes the sampling reproducible. `threads` sets torch's
+    CPU threads for the call. `on_text` gets the new text piece by piece as it is generated; the pieces add up to
+    the result's `text`."""
+    options = _decoding_options(sample, temperature, top_p, top_k, seed)
+    _check_run(max_new_tokens, threads)
+    with _torch_threads(threads):
+        tokenizer, net = _load_text_model(
+            model, values, trust_remote_code, head_values, decoder, chat or not isinstance(prompt, str)
+        )
+        if isinstance(prompt, str) and chat:
+            prompt = [{"role": "user", "content": prompt}]
+        return _reply(net, tokenizer, prompt, max_new_tokens, options, seed, on_text)
+
+
+def chat(
+    model: str | Path,
+    turns: Iterable[str],
+    max_new_tokens: int = 64,
+    values: str | None = None,
+    trust_remote_code: bool = False,
+    head_values: str = "bf16",
+    decoder: str = "auto",
+    *,
+    sample: bool = False,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    seed: int | None = None,
+    threads: int | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """A conversation with the model loaded once: yields `generate`'s result for the reply to each user message
+    of `turns`, read only once the previous reply is out (so `turns` may wait for the user to type). Every prompt
+    holds the whole conversation so far, through the tokenizer's chat template. The options are `generate`'s;
+    with `seed`, each reply is sampled from that seed."""
+    options = _decoding_options(sample, temperature, top_p, top_k, seed)
+    _check_run(max_new_tokens, threads)
+    with _torch_threads(threads):
+        tokenizer, net = _load_text_model(model, values, trust_remote_code, head_values, decoder, True)
+    messages: list[dict[str, str]] = []
+    for turn in turns:
+        messages.append({"role": "user", "content": turn})
+        with _torch_threads(threads):  # not held across the yield: the caller's code runs there
+            result = _reply(net, tokenizer, messages, max_new_tokens, options, seed, on_text)
+        messages.append({"role": "assistant", "content": result["text"]})
+        yield result
+
+
+def _decoding_options(
+    sample: bool, temperature: float | None, top_p: float | None, top_k: int | None, seed: int | None
+) -> dict[str, Any]:
+    """The decoding arguments of the models' `generate`: greedy, or sampling when `sample` or any of `temperature`,
+    `top_p` and `top_k` is given (those left out are off)."""
+    if temperature is not None and not temperature > 0:
+        raise SparseftError(
+            f"temperature must be above 0, got {temperature}; leave it out for greedy decoding"
+        )
+    if top_p is not None and not 0 < top_p <= 1:
+        raise SparseftError(f"top_p must be above 0 and at most 1, got {top_p}")
+    if top_k is not None and top_k < 1:
+        raise SparseftError(f"top_k must be 1 or more, got {top_k}; leave it out to keep every token")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise SparseftError(f"seed must be from 0 to 2**64 - 1, got {seed}")
+    if not (sample or temperature is not None or top_p is not None or top_k is not None):
+        if seed is not None:
+            warnings.warn(
+                "the seed has no effect on greedy decoding; sample (or give a temperature, top_p or top_k) "
+                "to use it",
+                SparseftWarning,
+                stacklevel=3,
+            )
+        return {"do_sample": False}
+    # explicit values, so the defaults of a checkpoint's generation_config (transformers path) do not apply
+    return {
+        "do_sample": True,
+        "temperature": 1.0 if temperature is None else temperature,
+        "top_p": 1.0 if top_p is None else top_p,
+        "top_k": top_k or 0,
+    }
+
+
+def _check_run(max_new_tokens: int, threads: int | None) -> None:
     if max_new_tokens < 1:
         raise SparseftError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if threads is not None and threads < 1:
+        raise SparseftError(f"threads must be 1 or more, got {threads}")
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's CPU threads set to `threads` inside the block (when given), and back as they were after it."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _load_text_model(
+    model: str | Path, values: str | None, trust_remote_code: bool, head_values: str, decoder: str, chat: bool
+) -> tuple[Any, torch.nn.Module]:
+    """The tokenizer and the sparse model; a chat without a chat template is refused before the weights load."""
     tokenizer = load_tokenizer(str(model), trust_remote_code)
+    if chat and not tokenizer.chat_template:
+        raise SparseftError(
+            f"the tokenizer of {model} has no chat template; leave out chat (--chat) to continue the prompt as "
+            "plain text, or save a tokenizer that has one beside the model"
+        )
     net = load_sparse(
         model, values, trust_remote_code=trust_remote_code, head_values=head_values, decoder=decoder
     )
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    return tokenizer, net
+
+
+def _reply(
+    net: torch.nn.Module,
+    tokenizer: Any,
+    prompt: str | list[dict[str, str]],
+    max_new_tokens: int,
+    options: dict[str, Any],
+    seed: int | None,
+    on_text: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    """`generate`'s result for one prompt: plain text, or messages through the chat template."""
+    if isinstance(prompt, str):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+    else:
+        ids = tokenizer.apply_chat_template(
+            prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        ).input_ids
     if ids.shape[1] == 0:
         raise SparseftError("the prompt is empty (no tokens); give some text to continue")
     _check_positions(net.config, ids.shape[1] + max_new_tokens, "the prompt and max_new_tokens")
+    streamer = None if on_text is None else _text_streamer(tokenizer, on_text)
     started = time.perf_counter()
-    with torch.inference_mode():
+    # a seed applies to this call only: torch's global generator is put back as it was after it
+    with torch.inference_mode(), torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
         out = net.generate(
-            ids, max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=tokenizer.pad_token_id
+            ids,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            streamer=streamer,
+            **options,
         )  # type: ignore[operator]
     seconds = time.perf_counter() - started
     new = out[0, ids.shape[1] :]
@@ -758,6 +908,19 @@ def generate(
         "seconds": round(seconds, 3),
         "tokens_per_s": round(len(new) / seconds, 2),
     }
+
+
+def _text_streamer(tokenizer: Any, on_text: Callable[[str], None]) -> Any:
+    """A streamer for the models' `generate` that hands the new text to `on_text` as it is decoded: transformers'
+    `TextStreamer` (which holds back a word until it cannot change) with its printing replaced."""
+    from transformers import TextStreamer
+
+    class TextCallback(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if text:
+                on_text(text)
+
+    return TextCallback(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
 def bench(

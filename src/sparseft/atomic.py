@@ -77,17 +77,21 @@ def check_json_target(path: str | os.PathLike[str]) -> None:
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
     """Write JSON atomically (temporary file in the same directory, then rename), creating missing parents."""
-    path = Path(path)
     check_json_target(path)
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write text atomically (temporary file in the same directory, then rename), creating missing parents."""
+    path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     except OSError as e:
         raise SparseftError(f"cannot write {path}: {e.strerror}") from e
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from sparseft.errors import SparseftError, SparseftWarning
@@ -406,7 +407,17 @@ COMMANDS += [add_finetune]
 def add_generate(sub: Any) -> None:
     p = sub.add_parser("generate", help="generate text with the sparse CPU runtime")
     p.add_argument("model", help="a bitmask archive (sparseft export) or a pruned HF checkpoint")
-    p.add_argument("--prompt", required=True)
+    p.add_argument(
+        "--prompt",
+        help="text to continue (with --chat: the message to answer); left out, the whole of stdin is one prompt "
+        "(its last line break dropped)",
+    )
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="answer the prompt as a user message through the tokenizer's chat template; with no --prompt at a "
+        "terminal: a conversation, turn by turn (exit, quit or Ctrl-D leaves)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument(
         "--values", choices=["bf16", "int8"], help="weight values in memory (default: as exported)"
@@ -417,7 +428,16 @@ def add_generate(sub: Any) -> None:
         default="bf16",
         help="LM head in memory: bf16 (exact) or int8 (half its bytes, faster; logits change slightly)",
     )
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument(
+        "--sample",
+        action="store_true",
+        help="sample instead of greedy decoding (on with any of the next three)",
+    )
+    p.add_argument("--temperature", type=float, help="sampling: divides the logits (default 1.0)")
+    p.add_argument("--top-p", type=float, help="sampling: from the likeliest tokens up to this probability")
+    p.add_argument("--top-k", type=int, help="sampling: from the k likeliest tokens")
+    p.add_argument("--seed", type=int, help="sampling: the same seed gives the same text")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per core)")
     p.add_argument(
         "--decoder",
         choices=["auto", "sparseft", "transformers"],
@@ -431,16 +451,55 @@ def add_generate(sub: Any) -> None:
 def run_generate(args: argparse.Namespace) -> None:
     from sparseft import api
 
-    result = api.generate(
-        args.model, args.prompt, args.max_new_tokens, args.values, args.sample, args.trust_remote_code,
-        head_values=args.head_values, decoder=args.decoder,
+    options: dict[str, Any] = dict(
+        max_new_tokens=args.max_new_tokens, values=args.values, trust_remote_code=args.trust_remote_code,
+        head_values=args.head_values, decoder=args.decoder, sample=args.sample, temperature=args.temperature,
+        top_p=args.top_p, top_k=args.top_k, seed=args.seed, threads=args.threads, on_text=_print_piece,
     )  # fmt: skip
-    print(result["text"])
+    if args.prompt is None and sys.stdin.isatty():
+        if not args.chat:
+            raise SparseftError(
+                "give --prompt, pipe the prompt on stdin, or add --chat to chat at the terminal"
+            )
+        print("chat: type a message; exit, quit or Ctrl-D to leave", file=sys.stderr)
+        try:
+            for result in api.chat(args.model, _typed_turns(), **options):
+                _print_stats(result)
+        except KeyboardInterrupt:  # Ctrl-C leaves the chat, mid-reply too
+            print()
+        return
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read().removesuffix("\n")
+    _print_stats(api.generate(args.model, prompt, chat=args.chat, **options))
+
+
+def _print_piece(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _print_stats(result: dict[str, Any]) -> None:
+    print()  # the streamed text ends its line
     print(
         f"[decoder: {result['decoder']}; {result['new_tokens']} tokens in {result['seconds']} s, "
         f"{result['tokens_per_s']} tok/s]",
         file=sys.stderr,
     )
+
+
+def _typed_turns() -> Iterator[str]:
+    """The messages typed at the terminal, until exit, quit or the end of input (Ctrl-D)."""
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (line editing and history for input(); absent on Windows)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return
+        if line.strip() in ("exit", "quit"):
+            return
+        if line.strip():
+            yield line
 
 
 def add_bench(sub: Any) -> None:
@@ -512,6 +571,95 @@ def run_bench(args: argparse.Namespace) -> None:
 
 
 COMMANDS += [add_generate, add_bench]
+
+
+def add_serve(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server on the sparse CPU runtime, with continuous batching",
+        description="Serve a Llama-family model (Llama, Mistral, Qwen2/3, Phi-3) on sparseft's own decoder: "
+        "POST /v1/chat/completions and /v1/completions (streamed or whole), GET /v1/models, /health, /metrics. "
+        "Requests join the running batch between decoding steps. SIGTERM or Ctrl-C stops taking requests, "
+        "lets the running ones finish, and exits.",
+    )
+    p.add_argument("model", help="a bitmask archive (sparseft export) or a pruned HF checkpoint")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: %(default)s; 0.0.0.0 listens on every interface)",
+    )
+    p.add_argument("--port", type=int, default=8000, metavar="N", help="(default: %(default)s)")
+    p.add_argument(
+        "--values", choices=["bf16", "int8"], help="weight values in memory (default: as exported)"
+    )
+    p.add_argument(
+        "--head-values",
+        choices=["bf16", "int8"],
+        default="bf16",
+        help="the LM head in memory (default: %(default)s)",
+    )
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for the model (default: torch's)")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        metavar="N",
+        help="requests decoded together (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        metavar="N",
+        help="requests waiting beyond those; more get 503 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--context",
+        type=int,
+        metavar="TOKENS",
+        help="tokens per request, prompt and completion (default: the model's, up to 2048)",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=256,
+        metavar="TOKENS",
+        help="prompt tokens prefilled between two decoding steps (default: %(default)s)",
+    )
+    p.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="ask every request for Authorization: Bearer KEY (default: $SPARSEFT_API_KEY)",
+    )
+    p.add_argument(
+        "--model-name", metavar="NAME", help="the model's name in the API (default: the directory's name)"
+    )
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    import os
+
+    import torch
+
+    from sparseft.serve import serve
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SparseftError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if not 0 < args.port < 65536:
+        raise SparseftError(f"--port must be in 1..65535, got {args.port}")
+    serve(
+        args.model, args.host, args.port, api_key=args.api_key or os.environ.get("SPARSEFT_API_KEY"),
+        name=args.model_name, values=args.values, head_values=args.head_values, max_batch=args.max_batch,
+        max_queue=args.max_queue, context=args.context, prefill_chunk=args.prefill_chunk,
+        trust_remote_code=args.trust_remote_code,
+    )  # fmt: skip
+
+
+COMMANDS += [add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparseft import seq2seq_data
+from sparseft import modelcard, seq2seq_data
 from sparseft.atomic import atomic_dir, write_json
 from sparseft.distill import LossWeights, distill_terms
 from sparseft.errors import SparseftError, SparseftWarning
@@ -726,6 +726,14 @@ def run_finetune(
                 tokenizer.save_pretrained(tmp)
                 seq2seq_data.save_feature_extractor(cfg.model, student_config, tmp, cfg.trust_remote_code)
                 write_json(tmp / REPORT_FILE, report)
+                modelcard.write_card(
+                    tmp,
+                    previous,
+                    target,
+                    teacher=cfg.teacher,
+                    dataset=cfg.data.dataset,
+                    trust_remote_code=cfg.trust_remote_code,
+                )
         accelerator.wait_for_everyone()
         reports.append(report)
         previous, student = str(target), None

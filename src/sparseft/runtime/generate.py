@@ -12,7 +12,8 @@ import torch
 from sparseft.errors import SparseftError
 
 
-def _end_ids(model: Any, eos_token_id: int | Sequence[int] | None) -> set[int]:
+def end_ids(model: Any, eos_token_id: int | Sequence[int] | None) -> set[int]:
+    """The tokens that end a text: `eos_token_id`, else the model's generation config's, else its config's."""
     if eos_token_id is None:
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos_token_id is None:
@@ -105,7 +106,7 @@ def generate(
         raise SparseftError(f"input_ids must be (batch, tokens) with tokens, got {tuple(input_ids.shape)}")
     if stop_strings and tokenizer is None:
         raise SparseftError("stop_strings needs the tokenizer to decode the new text; pass tokenizer=")
-    ends = _end_ids(model, eos_token_id)
+    ends = end_ids(model, eos_token_id)
     batch, prompt = input_ids.shape
     if max_new_tokens == 0:
         return input_ids

@@ -22,7 +22,7 @@ from sparseft.errors import SparseftError
 from sparseft.runtime.heap import release_freed_memory
 from sparseft.runtime.linear import SparseLinear
 from sparseft.runtime.models import ops
-from sparseft.runtime.models.cache import KVCache, Masks
+from sparseft.runtime.models.cache import Cache, KVCache, Masks, SlotCache
 from sparseft.runtime.packing import Values
 from sparseft.runtime.weights import CheckpointWeights, lm_head, stacked_linear
 
@@ -209,11 +209,17 @@ class LlamaDecoder(nn.Module):
         c = self.cfg
         return KVCache.empty(c.layers, batch, c.kv_heads, capacity, c.head_dim, self.dtype)
 
+    def new_slots(self, slots: int, capacity: int) -> SlotCache:
+        """An empty cache for `slots` texts of up to `capacity` tokens each, at lengths of their own (a server's
+        running requests)."""
+        c = self.cfg
+        return SlotCache.empty(c.layers, slots, c.kv_heads, capacity, c.head_dim, self.dtype)
+
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: Cache | None = None,
         use_cache: bool = False,  # accepted for code that calls transformers models alike; see `cache`
         last_only: bool = False,
     ) -> CausalOutput:
@@ -235,7 +241,7 @@ class LlamaDecoder(nn.Module):
         for index, block in enumerate(self._layers):
             h = self._block(block, index, h, cos, sin, cache, mask)
         if cache is not None:
-            cache.length += tokens
+            cache.advance(tokens)
         if last_only:
             h = h[:, -1:]
         h = ops.rms_norm(h, self.norm, self.cfg.eps)
@@ -248,7 +254,7 @@ class LlamaDecoder(nn.Module):
         h: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cache: KVCache | None,
+        cache: Cache | None,
         mask: Any,
     ) -> torch.Tensor:
         c = self.cfg
@@ -269,41 +275,12 @@ class LlamaDecoder(nn.Module):
             seen = mask[window]
             a = ops.attention(q, k, v, self.scale, seen, causal=seen is None)
         else:
-            keys, values = cache.store(index, k, v)
-            a = self._cached_attention(q, keys, values, cache, mask, window)
+            a = cache.attend(index, q, k, v, self.scale, window, mask)
         h = h + block.o(a.reshape(batch, tokens, c.heads * c.head_dim))
         x = ops.rms_norm(h, block.post_norm, c.eps)
         g = block.gate_up(x)
         inner = c.intermediate_size
         return h + block.down(functional.silu(g[..., :inner]) * g[..., inner:])
-
-    def _cached_attention(
-        self,
-        q: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        cache: KVCache,
-        mask: Any,
-        window: int | None,
-    ) -> torch.Tensor:
-        end = keys.shape[2]
-        if q.shape[2] == 1 and not cache.padded:  # a decoding step: every row sees all its cached keys
-            first = 0 if window is None else max(0, end - window)
-            k, v = keys[:, :, first:], values[:, :, first:]
-            if ops.op_attends(q):
-                return ops.decode_attention(q, k, v, self.scale)
-            return ops.attention(q, k, v, self.scale)
-        if q.shape[2] == 1:  # left-padded rows: each over its own keys, as it would decode alone
-            rows = []
-            for row, start in enumerate(cache.starts):
-                first = start if window is None else max(start, end - window)
-                k, v, one = keys[row : row + 1, :, first:], values[row : row + 1, :, first:], q[row : row + 1]
-                if ops.op_attends(one):
-                    rows.append(ops.decode_attention(one, k, v, self.scale))
-                else:
-                    rows.append(ops.attention(one, k, v, self.scale))
-            return torch.cat(rows)
-        return ops.attention(q, keys, values, self.scale, mask[window])
 
     # ---- decoding --------------------------------------------------------------------------------------
 
