@@ -13,7 +13,7 @@ import torch
 
 from sparseft.errors import SparseftError
 from sparseft.runtime import SparseLinear, dispatch, reference, sparsify_
-from sparseft.runtime.packing import Packed, pack_dense
+from sparseft.runtime.packing import Packed, bitmask_of, pack_bitmask, pack_dense
 
 KERNEL_ISAS = [name for name in dispatch.available_isas() if name != "torch"]
 # Each level, and where AMX takes batches of 2 and more, AVX-512 with it turned off: its expand kernels' batch tiles.
@@ -221,6 +221,26 @@ def test_int8_agrees_with_dequantized_product(isa: str, awkward_weight: Callable
     # and both stay close to the exact float product: the int8 error is small, not a different function
     exact = x @ weight.T
     assert ((y - exact).norm() / exact.norm()).item() < 0.02
+
+
+@pytest.mark.skipif(not KERNEL_ISAS, reason="the C++ kernels are not built here")
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+def test_int8_sums_stay_exact_at_the_extremes(isa: str) -> None:
+    # An archive quantized per channel may hold -128, and activations reach +-127: products of 128 * 127, which
+    # the AVX2 kernel sums in pairs in 16 bits (vpmaddubsw saturates past 32767), must still add up exactly.
+    rows, cols = 9, 200
+    q = torch.full((rows, cols), -128, dtype=torch.int8)
+    q[1::2] = 127
+    q[2, ::3] = 0  # some zeros in the mask too
+    q[4, 7:] = 0
+    parts = bitmask_of(q.float())
+    scale = torch.full((rows, 1), 1 / 128)
+    values = parts["compressed"].to(torch.int8)
+    packed = pack_bitmask(parts["shape"], values, parts["bitmask"], parts["row_offsets"], "int8", scale)
+    signs = torch.where(torch.arange(cols) % 5 == 0, -1.0, 1.0)
+    for batch in (1, 3, 8, 9, 17):
+        x = torch.stack([signs * (-1) ** b for b in range(batch)])  # every activation quantizes to +-127
+        torch.testing.assert_close(dispatch.sparse_mm(x, packed, None, isa), reference.sparse_mm(x, packed))
 
 
 @pytest.mark.skipif(not KERNEL_ISAS, reason="the C++ kernels are not built here")

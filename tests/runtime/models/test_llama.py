@@ -137,8 +137,9 @@ def test_logits_match_transformers_in_float32(name: str, tmp_path: Path) -> None
         for module in find_targets(dense).values():
             module.weight.copy_(module.weight.to(torch.bfloat16).float())
             module.register_forward_pre_hook(lambda _, args: (args[0].to(torch.bfloat16).float(),))
-    # An input that sums in another order may round to the neighbouring bf16 value: far below 1e-5 otherwise
-    _compare(dense, own, 5e-3)
+    # An input that sums in another order may round to the neighbouring bf16 value: far below 1e-5 otherwise. Qwen3's
+    # per-head q/k norms magnify such a flip most (about 6e-3 here with the scalar and AVX2 kernels alike).
+    _compare(dense, own, 1e-2 if name == "qwen3" else 5e-3)
     assert _greedy(own, 64) == _greedy(dense, 64)
 
 

@@ -1,8 +1,16 @@
-// AVX2 kernels, for x86-64 CPUs without AVX-512. AVX2 has no expand instruction: each mask byte (8 columns)
-// selects a precomputed permutation that moves the packed values to their columns, and a lane mask zeroes
-// the rest. Values are widened to 32-bit lanes: fp32 FMA for bf16 weights, exact int32 products for int8
-// weights (signed activations, so no zero-point correction is needed here).
+// AVX2 kernels, for x86-64 CPUs without AVX-512. AVX2 has no expand instruction: `vpshufb` does it, with each
+// mask byte (8 columns) selecting a precomputed 8-lane shuffle from a table, whose index 0x80 zeroes the lanes of
+// clear bits. The values stay as narrow as they are stored, so one shuffle expands 32 int8 or 16 bf16 columns,
+// and the expanded weights are reused from registers across the batch rows of a tile.
+// - int8: exact integer dot products, 32 columns per step, with the `vpsignb` trick: |w| (unsigned) times x with
+//   w's sign (signed) through `vpmaddubsw`, whose pair sums stay below 2 * 128 * 127 < 2^15 (activations lie in
+//   [-127, 127]), so it never saturates; `vpmaddwd` by ones widens them to 32 bits.
+// - bf16: 16 columns per step, each 32-bit lane holding two bf16 values: the low one shifted left by 16 and the
+//   high one masked are fp32, so the weights need no widening shuffle; the activations are split the same way
+//   once per call; fp32 FMAs.
 #include <immintrin.h>
+
+#include <vector>
 
 #include "sparse.h"
 
@@ -11,20 +19,28 @@
 namespace sparseft {
 namespace {
 
-constexpr int kMaxBatchTile = 4;
+// Batch rows a tile multiplies with one expansion of the weights: beyond these the accumulators spill out of the
+// 16 registers (int8), or a bf16 row's FMAs go through one sum each, one after another.
+constexpr int kMaxBatchTileInt8 = 8, kMaxBatchTileBf16 = 4;
 
 struct Tables {
-  alignas(32) int32_t index[256][8];  // lane l takes packed value number popcount(bits below l)
-  alignas(32) int32_t keep[256][8];   // all ones where bit l is set
+  alignas(64) uint64_t bytes[256];        // int8: lane l takes byte popcount(bits below l), or 0x80 (zero)
+  alignas(64) uint64_t bytes_high[256];   // the same plus 8: for the second 8 bytes of a 16-byte lane
+  alignas(64) uint8_t words[256][16];     // bf16: lane l takes 16-bit value popcount(bits below l), or zero
   Tables() {
     for (int bits = 0; bits < 256; ++bits) {
+      uint64_t low = 0, high = 0;
       int next = 0;
       for (int lane = 0; lane < 8; ++lane) {
         const bool set = (bits >> lane) & 1;
-        index[bits][lane] = set ? next : 0;
-        keep[bits][lane] = set ? -1 : 0;
+        low |= uint64_t{set ? static_cast<uint8_t>(next) : uint8_t{0x80}} << (8 * lane);
+        high |= uint64_t{set ? static_cast<uint8_t>(next + 8) : uint8_t{0x80}} << (8 * lane);
+        words[bits][2 * lane] = set ? static_cast<uint8_t>(2 * next) : 0x80;
+        words[bits][2 * lane + 1] = set ? static_cast<uint8_t>(2 * next + 1) : 0x80;
         next += set ? 1 : 0;
       }
+      bytes[bits] = low;
+      bytes_high[bits] = high;
     }
   }
 };
@@ -34,18 +50,33 @@ const Tables& tables() {
   return t;
 }
 
-inline __m256i expand8(uint8_t bits, __m256i wide, const Tables& t) {
-  const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(t.index[bits]));
-  const __m256i keep = _mm256_load_si256(reinterpret_cast<const __m256i*>(t.keep[bits]));
-  return _mm256_and_si256(_mm256_permutevar8x32_epi32(wide, idx), keep);
+// Two 8-byte loads as one 16-byte vector.
+inline __m128i load_pair(const void* low, const void* high) {
+  const __m128i v = _mm_loadl_epi64(static_cast<const __m128i*>(low));
+  return _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(v), static_cast<const double*>(high)));
 }
 
-inline __m256i bf16x8_to_f32_bits(const uint16_t* p) {
-  return _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+inline __m256i join(__m128i low, __m128i high) {
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(low), high, 1);
 }
 
-inline __m256i int8x8_to_i32(const int8_t* p) {
-  return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+// The 32 int8 weights of mask bits `m`, packed from `p`. vpshufb works within 16-byte lanes, so each lane's two
+// mask bytes take their values from two 8-byte loads, the second at 8 in the lane (the `bytes_high` table).
+inline __m256i expand32(uint32_t m, const int8_t* p, const Tables& t) {
+  const int o1 = _mm_popcnt_u32(m & 0xff), o2 = _mm_popcnt_u32(m & 0xffff), o3 = _mm_popcnt_u32(m & 0xffffff);
+  const __m256i values = join(load_pair(p, p + o1), load_pair(p + o2, p + o3));
+  const __m256i shuffle = join(load_pair(&t.bytes[m & 0xff], &t.bytes_high[(m >> 8) & 0xff]),
+                               load_pair(&t.bytes[(m >> 16) & 0xff], &t.bytes_high[m >> 24]));
+  return _mm256_shuffle_epi8(values, shuffle);
+}
+
+// The 16 bf16 weights of mask bits `m` (16 of them), packed from `p`: one mask byte per 16-byte lane.
+inline __m256i expand16(uint32_t m, const uint16_t* p, const Tables& t) {
+  const __m256i values = join(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)),
+                              _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + _mm_popcnt_u32(m & 0xff))));
+  const __m256i shuffle = join(_mm_load_si128(reinterpret_cast<const __m128i*>(t.words[m & 0xff])),
+                               _mm_load_si128(reinterpret_cast<const __m128i*>(t.words[(m >> 8) & 0xff])));
+  return _mm256_shuffle_epi8(values, shuffle);
 }
 
 inline float hsum_ps(__m256 v) {
@@ -63,52 +94,118 @@ inline int64_t hsum_epi32(__m256i v) {
   return s;
 }
 
-template <bool INT8, int NB>
-void tile(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r, int64_t b0) {
+// Row r times batch rows [b0, b0 + NB) of the activations `xs` (a.stride elements a row). Activations are zero
+// past cols and mask words are zero past cols, so every word is worked whole.
+template <int NB>
+void int8_tile(const SparseMatrix& w, const Activations& a, const void* xs, const Output& o, int64_t r,
+               int64_t b0) {
   const Tables& t = tables();
-  const uint8_t* m = reinterpret_cast<const uint8_t*>(w.mask + r * w.words);
-  const int64_t groups = (w.cols + 7) / 8;
-  __m256 accf[NB];
-  __m256i acci[NB];
-  for (int j = 0; j < NB; ++j) {
-    accf[j] = _mm256_setzero_ps();
-    acci[j] = _mm256_setzero_si256();
+  const uint64_t* mask = w.mask + r * w.words;
+  const int8_t* p = static_cast<const int8_t*>(w.values) + w.row_start[r];
+  const int8_t* x = static_cast<const int8_t*>(xs) + b0 * a.stride;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[NB];
+  for (int j = 0; j < NB; ++j) acc[j] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < w.words; ++k, x += 64) {
+    for (int half = 0; half < 2; ++half) {
+      const uint32_t m = static_cast<uint32_t>(mask[k] >> (32 * half));
+      const __m256i wv = expand32(m, p, t);
+      const __m256i magnitude = _mm256_abs_epi8(wv);
+      p += _mm_popcnt_u32(m);
+      for (int j = 0; j < NB; ++j) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j * a.stride + 32 * half));
+        const __m256i pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xv, wv));
+        acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(pairs, ones));
+      }
+    }
   }
-  if constexpr (INT8) {
-    const int8_t* p = static_cast<const int8_t*>(w.values) + w.row_start[r];
-    const int8_t* x = static_cast<const int8_t*>(a.data) + b0 * a.stride;
-    for (int64_t g = 0; g < groups; ++g) {
-      const __m256i wv = expand8(m[g], int8x8_to_i32(p), t);
-      p += _mm_popcnt_u32(m[g]);
-      for (int j = 0; j < NB; ++j)
-        acci[j] = _mm256_add_epi32(acci[j], _mm256_mullo_epi32(wv, int8x8_to_i32(x + j * a.stride + g * 8)));
+  for (int j = 0; j < NB; ++j)
+    store(o, b0 + j, r, static_cast<float>(hsum_epi32(acc[j])) * a.scale[b0 + j] * w.scale[r]);
+}
+
+// The bf16 tile reads the activations split into fp32 (`split_bf16`) and keeps C = 2 independent sums per batch
+// row whatever the tile's size, so a row's result does not depend on the rows batched with it (a server's greedy
+// request gives the same text alone or batched). More sums per row hid more FMA latency at batch 1 only.
+template <int NB>
+void bf16_tile(const SparseMatrix& w, const Activations& a, const void* xs, const Output& o, int64_t r,
+               int64_t b0) {
+  constexpr int C = 2;
+  const Tables& t = tables();
+  const uint64_t* mask = w.mask + r * w.words;
+  const uint16_t* p = static_cast<const uint16_t*>(w.values) + w.row_start[r];
+  const float* x = static_cast<const float*>(xs) + b0 * a.stride;
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  __m256 acc[NB][C];
+  for (int j = 0; j < NB; ++j)
+    for (int c = 0; c < C; ++c) acc[j][c] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < w.words; ++k, x += 64) {
+    for (int s = 0; s < 4; ++s) {
+      const uint32_t m = static_cast<uint32_t>(mask[k] >> (16 * s)) & 0xffff;
+      const __m256i wv = expand16(m, p, t);
+      const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16));
+      const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(wv, high));
+      p += _mm_popcnt_u32(m);
+      for (int j = 0; j < NB; ++j) {
+        const float* xj = x + j * a.stride + 16 * s;
+        __m256& e = acc[j][(2 * s) % C];
+        e = _mm256_fmadd_ps(even, _mm256_load_ps(xj), e);
+        __m256& d = acc[j][(2 * s + 1) % C];
+        d = _mm256_fmadd_ps(odd, _mm256_load_ps(xj + 8), d);
+      }
     }
-    for (int j = 0; j < NB; ++j)
-      store(o, b0 + j, r, static_cast<float>(hsum_epi32(acci[j])) * a.scale[b0 + j] * w.scale[r]);
-  } else {
-    const uint16_t* p = static_cast<const uint16_t*>(w.values) + w.row_start[r];
-    const uint16_t* x = static_cast<const uint16_t*>(a.data) + b0 * a.stride;
-    for (int64_t g = 0; g < groups; ++g) {
-      const __m256 wv = _mm256_castsi256_ps(expand8(m[g], bf16x8_to_f32_bits(p), t));
-      p += _mm_popcnt_u32(m[g]);
-      for (int j = 0; j < NB; ++j)
-        accf[j] = _mm256_fmadd_ps(wv, _mm256_castsi256_ps(bf16x8_to_f32_bits(x + j * a.stride + g * 8)), accf[j]);
-    }
-    for (int j = 0; j < NB; ++j) store(o, b0 + j, r, hsum_ps(accf[j]));
+  }
+  for (int j = 0; j < NB; ++j) {
+    for (int c = 1; c < C; ++c) acc[j][0] = _mm256_add_ps(acc[j][0], acc[j][c]);
+    store(o, b0 + j, r, hsum_ps(acc[j][0]));
   }
 }
 
+// The bf16 activations as fp32, in the order the tiles multiply them: per 16 columns, the 8 in the low halves of
+// the 32-bit lanes (shifted left by 16), then the 8 in the high halves (masked). Once per call, not per row.
+const float* split_bf16(const Activations& a) {
+  thread_local std::vector<float> buffer;
+  buffer.resize(static_cast<size_t>(a.batch * a.stride + 8));
+  float* split = buffer.data();
+  split += (8 - reinterpret_cast<uintptr_t>(split) / 4 % 8) % 8;  // 32-byte aligned
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  for (int64_t b = 0; b < a.batch; ++b) {
+    const uint16_t* x = static_cast<const uint16_t*>(a.data) + b * a.stride;
+    for (int64_t c = 0; c < a.stride; c += 16) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + c));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(split + b * a.stride + c), _mm256_slli_epi32(v, 16));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(split + b * a.stride + c + 8), _mm256_and_si256(v, high));
+    }
+  }
+  return split;
+}
+
+template <bool INT8, int NB>
+void tile(const SparseMatrix& w, const Activations& a, const void* xs, const Output& o, int64_t r, int64_t b0) {
+  if constexpr (INT8)
+    int8_tile<NB>(w, a, xs, o, r, b0);
+  else
+    bf16_tile<NB>(w, a, xs, o, r, b0);
+}
+
+// The batch goes in tiles as even as possible (12 rows: 6 + 6, not 8 + 4).
 template <bool INT8>
-void rows(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
+void rows(const SparseMatrix& w, const Activations& a, const void* xs, const Output& o, int64_t r0, int64_t r1) {
+  constexpr int64_t most = INT8 ? kMaxBatchTileInt8 : kMaxBatchTileBf16;
+  const int64_t tiles = (a.batch + most - 1) / most;
   for (int64_t r = r0; r < r1; ++r) {
-    for (int64_t b0 = 0; b0 < a.batch; b0 += kMaxBatchTile) {
-      const int64_t nb = a.batch - b0 < kMaxBatchTile ? a.batch - b0 : kMaxBatchTile;
+    for (int64_t i = 0, b0 = 0; i < tiles; ++i) {
+      const int64_t nb = (a.batch - b0) / (tiles - i) + ((a.batch - b0) % (tiles - i) != 0);
       switch (nb) {
-        case 1: tile<INT8, 1>(w, a, o, r, b0); break;
-        case 2: tile<INT8, 2>(w, a, o, r, b0); break;
-        case 3: tile<INT8, 3>(w, a, o, r, b0); break;
-        default: tile<INT8, 4>(w, a, o, r, b0); break;
+        case 1: tile<INT8, 1>(w, a, xs, o, r, b0); break;
+        case 2: tile<INT8, 2>(w, a, xs, o, r, b0); break;
+        case 3: tile<INT8, 3>(w, a, xs, o, r, b0); break;
+        case 4: tile<INT8, 4>(w, a, xs, o, r, b0); break;
+        case 5: tile<INT8, 5>(w, a, xs, o, r, b0); break;
+        case 6: tile<INT8, 6>(w, a, xs, o, r, b0); break;
+        case 7: tile<INT8, 7>(w, a, xs, o, r, b0); break;
+        default: tile<INT8, 8>(w, a, xs, o, r, b0); break;
       }
+      b0 += nb;
     }
   }
 }
@@ -117,12 +214,12 @@ void rows(const SparseMatrix& w, const Activations& a, const Output& o, int64_t 
 
 void bf16_avx2(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1,
                const Shared*) {
-  rows<false>(w, a, o, r0, r1);
+  rows<false>(w, a, split_bf16(a), o, r0, r1);
 }
 
 void int8_avx2(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1,
                const Shared*) {
-  rows<true>(w, a, o, r0, r1);
+  rows<true>(w, a, a.data, o, r0, r1);
 }
 
 }  // namespace sparseft
