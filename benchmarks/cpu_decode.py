@@ -212,7 +212,7 @@ def _stub(out_features: int) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def outside_linears(model: nn.Module, prompt_tokens: int, new_tokens: int, runs: int) -> float:
     """Decode ms/token with every linear stubbed out: the cost of everything else. The stub replaces each linear's
-    forward in place, not the module, since the direct decoding step of a layer holds the modules themselves."""
+    forward in place, not the module, since the own decoder holds the modules themselves."""
     linears = [
         m for m in model.modules() if isinstance(m, (nn.Linear, runtime.SparseLinear, runtime.DenseLinear))
     ]

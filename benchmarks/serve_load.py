@@ -9,9 +9,10 @@ The model is cpu_decode.py's TinyLlama-shaped Llama pruned to 70% (made there on
 int8 archive with the LM head in int8, with a word-level tokenizer of its 32000 ids made here (the weights are
 random: what matters is the bytes read per step) and no end token, so every request makes exactly --new-tokens
 tokens. Each client sends its requests one after another over loopback HTTP (/v1/completions, prompt as token ids
-of 32-256 tokens, streamed, greedy); a level of N clients sends max(2, N) requests in all. Times are taken when each
-server-sent chunk arrives. Per pass, in turn: the single stream (the runtime's `generate` in this process, timed as
-`sparseft generate` reports it: new tokens over the whole call, prefill included), then each server at each level.
+of 32-256 tokens, streamed, greedy); a level of N clients sends the first max(2, N) prompts of one fixed set, and
+the single stream runs the first two one after another. Times are taken when each server-sent chunk arrives. Per
+pass, in turn: the single stream (the runtime's `generate` in this process, timed as `sparseft generate` reports
+it: new tokens over the whole call, prefill included), then each server at each level.
 Medians over passes, a copy-bandwidth probe per pass. The client threads and the server share the machine's cores.
 
 llama-server: built from the llama-cpp-python source distribution's vendored llama.cpp (see llamacpp.py for the
@@ -169,15 +170,15 @@ def level(server: Server, clients: int, prompts: list[list[int]], new_tokens: in
 
 
 def single_stream(model: Any, prompts: list[list[int]], new_tokens: int) -> float:
-    """tokens/s as `sparseft generate` reports it: new tokens over the whole call."""
-    rates = []
+    """tokens/s as `sparseft generate` reports it (new tokens over the whole call, prefill included), over
+    `prompts` one after another."""
+    tokens = 0
+    started = time.perf_counter()
     for prompt in prompts:
         ids = torch.tensor([prompt])
-        started = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=new_tokens)
-        rates.append((out.shape[1] - ids.shape[1]) / (time.perf_counter() - started))
-    return statistics.median(rates)
+            tokens += model.generate(ids, max_new_tokens=new_tokens).shape[1] - ids.shape[1]
+    return tokens / (time.perf_counter() - started)
 
 
 def main() -> None:
@@ -200,9 +201,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rng = random.Random(0)
     vocab = json.loads((model_dir / "config.json").read_text())["model_config"]["vocab_size"]
-
-    def prompts(count: int) -> list[list[int]]:
-        return [[rng.randrange(3, vocab) for _ in range(rng.randint(32, 256))] for _ in range(count)]
+    # one prompt set for every runner and level: the single stream and each server's level of N clients take the
+    # first max(2, N) prompts, so all compare on the same work
+    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(32, 256))] for _ in range(max(2, *levels))]
 
     port = free_port()
     sparseft_cmd = [
@@ -236,11 +237,11 @@ def main() -> None:
     try:
         for number in range(args.passes):
             record: dict[str, Any] = {"copy_gb_s": copy_bandwidth()}
-            record["sparseft generate"] = single_stream(single_model, prompts(2), args.new_tokens)
+            record["sparseft generate"] = single_stream(single_model, prompts[:2], args.new_tokens)
             for server in servers:
                 for clients in levels:
                     record[f"{server.name} x{clients}"] = level(
-                        server, clients, prompts(max(2, clients)), args.new_tokens
+                        server, clients, prompts[: max(2, clients)], args.new_tokens
                     )
             record["copy_gb_s_after"] = copy_bandwidth()
             passes.append(record)

@@ -4,11 +4,12 @@
 
 A randomly initialised Whisper of whisper-small's shape (d_model 768, ffn 3072, 12 + 12 blocks, 12 heads, 80 mel
 bins, vocab 51865), every block linear magnitude-pruned to --sparsity, written once as a bf16 bitmask archive,
-then loaded three ways side by side in this process: `runtime.load(decoder="sparseft")` (the own Whisper),
-`runtime.load(decoder="transformers")` (transformers' Whisper with SparseLinear and its direct decoding step), and
-the dense bf16 transformers model. Each transcribes one 30 s window of random features greedily from the clip's encoder output,
-computed once per model (the encoder is left out); decoder tokens/s is the extra time of --new-tokens tokens over
-one token, alternating the models run by run, medians of --runs, a copy-bandwidth probe per run. Writes one JSON per run under benchmarks/results/.
+then loaded three ways side by side in this process: `runtime.load(archive)` (the own Whisper, the default),
+`runtime.load(decoder="transformers")` (transformers' Whisper with SparseLinear and the attention op, its layer
+code unpatched), and the dense bf16 transformers model. Each transcribes one 30 s window of random features
+greedily from the clip's encoder output, computed once per model (the encoder is left out); decoder tokens/s is
+the extra time of --new-tokens tokens over one token, alternating the models run by run, medians of --runs, a
+copy-bandwidth probe per run. Writes one JSON per run under benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -86,8 +87,11 @@ def main() -> None:
         archive.mkdir()
         formats.write_bitmask(dense, find_targets(dense), archive)
         dense.generation_config.save_pretrained(archive)
+        own = runtime.load(archive)
+        if not isinstance(own, WhisperModel):
+            raise SystemExit(f"runtime.load ran {own.decoder_name}, not the own Whisper")
         models = {
-            "sparseft whisper": runtime.load(archive, decoder="sparseft"),
+            "sparseft whisper": own,
             "transformers path": runtime.load(archive, decoder="transformers"),
             "dense bf16": dense,
         }

@@ -281,3 +281,86 @@ def test_bad_generation_settings_are_refused_before_the_model_loads(
 ) -> None:
     with pytest.raises(SparseftError, match=message):
         api.generate("no/such/model", "x", **options)
+
+
+def test_prune_in_memory_equals_the_path_version(
+    make_model_dir: Callable[..., Path], text_file: Path, tmp_path: Path
+) -> None:
+    source = make_model_dir("llama")
+    settings: dict[str, Any] = {
+        "method": "wanda",
+        "sparsity": 0.6,
+        "dataset": str(text_file),
+        "num_samples": 4,
+        "seqlen": 32,
+        "seed": 1,
+        "progress": False,
+    }
+    saved = sparseft.prune(str(source), tmp_path / "out", **settings)
+    model = transformers.AutoModelForCausalLM.from_pretrained(source)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    files = sorted(source.iterdir())
+    result = sparseft.prune(model, tokenizer=tokenizer, **settings)
+    assert result.model is model and result.tokenizer is tokenizer  # pruned in place
+    assert sorted(source.iterdir()) == files and list(tmp_path.iterdir()) == [
+        tmp_path / "out"
+    ]  # none written
+    pruned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    assert model.state_dict().keys() == pruned.keys()
+    assert all(torch.equal(tensor, pruned[name]) for name, tensor in model.state_dict().items())
+    assert result.report["layers"] == saved.report["layers"]
+    assert result.report["calibration"] == saved.report["calibration"]
+    assert result["model"] == str(source)  # the directory it was loaded from; the result reads as the report
+
+
+def test_prune_from_a_path_without_output_writes_nothing(
+    make_model_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    result = sparseft.prune(str(make_model_dir("llama")), method="magnitude", sparsity=0.5, progress=False)
+    assert isinstance(result, api.PruneResult) and isinstance(result.model, transformers.PreTrainedModel)
+    assert result.model.model.layers[0].mlp.up_proj.weight.eq(0).float().mean().item() == pytest.approx(0.5)
+    assert result.tokenizer is not None and dict(result) == result.report
+
+
+def test_pruning_a_loaded_model_asks_for_what_it_needs(
+    make_model_dir: Callable[..., Path], text_file: Path
+) -> None:
+    model = transformers.AutoModelForCausalLM.from_pretrained(make_model_dir("llama"))
+    with pytest.raises(SparseftError, match="with wanda needs its tokenizer: pass tokenizer="):
+        sparseft.prune(model, method="wanda", dataset=str(text_file), progress=False)
+    with pytest.raises(SparseftError, match="to an output needs its tokenizer"):
+        sparseft.prune(model, "unused", method="magnitude", progress=False)
+    with pytest.raises(SparseftError, match="takes a transformers model .* not a Sequential"):
+        sparseft.prune(torch.nn.Sequential(torch.nn.Linear(4, 4)), method="magnitude", progress=False)
+    sparseft.prune(model, method="magnitude", progress=False)  # magnitude in memory needs none
+
+
+def test_a_sentencepiece_only_tokenizer_prunes(tmp_path: Path) -> None:
+    """A Llama-2-style directory whose tokenizer is only `tokenizer.model`, with no tokenizer.json."""
+    import io
+
+    import sentencepiece
+
+    from sparseft.tiny import tiny_config
+
+    sentences = [f"the quick brown fox {i} jumps over the lazy dog number {i * 7}" for i in range(300)]
+    model_file = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model_file, vocab_size=64, minloglevel=2
+    )
+    source = tmp_path / "llama2"
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(tiny_config("llama", vocab_size=64)).save_pretrained(source)
+    (source / "tokenizer.model").write_bytes(model_file.getvalue())
+    (tmp_path / "calib.txt").write_text("\n".join(sentences))
+    report = sparseft.prune(
+        str(source),
+        tmp_path / "out",
+        method="wanda",
+        dataset=str(tmp_path / "calib.txt"),
+        num_samples=2,
+        seqlen=32,
+        progress=False,
+    )
+    assert report["targets_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out")("the lazy dog")["input_ids"]

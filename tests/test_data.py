@@ -1,10 +1,12 @@
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from sparseft.data import TextSource, calibration_samples, load_texts, random_windows
+from sparseft.data import TextSource, calibration_samples, load_texts, random_windows, token_stream
 from sparseft.errors import SparseftError
 
 
@@ -63,6 +65,83 @@ def test_too_little_text_for_one_window() -> None:
 def test_calibration_samples_from_a_file(tokenizer: object, text_file: Path) -> None:
     ids = calibration_samples(tokenizer, TextSource(str(text_file)), 3, 64, seed=0)
     assert ids.shape == (3, 64) and ids.dtype == torch.long
+
+
+class CountingTokenizer:
+    """A tokenizer that counts the characters it was given."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.chars = 0
+
+    def __call__(self, text: str, **kwargs: Any) -> Any:
+        self.chars += len(text)
+        return self.tokenizer(text, **kwargs)
+
+
+WORDS = 300_000  # "w000000 w000001 ...": 2.4 MB, each word saying where it stands
+
+
+@pytest.fixture(scope="module")
+def numbered_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("numbered") / "big.txt"
+    path.write_text(" ".join(f"w{i:06d}" + ("\n" if i % 16 == 15 else "") for i in range(WORDS)))
+    return path
+
+
+def test_calibration_from_a_large_file_tokenizes_only_its_windows(
+    tokenizer: Any, numbered_text: Path
+) -> None:
+    text = numbered_text.read_text()
+    counting = CountingTokenizer(tokenizer)
+    windows = calibration_samples(counting, TextSource(str(numbered_text)), 8, 64, seed=0)
+    assert windows.shape == (8, 64) and windows.dtype == torch.long
+    assert counting.chars < len(text) / 50  # pieces around the windows, not the file
+    for window in windows.tolist():  # each window is tokens of the running text
+        assert tokenizer.decode(window) in text
+    assert torch.equal(windows, calibration_samples(tokenizer, TextSource(str(numbered_text)), 8, 64, seed=0))
+    assert not torch.equal(
+        windows, calibration_samples(tokenizer, TextSource(str(numbered_text)), 8, 64, seed=1)
+    )
+
+
+def test_calibration_windows_reach_the_whole_file(tokenizer: Any, numbered_text: Path) -> None:
+    seen = [
+        int(number)
+        for seed in range(6)
+        for window in calibration_samples(tokenizer, TextSource(str(numbered_text)), 8, 32, seed).tolist()
+        for number in re.findall(r"w(\d{6})", tokenizer.decode(window))
+    ]
+    assert min(seen) < WORDS * 0.1 and max(seen) > WORDS * 0.9
+    # 48 windows fall in most tenths of the file
+    assert len({n * 10 // WORDS for n in seen}) >= 8
+
+
+def test_calibration_from_records_tokenizes_only_its_windows(tokenizer: Any, tmp_path: Path) -> None:
+    path = tmp_path / "big.jsonl"
+    path.write_text(
+        "\n".join(json.dumps({"text": " ".join(f"r{r}w{w}" for w in range(200))}) for r in range(500))
+    )
+    counting = CountingTokenizer(tokenizer)
+    windows = calibration_samples(counting, TextSource(str(path)), 4, 64, seed=0)
+    assert windows.shape == (4, 64) and counting.chars < path.stat().st_size / 20
+
+
+def test_calibration_from_a_small_file_tokenizes_it_whole(
+    tokenizer: Any, text_file: Path, tmp_path: Path
+) -> None:
+    """A text no longer than the windows' pieces: its windows are cut from the whole token stream."""
+    small = tmp_path / "small.txt"
+    small.write_text(text_file.read_text()[:1500])
+    assert torch.equal(
+        calibration_samples(tokenizer, TextSource(str(small)), 4, 64, seed=2),
+        random_windows(token_stream(tokenizer, [small.read_text()]), 4, 64, seed=2),
+    )
+
+
+def test_a_text_file_has_only_the_text_field(tokenizer: Any, numbered_text: Path) -> None:
+    with pytest.raises(SparseftError, match="no field 'body'; its fields are text"):
+        calibration_samples(tokenizer, TextSource(str(numbered_text), text_field="body"), 2, 16)
 
 
 def test_local_values_are_read_as_written(tmp_path: Path) -> None:

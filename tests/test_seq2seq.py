@@ -283,10 +283,13 @@ def test_scores_of_a_bitmask_export_on_the_runtime(
     assert from_archive[task] == from_checkpoint[task]
 
 
-def test_wer_on_the_sparse_runtime(pruned: dict[str, Path], workdir: Path) -> None:
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_wer_on_the_sparse_runtime(pruned: dict[str, Path], workdir: Path, num_beams: int) -> None:
+    # the runtime's own Whisper, beam search included
     result = api.evaluate(str(pruned["whisper"]), "wer", runtime=True, limit=2, max_new_tokens=4, progress=False,
-                          **speech_options(workdir))  # fmt: skip
+                          num_beams=num_beams, **speech_options(workdir))  # fmt: skip
     assert result["protocol"]["runtime"] and len(result["samples"]) == 2
+    assert result["protocol"]["generation"] == ("greedy" if num_beams == 1 else "beam search, 2 beams")
 
 
 def test_eval_cli_and_wrong_model_kind(

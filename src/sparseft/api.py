@@ -1,6 +1,6 @@
 """The Python API: one function per verb. The CLI calls these and only parses and prints.
 
-sparseft.prune(model, output, method=..., sparsity=...)   one-shot pruning to a HF checkpoint
+sparseft.prune(model, output, method=..., sparsity=...)   one-shot pruning, in memory or to a HF checkpoint
 sparseft.api.eval_ppl(model, dataset=..., seqlen=...)     perplexity with its protocol recorded
 sparseft.evaluate(model, task="gsm8k", dataset=...)       accuracy, perplexity or lm-eval tasks, as JSON
 sparseft.finetune(model, output, teacher=..., dataset=...) sparse fine-tuning with distillation
@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
 from sparseft import mathtask, modelcard, seq2seq_data
 from sparseft.atomic import atomic_dir, check_json_target, write_json
@@ -69,11 +71,31 @@ def _refuse_replacing(output: Path, *inputs: str | Path | None) -> None:
                 )
 
 
+@dataclass(frozen=True, eq=False)
+class PruneResult(Mapping[str, Any]):
+    """What `prune` returns: the pruned model, its tokenizer, and the report (`output/sparsity.json` when there
+    is an output). It also reads as the report (`result["layers"]`), which is all that `prune` returned before."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    report: dict[str, Any]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.report[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.report)
+
+    def __len__(self) -> int:
+        return len(self.report)
+
+
 def prune(
-    model: str,
-    output: str | Path,
+    model: str | torch.nn.Module,
+    output: str | Path | None = None,
     config: PruneConfig | None = None,
     *,
+    tokenizer: Any = None,
     recipe: str | Path | None = None,
     device: str = "cpu",
     dtype: str = "float32",
@@ -81,26 +103,45 @@ def prune(
     overwrite: bool = False,
     progress: bool = True,
     **settings: Any,
-) -> dict[str, Any]:
-    """Prune `model` (hub id or directory) one-shot and save a HF checkpoint with zeros kept to `output`.
+) -> PruneResult:
+    """Prune `model` one-shot: a hub id or directory (loaded in `dtype`), or a loaded transformers model, pruned
+    in place (give its `tokenizer` to calibrate or to save it). With an `output`, save a HF checkpoint with zeros
+    kept there, with the report in `output/sparsity.json`; without one, write nothing.
 
     Settings are the fields of `PruneConfig` (method, sparsity, structure, targets, ignore, dataset, ...), given
-    as a config, a YAML recipe, keyword arguments, or a mix (keywords win). Returns the report that is also
-    written to `output/sparsity.json`.
+    as a config, a YAML recipe, keyword arguments, or a mix (keywords win). Returns the pruned model, its
+    tokenizer and the report (`PruneResult`).
     """
     cfg = config.model_copy(update=settings) if config is not None else prune_config(recipe, **settings)
     cfg = PruneConfig.model_validate(cfg.model_dump())
-    _check_output(output, overwrite, model, cfg.dataset)
-    if cfg.method != "magnitude" and cfg.dataset is None:
-        raise SparseftError(
-            f"{cfg.method} needs calibration data: pass --dataset (a local file or a datasets name)"
-        )
-    if cfg.dataset is not None and cfg.method != "magnitude":
+    if output is not None:
+        _check_output(output, overwrite, None if isinstance(model, torch.nn.Module) else model, cfg.dataset)
+    calibrated = cfg.method != "magnitude"
+    if calibrated:
+        if cfg.dataset is None:
+            raise SparseftError(
+                f"{cfg.method} needs calibration data: pass --dataset (a local file or a datasets name)"
+            )
         check_local(cfg.dataset)
     started = time.perf_counter()
-    tokenizer = load_tokenizer(model, trust_remote_code)
-    config = seq2seq_data.read_config(model, trust_remote_code)
-    net = load_model(model, dtype, trust_remote_code)
+    if isinstance(model, torch.nn.Module):
+        net, source = model, _loaded_name(model)
+        if not isinstance(getattr(net, "config", None), transformers.PretrainedConfig):
+            raise SparseftError(
+                f"prune takes a transformers model (with its config), not a {type(net).__name__}; prune other "
+                "modules with sparseft.pruning.sequential.prune_model"
+            )
+        if tokenizer is None and (calibrated or output is not None):
+            raise SparseftError(
+                f"pruning a loaded model {f'with {cfg.method}' if calibrated else 'to an output'} needs its "
+                "tokenizer: pass tokenizer=..."
+            )
+        net_config = net.config
+    else:
+        source = model
+        tokenizer = tokenizer or load_tokenizer(model, trust_remote_code)
+        net_config = seq2seq_data.read_config(model, trust_remote_code)
+        net = load_model(model, dtype, trust_remote_code)
     settings_ = cfg.settings()
     targets = find_targets(net, cfg.targets or None, cfg.ignore)
     if settings_.structure is not None:
@@ -108,14 +149,14 @@ def prune(
             settings_.structure.check_columns(weight_matrix(module).shape[1], name)
     samples: Any = None
     calibration = None
-    if cfg.method != "magnitude" and seq2seq_data.model_kind(config) != "causal":
-        samples, calibration = seq2seq_data.prune_calibration(model, tokenizer, net, cfg, trust_remote_code)
-    elif cfg.method != "magnitude":
+    if calibrated and seq2seq_data.model_kind(net_config) != "causal":
+        samples, calibration = seq2seq_data.prune_calibration(source, tokenizer, net, cfg, trust_remote_code)
+    elif calibrated:
         assert cfg.dataset is not None
         _check_seqlen(net, cfg.seqlen)
-        source = TextSource(cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_field)
-        samples = calibration_samples(tokenizer, source, cfg.num_samples, cfg.seqlen, cfg.seed)
-        calibration = source.describe()
+        text = TextSource(cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_field)
+        samples = calibration_samples(tokenizer, text, cfg.num_samples, cfg.seqlen, cfg.seed)
+        calibration = text.describe()
 
     fused = fused_weights(net)
     if fused:
@@ -135,7 +176,7 @@ def prune(
     zeros = sum(int((weight_matrix(m) == 0).sum()) for m in targets.values())
     numel = sum(weight_matrix(m).numel() for m in targets.values())
     report = {
-        "model": model,
+        "model": source,
         "method": cfg.method,
         "sparsity": settings_.sparsity,
         "structure": str(settings_.structure) if settings_.structure else "unstructured",
@@ -147,13 +188,20 @@ def prune(
         "seconds": round(time.perf_counter() - started, 2),
         "layers": layers,
     }
-    with atomic_dir(output) as tmp:
-        net.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        seq2seq_data.save_feature_extractor(model, config, tmp, trust_remote_code)
-        write_json(tmp / "sparsity.json", report)
-        modelcard.write_card(tmp, model, output, trust_remote_code=trust_remote_code)
-    return report
+    if output is not None:
+        with atomic_dir(output) as tmp:
+            net.save_pretrained(tmp)  # type: ignore[operator]
+            tokenizer.save_pretrained(tmp)
+            seq2seq_data.save_feature_extractor(source, net_config, tmp, trust_remote_code)
+            write_json(tmp / "sparsity.json", report)
+            modelcard.write_card(tmp, source, output, trust_remote_code=trust_remote_code)
+    return PruneResult(net, tokenizer, report)
+
+
+def _loaded_name(model: torch.nn.Module) -> str:
+    """Where a loaded model came from (transformers records the hub id or directory), else its class: the name
+    its report and model card give as the source, and where a speech model's feature extractor is read."""
+    return str(getattr(model, "name_or_path", "") or type(model).__name__)
 
 
 def eval_ppl(
@@ -169,9 +217,10 @@ def eval_ppl(
     runtime: bool = False,
     trust_remote_code: bool = False,
     progress: bool = True,
+    decoder: str = "auto",
 ) -> dict[str, Any]:
-    """Perplexity of `model` (a HF checkpoint or any export; with `runtime`, on the sparse CPU kernels) on a
-    dataset split, with the protocol recorded beside the figure."""
+    """Perplexity of `model` (a HF checkpoint or any export; with `runtime`, on the sparse CPU kernels, `decoder`
+    as in `load_sparse`) on a dataset split, with the protocol recorded beside the figure."""
     if seqlen < 2 or batch_size < 1:
         raise SparseftError(
             f"seqlen must be at least 2 and batch_size at least 1, got {seqlen} and {batch_size}"
@@ -179,7 +228,7 @@ def eval_ppl(
     check_local(dataset)
     source = TextSource(dataset, dataset_config, split, text_field)
     texts = load_texts(source)  # before the model: a wrong field or split fails in seconds
-    net, tokenizer = _eval_model(model, None, dtype, device, runtime, trust_remote_code)
+    net, tokenizer = _eval_model(model, None, dtype, device, runtime, trust_remote_code, decoder)
     _check_seqlen(net, seqlen)
     stream = token_stream(tokenizer, texts)
     result = perplexity(net, stream, seqlen, batch_size, progress)
@@ -271,10 +320,11 @@ def eval_gsm8k(
     runtime: bool = False,
     trust_remote_code: bool = False,
     progress: bool = True,
+    decoder: str = "auto",
 ) -> dict[str, Any]:
     """GSM8K-style exact-match accuracy (see `sparseft.evaluate.gsm8k_accuracy`) on `dataset` (default: the
     bundled task, "mathtask"). Few-shot examples come from `fewshot_dataset` (its train split), the bundled
-    task's train split, or else the evaluated records."""
+    task's train split, or else the evaluated records. `runtime` and `decoder` as in `eval_ppl`."""
     from sparseft.evaluate import gsm8k_accuracy
 
     dataset = dataset or mathtask.NAME
@@ -292,7 +342,7 @@ def eval_gsm8k(
             if fewshot_dataset:
                 raise
             shots = qa_records(dataset, dataset_config, split, question_field, answer_field, None, seed)
-    net, tokenizer = _eval_model(model, tokenizer, dtype, device, runtime, trust_remote_code)
+    net, tokenizer = _eval_model(model, tokenizer, dtype, device, runtime, trust_remote_code, decoder)
     result = gsm8k_accuracy(
         net, tokenizer, records, batch_size, max_new_tokens, num_fewshot, seed, shots, progress
     )
@@ -367,13 +417,15 @@ def eval_lm_eval(
 
 def _load_seq2seq(model: str, config: Any, dtype: str, runtime: bool, trust_remote_code: bool) -> Any:
     """An encoder-decoder (T5, Whisper) from a hub id, an HF directory or any export; with `runtime`, its pruned
-    linears on sparseft's CPU kernels."""
+    linears on sparseft's CPU kernels: a local Whisper on the runtime's own model (`runtime.models.WhisperModel`),
+    the rest on transformers' model code."""
     from sparseft import formats
     from sparseft import runtime as sparse_runtime
     from sparseft.models import parse_dtype
 
-    exported = Path(model).is_dir() and formats.detect(model) != "hf"
-    if runtime and exported and formats.detect(model) == "bitmask":
+    local = Path(model).is_dir()
+    exported = local and formats.detect(model) != "hf"
+    if runtime and local and (config.model_type == "whisper" or formats.detect(model) == "bitmask"):
         return sparse_runtime.load(model, None, torch.bfloat16, trust_remote_code)
     if exported:
         net = formats.load_dir(model, torch.bfloat16 if runtime else parse_dtype(dtype), trust_remote_code)

@@ -223,7 +223,7 @@ def find_targets(
     ignore = ignore or []
     _check_patterns(targets or [], model, "target")
     _check_patterns(ignore, model, "ignore")
-    if within is None:
+    if within is None and not targets:  # named targets need no blocks: any module will do
         within = [name for name, _ in find_block_lists(model)]
     chosen: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
@@ -232,7 +232,7 @@ def find_targets(
         if targets:
             wanted = any(_matches(p, name, module) for p in targets)
         else:
-            wanted = any(name.startswith(prefix + ".") for prefix in within)
+            wanted = any(name.startswith(prefix + ".") for prefix in within or [])
         if wanted and not any(_matches(p, name, module) for p in ignore):
             chosen[name] = module
     embeddings = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]

@@ -245,3 +245,21 @@ def test_sparsify_refuses_models_not_on_the_cpu(pruned_model: Callable[..., torc
     )
     with pytest.raises(SparseftError, match="CPU"):
         sparsify_(model)
+
+
+def test_sparsify_any_module_by_named_targets() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+    with torch.no_grad():
+        for linear in (model[0], model[2]):
+            linear.weight.copy_(magnitude_prune(linear.weight, 0.5))
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        expected = model(x)
+    with pytest.raises(SparseftError, match="target 'up_proj' matches no linear layer"):
+        sparsify_(model, targets=["up_proj"])
+    summary = sparsify_(model, targets=["0"])
+    assert summary["layers"] == 1
+    assert isinstance(model[0], SparseLinear) and type(model[2]) is torch.nn.Linear
+    with torch.inference_mode():
+        assert _relative(model(x).float(), expected) < 1e-2  # bf16 values

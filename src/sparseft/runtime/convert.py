@@ -14,7 +14,6 @@ from torch import nn
 from sparseft.errors import SparseftError, SparseftWarning
 from sparseft.models import find_targets, is_linear, replace_module, weight_matrix
 from sparseft.runtime.attention import fuse_attention_
-from sparseft.runtime.decode_layer import fuse_layers_
 from sparseft.runtime.fuse import fuse_siblings_
 from sparseft.runtime.heap import release_freed_memory
 from sparseft.runtime.linear import DenseLinear, SparseLinear
@@ -62,8 +61,10 @@ def sparsify_(
     head_values: Values = "bf16",
     fuse: bool = True,
 ) -> dict[str, Any]:
-    """Replace the target linears of `model` (default: every linear in the transformer blocks) by
-    `SparseLinear`s holding their nonzeros as `values` ("bf16", or "int8" with per-row scales).
+    """Replace the target linears of `model` by `SparseLinear`s holding their nonzeros as `values` ("bf16", or
+    "int8" with per-row scales). `targets`/`ignore`: module names, class names or `re:` patterns, as for pruning;
+    with `targets` named, `model` can be any module (`sparsify_(nn.Sequential(linear), targets=["0"])`), without
+    them every linear in its transformer blocks is a target.
     `fast_head`: give the LM head a fast decoding kernel too, with `head_values` (see `fast_head_`).
     `fuse`: run each q/k/v and gate/up group as one kernel call (`fuse.fuse_siblings_`), and Llama-style
     norms and decoding attention as one op each (`norm`, `attention`).
@@ -90,18 +91,12 @@ def sparsify_(
     }
 
 
-_FUSED = ("fused_groups", "fused_norms", "fused_attention", "fused_layers")
+_FUSED = ("fused_groups", "fused_norms", "fused_attention")
 
 
 def _fuse(model: nn.Module) -> dict[str, int]:
-    """Fewer, larger calls per token: sibling linears, Llama-style norms, decoding attention, then the decoding
-    step of each Whisper decoder layer as direct calls to those."""
-    counts = (
-        fuse_siblings_(model),
-        fuse_norms_(model),
-        fuse_attention_(model),
-        fuse_layers_(model),
-    )
+    """Fewer, larger calls per token: sibling linears, Llama-style norms, decoding attention."""
+    counts = (fuse_siblings_(model), fuse_norms_(model), fuse_attention_(model))
     return dict(zip(_FUSED, counts, strict=True))
 
 
@@ -144,9 +139,9 @@ def load(
     a pruned HF checkpoint (packed as it loads).
 
     `decoder`: "sparseft" is the runtime's own model code (Llama, Mistral, Qwen2/3, Phi-3: `models.LlamaDecoder`,
-    with `generate` and a forward that returns logits; Whisper: `models.WhisperModel`, greedy, only when asked for
-    by name); "transformers" is the transformers model with its linears swapped for `SparseLinear` (any
-    architecture; what lm-eval and other transformers tools need); "auto" takes
+    with `generate` and a forward that returns logits; Whisper: `models.WhisperModel`, with `encode` and
+    `generate`, greedy, sampled or beam search); "transformers" is the transformers model with its linears
+    swapped for `SparseLinear` (any architecture; what lm-eval and other transformers tools need); "auto" takes
     the own decoder where it covers the model and warns when a listed architecture falls back. The model's
     `decoder_name` says which runs.
     `values` defaults to "int8" for an int8 archive and "bf16" otherwise; `dtype` is the dtype of everything
@@ -167,9 +162,7 @@ def load(
     reason = "asked for"
     if decoder != "transformers":
         try:
-            return models.load_own(
-                directory, values, dtype, head_values if fast_head else None, decoder == "sparseft"
-            )
+            return models.load_own(directory, values, dtype, head_values if fast_head else None)
         except models.NotCovered as e:
             reason = str(e)
             if decoder == "sparseft":

@@ -128,13 +128,3 @@ def fuse_siblings_(model: nn.Module) -> int:
         release_freed_memory()
         fused += 1
     return fused
-
-
-def stacked_linear(members: list[Any]) -> nn.Module | None:
-    """The stacked linear of a fused group whose members, in this order, cover its rows front to back."""
-    if not all(isinstance(m, Slice) for m in members) or len({id(m.stacked) for m in members}) != 1:
-        return None
-    if [m.start for m in members] != [0, *[m.stop for m in members[:-1]]]:
-        return None
-    linear: nn.Module = members[0].stacked.linear
-    return linear if members[-1].stop == linear.out_features else None

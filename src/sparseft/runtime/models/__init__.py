@@ -29,15 +29,10 @@ def covered(config: Any) -> None:
 
 
 def load_own(
-    directory: str | Path,
-    values: Values | None,
-    dtype: torch.dtype,
-    head_values: Values | None,
-    opt_in: bool = True,
+    directory: str | Path, values: Values | None, dtype: torch.dtype, head_values: Values | None
 ) -> LlamaDecoder | WhisperModel:
     """The own decoder of a bitmask archive or a pruned HF checkpoint. `values` defaults to int8 for an int8
-    archive, bf16 otherwise; `head_values` None keeps the LM head as stored (no fast kernel). `opt_in`: the
-    caller asked for the own decoder by name (Whisper's is used only then)."""
+    archive, bf16 otherwise; `head_values` None keeps the LM head as stored (no fast kernel)."""
     from transformers import GenerationConfig
 
     from sparseft.formats import config_from_dict
@@ -45,11 +40,6 @@ def load_own(
     weights = CheckpointWeights(directory)
     hf_config = config_from_dict(weights.config)
     covered(hf_config)  # before reading any weight
-    if hf_config.model_type == "whisper" and not opt_in:
-        # evaluation and `bench` rely on transformers' Whisper generate (beam search, timestamps)
-        raise NotCovered(
-            "the own Whisper decoder is opt-in (decoder='sparseft'): it has no beam search", listed=False
-        )
     quant = weights.quantization
     values = values or ("int8" if quant is not None and int(quant["bits"]) == 8 else "bf16")
     if (weights.directory / "generation_config.json").is_file():

@@ -5,11 +5,15 @@ every cross-attention, computed once, beside them.
 The operations follow transformers' Whisper as the tests compare them: the query is scaled before attention (not
 inside it), LayerNorms with eps 1e-5, exact GELU, learned decoder positions, the output projection tied to the
 token embeddings. `generate` starts from the generation config's decoder prompt (start token, language and task
-tokens where the model is multilingual, no-timestamps token) and suppresses the tokens the config lists.
+tokens where the model is multilingual, no-timestamps token), suppresses the tokens the config lists, and decodes
+greedily, by sampling, or by beam search as transformers' Whisper does for one 30 s window (`beam.py`): the
+beams of a clip are rows of the self-attention cache, reordered in place each step, and share the clip's
+cross-attention keys and values.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +25,7 @@ from sparseft.errors import SparseftError
 from sparseft.runtime.heap import release_freed_memory
 from sparseft.runtime.linear import SparseLinear
 from sparseft.runtime.models import ops
+from sparseft.runtime.models.beam import BeamSettings, beam_search
 from sparseft.runtime.models.cache import KVCache
 from sparseft.runtime.models.llama import CausalOutput, NotCovered
 from sparseft.runtime.packing import Values
@@ -95,10 +100,13 @@ class Block(nn.Module):
 
 @dataclass(eq=False)
 class WhisperCache:
-    """The decoder's self-attention cache and, per layer, the encoder's keys and values (B, H, S, D)."""
+    """The decoder's self-attention cache and, per layer, the encoder's keys and values (B, H, S, D). With
+    `beams` > 1 the self-attention cache holds B x beams rows (row b beams + j: beam j of clip b) and each
+    clip's keys and values are read by all its beams."""
 
     self_attention: KVCache
     cross: list[tuple[torch.Tensor, torch.Tensor]]
+    beams: int = 1
 
     @property
     def length(self) -> int:
@@ -117,8 +125,26 @@ class WhisperCache:
 
     def row(self, row: int) -> WhisperCache:
         """Row `row` as a cache of its own over the same buffers (see KVCache.row)."""
+        if self.beams != 1:
+            raise SparseftError("a beam search cache has no rows of its own; use first_beams")
         cross = [(k[row : row + 1], v[row : row + 1]) for k, v in self.cross]
         return WhisperCache(self.self_attention.row(row), cross)
+
+    def first_beams(self) -> WhisperCache:
+        """Beam 0 of every clip as a cache over the same buffers: the prompt is decoded once per clip, then
+        copied to the other beams (`reorder`)."""
+        own, step = self.self_attention, self.beams
+        keys, values = [k[::step] for k in own.keys], [v[::step] for v in own.values]
+        return WhisperCache(KVCache(keys, values, [0] * len(keys[0]), own.length), self.cross)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row i of the self-attention cache takes what row `rows[i]` held (beam search), in place in the static
+        buffers; the encoder's keys and values belong to the clip, not the beam, and stay."""
+        if torch.equal(rows, torch.arange(len(rows))):
+            return
+        end = self.length
+        for buffer in (*self.self_attention.keys, *self.self_attention.values):
+            buffer[:, :, :end] = buffer[:, :, :end].index_select(0, rows)
 
 
 class WhisperModel(nn.Module):
@@ -200,9 +226,13 @@ class WhisperModel(nn.Module):
             h = self._mlp(block, h)
         return _norm(h, (self.encoder_norm_weight, self.encoder_norm_bias))
 
-    def new_cache(self, batch: int, capacity: int, encoded: torch.Tensor) -> WhisperCache:
-        """A cache for `batch` rows of up to `capacity` decoder tokens, holding the cross-attention keys and values
-        of the encoder's output `encoded`."""
+    def get_encoder(self) -> Any:
+        """`encode`, under the name transformers' encoder-decoders give it (`runtime.bench` times it so)."""
+        return self.encode
+
+    def new_cache(self, batch: int, capacity: int, encoded: torch.Tensor, beams: int = 1) -> WhisperCache:
+        """A cache for `batch` clips (`beams` rows each) of up to `capacity` decoder tokens, holding the
+        cross-attention keys and values of the encoder's output `encoded` (batch, S, width)."""
         if capacity > self.cfg.target_positions:
             raise SparseftError(
                 f"Whisper decodes at most {self.cfg.target_positions} tokens (max_target_positions), asked for "
@@ -217,8 +247,8 @@ class WhisperModel(nn.Module):
                 # contiguous once here, not copied by the attention at every step (1500 positions a layer)
                 keys, values = (self._split_heads(kv[..., i * c.width : (i + 1) * c.width]) for i in range(2))
                 cross.append((keys.contiguous(), values.contiguous()))
-        own = KVCache.empty(c.decoder_layers, batch, c.heads, capacity, c.head_dim, self.dtype)
-        return WhisperCache(own, cross)
+        own = KVCache.empty(c.decoder_layers, batch * beams, c.heads, capacity, c.head_dim, self.dtype)
+        return WhisperCache(own, cross, beams)
 
     def forward(
         self, decoder_input_ids: torch.Tensor, cache: WhisperCache, last_only: bool = False
@@ -241,7 +271,7 @@ class WhisperModel(nn.Module):
             else:
                 a = ops.attention(q, keys, values, 1.0, None if tokens == 1 else masks[None])
             h = h + block.out(a.reshape(batch, tokens, self.cfg.width))
-            h = self._cross_attention(block, h, *cache.cross[index])
+            h = self._cross_attention(block, h, *cache.cross[index], cache.beams)
             h = self._mlp(block, h)
         own.length += tokens
         if last_only:
@@ -250,12 +280,18 @@ class WhisperModel(nn.Module):
         return CausalOutput(self.head(h))
 
     def _cross_attention(
-        self, block: Block, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+        self, block: Block, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, beams: int = 1
     ) -> torch.Tensor:
         assert block.cross_q is not None and block.cross_out is not None
         batch, tokens, _ = h.shape
         q = self._split_heads(block.cross_q(_norm(h, block.norms[1])) * self.scale)
-        if tokens == 1 and ops.op_attends(q):
+        if beams > 1:
+            # The beams of a clip read the same encoder keys: their queries go in as more queries of the clip's
+            # row (B, H, beams x T, D), so the keys are neither copied nor read once per beam.
+            clips, d = batch // beams, self.cfg.head_dim
+            q = q.view(clips, beams, self.cfg.heads, tokens, d).transpose(1, 2)
+            a = ops.attention(q.reshape(clips, self.cfg.heads, beams * tokens, d), keys, values, 1.0)
+        elif tokens == 1 and ops.op_attends(q):
             a = ops.decode_attention(q, keys, values, 1.0)
         else:
             a = ops.attention(q, keys, values, 1.0)
@@ -289,38 +325,118 @@ class WhisperModel(nn.Module):
     @torch.inference_mode()
     def generate(
         self,
-        input_features: torch.Tensor,
+        input_features: torch.Tensor | None = None,
         max_new_tokens: int = 64,
         language: str | None = None,
         task: str | None = None,
-        num_beams: int = 1,
+        num_beams: int | None = None,
         encoded: torch.Tensor | None = None,
+        *,
+        min_new_tokens: int = 0,
+        length_penalty: float | None = None,
+        early_stopping: bool | str | None = None,
         **options: Any,
     ) -> torch.Tensor:
-        """Greedy (or sampled) transcription of `input_features`: (B, prompt + new tokens), the decoder prompt
-        first (see `prompt`). `encoded`: the clip's encoder output (`encode`) when the caller has it already.
-        Other options as `sparseft.runtime.generate.generate`."""
-        from sparseft.runtime.generate import generate
+        """Transcription of `input_features`: (B, prompt + new tokens), the decoder prompt first (see `prompt`),
+        an ended row's end token then `pad_token_id`. `encoded`: the clips' encoder output (`encode`) when the
+        caller has it already.
 
-        if num_beams != 1:
+        Greedy (or sampled: `do_sample` and the other options of `sparseft.runtime.generate.generate`) with
+        `num_beams` 1, else beam search as transformers' Whisper `generate(num_beams=N)` does it (`models/beam.py`).
+        `num_beams`, `length_penalty` and `early_stopping` default to the generation config's, else to
+        transformers' defaults (1, 1.0, False). No end token is chosen before `min_new_tokens` new tokens."""
+        from sparseft.runtime.generate import end_ids, generate
+
+        g = self.generation_config
+        beams = int(_setting(g, "num_beams", num_beams, 1))
+        if beams < 1 or min_new_tokens < 0:
             raise SparseftError(
-                "the sparseft Whisper decodes greedily or by sampling; beam search needs "
-                "decoder='transformers'"
+                f"num_beams must be 1 or more and min_new_tokens 0 or more, got {beams}, {min_new_tokens}"
             )
         if encoded is None:
+            if input_features is None:
+                raise SparseftError("generate needs input_features (or their encoder output, encoded=)")
             encoded = self.encode(input_features)
-        prompt = torch.tensor([self.prompt(language, task)] * input_features.shape[0])
+        prompt = torch.tensor([self.prompt(language, task)] * encoded.shape[0])
+        ends = end_ids(self, options.get("eos_token_id"))
+        suppressed = self._suppressed(ends, min_new_tokens)
+        options.setdefault("pad_token_id", getattr(g, "pad_token_id", None))
+        if beams == 1:
+            bound = _Bound(self, encoded)
+            return generate(bound, prompt, max_new_tokens=max_new_tokens, logits_filter=suppressed, **options)
+        if max_new_tokens == 0:
+            return prompt
+        unused = set(options) - {"eos_token_id", "pad_token_id", "do_sample"}
+        if options.get("do_sample") or unused:
+            given = sorted(unused) or ["do_sample=True"]
+            raise SparseftError(f"beam search takes no {', '.join(given)}; use num_beams=1 for those")
+        settings = BeamSettings(
+            beams,
+            max_new_tokens,
+            frozenset(ends),
+            float(_setting(g, "length_penalty", length_penalty, 1.0)),
+            _setting(g, "early_stopping", early_stopping, False),
+        )
+        pad = options["pad_token_id"]
+        return self._beam_search(
+            encoded, prompt, settings, suppressed, min(ends, default=0) if pad is None else pad
+        )
+
+    def _suppressed(self, ends: set[int], min_new_tokens: int) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """The logits filter of each step: the generation config's suppressed tokens, its begin-suppressed ones at
+        the first new token, and the end tokens before `min_new_tokens` (transformers' Whisper logits processors
+        and MinNewTokensLengthLogitsProcessor)."""
         g = self.generation_config
         suppress = torch.tensor(list(getattr(g, "suppress_tokens", None) or []), dtype=torch.long)
         at_begin = torch.tensor(list(getattr(g, "begin_suppress_tokens", None) or []), dtype=torch.long)
+        end_tokens = torch.tensor(sorted(ends), dtype=torch.long)
 
         def suppressed(step: int, logits: torch.Tensor) -> torch.Tensor:
-            hidden = torch.cat([suppress, at_begin]) if step == 0 else suppress
-            return logits.index_fill(-1, hidden, float("-inf")) if hidden.numel() else logits
+            hidden = [suppress]
+            if step == 0:
+                hidden.append(at_begin)
+            if step < min_new_tokens:
+                hidden.append(end_tokens)
+            tokens = torch.cat(hidden)
+            return logits.index_fill(-1, tokens, float("-inf")) if tokens.numel() else logits
 
-        bound = _Bound(self, encoded)
-        options.setdefault("pad_token_id", getattr(g, "pad_token_id", None))
-        return generate(bound, prompt, max_new_tokens=max_new_tokens, logits_filter=suppressed, **options)
+        return suppressed
+
+    def _beam_search(
+        self,
+        encoded: torch.Tensor,
+        prompt: torch.Tensor,
+        settings: BeamSettings,
+        suppressed: Callable[[int, torch.Tensor], torch.Tensor],
+        pad: int,
+    ) -> torch.Tensor:
+        """`prompt` then each clip's best hypothesis, padded on the right with `pad`."""
+        clips, prompt_length = prompt.shape
+        beams = settings.num_beams
+        cache = self.new_cache(clips, prompt_length + settings.max_new_tokens, encoded, beams)
+        first = self(prompt, cache.first_beams(), last_only=True).logits[:, -1]
+        cache.length = prompt_length
+        cache.reorder(torch.arange(clips).repeat_interleave(beams) * beams)  # beam 0's prompt to every beam
+
+        def step(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+            cache.reorder(rows)
+            return self(tokens[:, None], cache, last_only=True).logits[:, -1]
+
+        best = beam_search(first, step, settings, suppressed)
+        out = torch.full((clips, prompt_length + max(len(b) for b in best)), pad, dtype=torch.long)
+        out[:, :prompt_length] = prompt
+        for row, tokens in enumerate(best):
+            out[row, prompt_length : prompt_length + len(tokens)] = tokens
+        return out
+
+
+def _setting(generation_config: Any, name: str, given: Any, default: Any) -> Any:
+    """`given`, else the generation config's `name`, else transformers' default for it (a config leaves unset
+    values None)."""
+    if given is not None:
+        return given
+    stored = getattr(generation_config, name, None)
+    return default if stored is None else stored
 
 
 class _Bound:
