@@ -1,4 +1,4 @@
-"""End-to-end CPU decoding: sparseft's own decoder (bf16 and int8 values) and its transformers path vs
+"""End-to-end CPU decoding: sparseft's own decoder (bf16, int8 and int4 values) and its transformers path vs
 transformers dense bf16 and fp32, and vs llama.cpp (BF16, Q8_0, Q4_0).
 
     .venv/bin/python benchmarks/cpu_decode.py [--new-tokens 128] [--prompt-tokens 32] [--runs 3]
@@ -7,11 +7,12 @@ transformers dense bf16 and fp32, and vs llama.cpp (BF16, Q8_0, Q4_0).
 
 A randomly initialised Llama of TinyLlama's shape (hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 KV heads,
 vocab 32000; about 1.1B parameters) is pruned to 70% by magnitude (speed does not depend on which weights survive)
-and saved three ways in --workdir (reused by later runs): a dense bf16 HF checkpoint, a bitmask archive and an int8
-bitmask archive; the int8 archive also runs with its LM head in int8 (`head_values="int8"`), and on the runtime's
-transformers path (`decoder="transformers"`: transformers' Llama code with sparse linears swapped in). Then:
+and saved four ways in --workdir (reused by later runs): a dense bf16 HF checkpoint, a bitmask archive, an int8
+bitmask archive and an int4 one (a scale per 128 columns, RTN); the int8 archive also runs with its LM head in int8
+(`head_values="int8"`), and on the runtime's transformers path (`decoder="transformers"`: transformers' Llama code
+with sparse linears swapped in), the int4 archive with its LM head in int8. Then:
 - tokens/s of greedy decoding (`model.generate`, --new-tokens new tokens after a --prompt-tokens prompt) and of the
-  prompt's prefill for the six models (and llama.cpp's three, below), loaded side by side in this process and run
+  prompt's prefill for the seven models (and llama.cpp's three, below), loaded side by side in this process and run
   alternately; medians of --runs, a copy-bandwidth probe per run;
 - peak memory of each, each in a fresh process that loads the model from disk and generates (ru_maxrss, and the
   same minus the process's size before loading);
@@ -27,7 +28,7 @@ max(512, prompt + new tokens). They take their turns in the same alternating pas
 here the same way (a prompt and one token, then the prompt and --new-tokens greedy tokens, no early stop; the
 worker's round trip, about 0.3 ms a call, is in the time), and their peak memory is measured in a fresh
 process of that venv that loads and generates (its size before loading is after importing llama_cpp). Printed
-and in the JSON ("vs_llamacpp"): sparseft int8 with int8 head vs llama.cpp Q4_0 and Q8_0, sparseft bf16 vs
+and in the JSON ("vs_llamacpp"): sparseft int4 and int8 with int8 head vs llama.cpp Q4_0 (and int8 vs Q8_0), sparseft bf16 vs
 llama.cpp BF16, as ratios of decode and prefill tokens/s, of peak RSS (whole processes: sparseft's carries torch
 and transformers, about 0.5 GB before loading) and of model+act (peak minus the size before loading).
 """
@@ -63,6 +64,7 @@ VARIANTS = [
     "sparseft bf16",
     "sparseft int8",
     "sparseft int8, int8 head",
+    "sparseft int4, int8 head",
     "transformers path int8",
     "llama.cpp BF16",
     "llama.cpp Q8_0",
@@ -71,6 +73,7 @@ VARIANTS = [
 LLAMACPP = "llama.cpp "
 # sparseft variant vs llama.cpp variant, printed and in the JSON.
 LLAMACPP_PAIRS = [
+    ("sparseft int4, int8 head", "llama.cpp Q4_0"),
     ("sparseft int8, int8 head", "llama.cpp Q4_0"),
     ("sparseft int8, int8 head", "llama.cpp Q8_0"),
     ("sparseft bf16", "llama.cpp BF16"),
@@ -91,28 +94,36 @@ def tinyllama_config(layers: int) -> transformers.LlamaConfig:
     )
 
 
+ARCHIVES = {"archive-bf16": None, "archive-int8": QuantSpec(8), "archive-int4": QuantSpec(4, 128)}
+
+
 def prepare(workdir: Path, layers: int, sparsity: float) -> None:
-    """Write the dense checkpoint and the two archives once; later runs reuse them."""
-    if all((workdir / name).exists() for name in ("dense", "archive-bf16", "archive-int8")):
+    """Write the dense checkpoint and the archives once; later runs reuse them (and add an archive they lack)."""
+    missing = [name for name in ARCHIVES if not (workdir / name).exists()]
+    if (workdir / "dense").exists() and not missing:
         return
     print(
         f"building a {layers}-layer TinyLlama-shaped model pruned to {sparsity:.0%} in {workdir} (once)...",
         flush=True,
     )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM._from_config(tinyllama_config(layers), dtype=torch.bfloat16).eval()
-    targets = find_targets(model)
-    with torch.no_grad():
-        for module in targets.values():
-            module.weight.copy_(magnitude_prune(module.weight, sparsity))
-    workdir.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(workdir / "dense") as tmp:
-        model.save_pretrained(tmp)
-    with atomic_dir(workdir / "archive-bf16") as tmp:
-        formats.write_bitmask(model, targets, tmp)
-    quantized = {name: rtn_quantize(m.weight.detach(), QuantSpec(8)) for name, m in targets.items()}
-    with atomic_dir(workdir / "archive-int8") as tmp:
-        formats.write_bitmask(model, targets, tmp, quantized, QuantSpec(8).describe())
+    if (workdir / "dense").exists():
+        model = transformers.AutoModelForCausalLM.from_pretrained(workdir / "dense", dtype=torch.bfloat16)
+    else:
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM._from_config(tinyllama_config(layers), dtype=torch.bfloat16)
+        with torch.no_grad():
+            for module in find_targets(model).values():
+                module.weight.copy_(magnitude_prune(module.weight, sparsity))
+        workdir.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(workdir / "dense") as tmp:
+            model.save_pretrained(tmp)
+        missing = list(ARCHIVES)
+    targets = find_targets(model.eval())
+    for name in missing:
+        spec = ARCHIVES[name]
+        quantized = {n: rtn_quantize(m.weight.detach(), spec) for n, m in targets.items()} if spec else None
+        with atomic_dir(workdir / name) as tmp:
+            formats.write_bitmask(model, targets, tmp, quantized, spec.describe() if spec else None)
 
 
 def load_variant(name: str, workdir: Path) -> nn.Module:
@@ -130,6 +141,8 @@ def load_variant(name: str, workdir: Path) -> nn.Module:
         return runtime.load(workdir / "archive-int8")
     if name == "transformers path int8":
         return runtime.load(workdir / "archive-int8", decoder="transformers")
+    if name == "sparseft int4, int8 head":
+        return runtime.load(workdir / "archive-int4", head_values="int8")
     return runtime.load(workdir / "archive-int8", head_values="int8")
 
 
@@ -347,7 +360,7 @@ def main() -> None:
     print(
         f"copy bandwidth {bandwidth:.1f} GB/s (median of the probes), clock {machine.get('clock_ghz') or 'n/a'} GHz; "
         "targets: bf16 >= 2.5x, int8 >= 3.5x dense bf16 tokens/s; peak memory <= 0.45x dense bf16; outside the "
-        "linears <= 2 ms/token"
+        "linears <= 2 ms/token; int4 + int8 head >= 1.5x llama.cpp Q4_0 decode, peak memory <= Q4_0's"
     )
     out = Path(args.output or result_path("cpu_decode"))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,10 @@
-"""Kernel benchmark: y = W x for sparse W (bitmask + bf16 / int8 values) vs dense bf16 and fp32, on this CPU.
+"""Kernel benchmark: y = W x for sparse W (bitmask + bf16 / int8 / int4 values) vs dense bf16 and fp32, on this CPU.
 
     .venv/bin/python benchmarks/cpu_kernels.py [--quick | --switch-only] [--reps 5] [--output ...json]
 
 For each shape (4096x4096, 11008x4096, 4096x11008), sparsity (50/70/80/90%) and batch (1/4/16) it times, side by
 side and alternating run by run: torch dense fp32, torch dense bf16, our dense bf16 GEMV (the strongest dense
-baseline we could write), and the sparse kernels (bf16 and int8 values). Each variant cycles through enough copies
+baseline we could write), and the sparse kernels (bf16, int8, and int4 values with groups of 128 and 32 columns). Each variant cycles through enough copies
 of its weight to read well past the last-level cache, so the figures are memory figures, not cache figures. A
 STREAM-like copy probe, a clock probe (the core's GHz) and a compute probe (the bf16 kernel on a weight held in
 L2: core cycles per 32 columns, which rise when the core is shared and move every figure bound by computation) run
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from sparseft.runtime import dispatch
-from sparseft.runtime.bench import copy_bandwidth, median_known
+from sparseft.runtime.bench import copy_bandwidth, median_known, result_path
 from sparseft.runtime.packing import Packed, pack_dense
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -45,7 +45,16 @@ def clone_packed(p: Packed) -> Packed:
     def c(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.clone()
 
-    return Packed(p.shape, p.mask.clone(), p.values.clone(), p.row_start.clone(), c(p.scale), c(p.rowsum))
+    return Packed(
+        p.shape,
+        p.mask.clone(),
+        p.values.clone(),
+        p.row_start.clone(),
+        c(p.scale),
+        c(p.rowsum),
+        checked=True,
+        group_size=p.group_size,
+    )
 
 
 class Variant:
@@ -80,12 +89,16 @@ def dense_variants(fp32: list[torch.Tensor], bf16: list[torch.Tensor], batch: in
     return out
 
 
+# name: (values, int4 group size)
+KINDS = {"bf16": ("bf16", None), "int8": ("int8", None), "int4 g128": ("int4", 128), "int4 g32": ("int4", 32)}
+
+
 def packed_copies(weight: torch.Tensor) -> dict[str, list[Packed]]:
-    """Enough copies of the packed weight (bf16 and int8 values) to read past the cache."""
+    """Enough copies of the packed weight (each kind of values) to read past the cache."""
     out = {}
-    for kind in ("bf16", "int8"):
-        first = pack_dense(weight, kind)  # type: ignore[arg-type]
-        out[kind] = [first] + [clone_packed(first) for _ in range(copies_of(first.nbytes()) - 1)]
+    for name, (kind, group_size) in KINDS.items():
+        first = pack_dense(weight, kind, group_size=group_size)  # type: ignore[arg-type]
+        out[name] = [first] + [clone_packed(first) for _ in range(copies_of(first.nbytes()) - 1)]
     return out
 
 
@@ -159,6 +172,7 @@ def bench_shape(
         base = {v.name: v.median() for v in dense}
         best_bf16 = min(t for n, t in base.items() if "bf16" in n)
         for sparsity, variants in [(0.0, dense), *sparse.items()]:
+            int8 = next((v.median() for v in variants if v.name == "sparse int8"), None)
             for v in variants:
                 gbs = v.nbytes / v.median() / 1e9
                 rows.append(
@@ -175,6 +189,8 @@ def bench_shape(
                         "probe_cycles": probe,
                         "x_best_dense_bf16": round(best_bf16 / v.median(), 2),
                         "x_torch_fp32": round(base["torch fp32"] / v.median(), 2),
+                        "x_sparse_int8": None if int8 is None else round(int8 / v.median(), 2),
+                        "bits_per_weight": round(8 * v.nbytes / (shape[0] * shape[1]), 3),
                     }
                 )
         print_rows([r for r in rows if r["batch"] == batch and r["shape"] == list(shape)])
@@ -188,12 +204,15 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
         f"clock {head['clock_ghz'] or 'n/a'} GHz  compute probe {head['probe_cycles'] or 'n/a'} cycles"
     )
     print(
-        f"  {'sparsity':>8} {'variant':<16} {'ms':>9} {'GB/s':>7} {'of bw':>6} {'x best dense bf16':>18} {'x torch fp32':>13}"
+        f"  {'sparsity':>8} {'variant':<16} {'bits/w':>7} {'ms':>9} {'GB/s':>7} {'of bw':>6} "
+        f"{'x best dense bf16':>18} {'x torch fp32':>13} {'x int8':>7}"
     )
     for r in rows:
+        x_int8 = "" if r["x_sparse_int8"] is None else f"{r['x_sparse_int8']:.2f}"
         print(
-            f"  {r['sparsity']:>8.0%} {r['variant']:<16} {r['ms']:>9.3f} {r['gb_s']:>7.1f} {r['of_copy_bw']:>6.0%} "
-            f"{r['x_best_dense_bf16']:>18.2f} {r['x_torch_fp32']:>13.2f}"
+            f"  {r['sparsity']:>8.0%} {r['variant']:<16} {r['bits_per_weight']:>7.2f} {r['ms']:>9.3f} "
+            f"{r['gb_s']:>7.1f} {r['of_copy_bw']:>6.0%} {r['x_best_dense_bf16']:>18.2f} {r['x_torch_fp32']:>13.2f} "
+            f"{x_int8:>7}"
         )
 
 
@@ -205,7 +224,7 @@ def crossover(isa: str, reps: int) -> list[dict[str, Any]]:
     wide_too = dispatch.amx_ready(isa)
     out = []
     print("\nprefill switch, 4096x4096 at 70%: sparse kernel vs decompress + dense matmul (ms)")
-    for kind in ("bf16", "int8"):
+    for kind in ("bf16", "int8", "int4"):
         packed = pack_dense(weight, kind)  # type: ignore[arg-type]
         for batch in (4, 8, 16, 32, 64, 128, 256, 512):
             x = torch.randn(batch, 4096).bfloat16()
@@ -244,7 +263,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="one shape, 70%% only, batch 1 (a smoke run)")
     parser.add_argument("--switch-only", action="store_true", help="only the prefill switch section")
-    parser.add_argument("--output", default="benchmarks/results/cpu_kernels.json")
+    parser.add_argument("--output", default=None, help="result JSON (default: benchmarks/results/, dated)")
     args = parser.parse_args()
     if args.quick and args.switch_only:
         parser.error("--quick and --switch-only leave nothing to run together; choose one")
@@ -261,15 +280,17 @@ def main() -> None:
     switch = crossover(isa, max(args.reps // 2, 1)) if not args.quick else []
 
     print(
-        "\ntargets at 70% sparsity, batch 1 (bf16 >= 2.0x best dense bf16; int8 >= 4.0x dense bf16, >= 8x torch fp32)"
+        "\ntargets at 70% sparsity, batch 1 (bf16 >= 2.0x best dense bf16; int8 >= 4.0x dense bf16, >= 8x torch "
+        "fp32; int4 >= 1.4x the int8 kernel)"
     )
     for r in rows:
         if r["sparsity"] == 0.7 and r["batch"] == 1:
+            x_int8 = "" if r["x_sparse_int8"] is None else f", {r['x_sparse_int8']:.2f}x sparse int8"
             print(
                 f"  {r['shape'][0]}x{r['shape'][1]} {r['variant']:<12} {r['x_best_dense_bf16']:.2f}x dense bf16, "
-                f"{r['x_torch_fp32']:.2f}x torch fp32  (compute probe {r['probe_cycles']} cycles)"
+                f"{r['x_torch_fp32']:.2f}x torch fp32{x_int8}  (compute probe {r['probe_cycles']} cycles)"
             )
-    out = Path(args.output)
+    out = Path(args.output or result_path("cpu_kernels"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(

@@ -756,7 +756,7 @@ def load_sparse(
     head_values: str = "bf16",
     decoder: str = "auto",
 ) -> torch.nn.Module:
-    """A model whose pruned linears run on sparseft's CPU kernels (`SparseLinear`, bf16 or int8 values), from a
+    """A model whose pruned linears run on sparseft's CPU kernels (`SparseLinear`, bf16, int8 or int4 values), from a
     bitmask archive (read straight into them, never dense) or an HF checkpoint with zeros kept.
     `decoder`: "auto" runs Llama-family models on the runtime's own decoder and the rest on transformers' model
     code; "sparseft" or "transformers" insists (lm-eval needs "transformers"). `head_values="int8"` also
@@ -764,9 +764,10 @@ def load_sparse(
     from sparseft import runtime
     from sparseft.models import parse_dtype
 
-    for name, given in (("values", values), ("head_values", head_values)):
-        if given not in (None, "bf16", "int8"):
-            raise SparseftError(f"{name} must be bf16 or int8, got {given!r}")
+    if values not in (None, "bf16", "int8", "int4"):
+        raise SparseftError(f"values must be bf16, int8 or int4, got {values!r}")
+    if head_values not in ("bf16", "int8"):
+        raise SparseftError(f"head_values must be bf16 or int8, got {head_values!r}")
     return runtime.load(
         path,
         values,  # type: ignore[arg-type]
@@ -1000,7 +1001,7 @@ def bench(
     from sparseft import formats
     from sparseft.models import model_kind
     from sparseft.runtime import current_isa
-    from sparseft.runtime.bench import measure_generation, measure_seq2seq, seq2seq_inputs
+    from sparseft.runtime.bench import linear_bits, measure_generation, measure_seq2seq, seq2seq_inputs
 
     at_least = {
         "prompt_tokens": (prompt_tokens, 1),
@@ -1033,6 +1034,9 @@ def bench(
         workload |= {"new_tokens": new_tokens, "num_beams": beams}
         result = measure_seq2seq(models, inputs, new_tokens, beams, runs)
     result["_machine"]["kernels"] = current_isa()
+    vocab = int(getattr(sparse.config, "vocab_size", 0))
+    for name, net in models.items():
+        result[name]["bits_per_weight"] = linear_bits(net, vocab)
     return {
         "model": str(model),
         "kind": kind,

@@ -112,6 +112,15 @@ def _add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: torch's, one per core)")
 
 
+def _add_values(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--values",
+        choices=["bf16", "int8", "int4"],
+        help="weight values in memory (default: as exported; int4 from a bf16 or int8 export quantizes per group of "
+        "128 columns at load)",
+    )
+
+
 def _add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -839,9 +848,7 @@ def add_generate(sub: Any) -> None:
         "terminal: a conversation, turn by turn (exit, quit or Ctrl-D leaves)",
     )
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate at most")
-    p.add_argument(
-        "--values", choices=["bf16", "int8"], help="weight values in memory (default: as exported)"
-    )
+    _add_values(p)
     p.add_argument(
         "--head-values",
         choices=["bf16", "int8"],
@@ -951,9 +958,7 @@ def add_bench(sub: Any) -> None:
     p.add_argument(
         "--num-beams", type=int, metavar="N", help="encoder-decoder: beams (default: 5 for T5, 1 for Whisper)"
     )
-    p.add_argument(
-        "--values", choices=["bf16", "int8"], help="weight values in memory (default: as exported)"
-    )
+    _add_values(p)
     p.add_argument(
         "--head-values", choices=["bf16", "int8"], default="bf16", help="the sparse model's LM head in memory"
     )
@@ -988,25 +993,36 @@ def run_bench(args: argparse.Namespace) -> None:
     results = dict(report["results"])
     machine = results.pop("_machine")
     if report["kind"] == "causal":
-        print(f"{'model':<14} {'prefill tok/s':>14} {'decode tok/s':>13} {'memory MB':>10}")
+        print(
+            f"{'model':<14} {'prefill tok/s':>14} {'decode tok/s':>13} {'memory MB':>10} {'bits/weight':>12}"
+        )
         for name, row in results.items():
             print(
-                f"{name:<14} {row['prefill_tok_s']:>14.1f} {row['decode_tok_s']:>13.1f} {row['model_bytes'] / 1e6:>10.1f}"
+                f"{name:<14} {row['prefill_tok_s']:>14.1f} {row['decode_tok_s']:>13.1f} "
+                f"{row['model_bytes'] / 1e6:>10.1f} {_bits(row):>12}"
             )
     else:
         print(
-            f"{'model':<14} {'encoder ms':>11} {'decode tok/s':>13} {'job s':>8} {'memory MB':>10} {'peak MB':>8}"
+            f"{'model':<14} {'encoder ms':>11} {'decode tok/s':>13} {'job s':>8} {'memory MB':>10} {'peak MB':>8} "
+            f"{'bits/weight':>12}"
         )
         for name, row in results.items():
             peak = f"{row['peak_bytes'] / 1e6:.1f}" if row["peak_bytes"] is not None else "n/a"
             print(
                 f"{name:<14} {row['encoder_ms']:>11.1f} {row['decode_tok_s']:>13.1f} {row['job_s']:>8.2f} "
-                f"{row['model_bytes'] / 1e6:>10.1f} {peak:>8}"
+                f"{row['model_bytes'] / 1e6:>10.1f} {peak:>8} {_bits(row):>12}"
             )
+    print(
+        "bits/weight: read per weight of the linears at decode (mask, values and scales), the LM head aside"
+    )
     print(
         f"{machine['threads']} threads, kernels {machine['kernels']}, copy bandwidth {machine['copy_gb_s']} GB/s, "
         f"clock {machine.get('clock_ghz') or 'n/a'} GHz"
     )
+
+
+def _bits(row: dict[str, Any]) -> str:
+    return "n/a" if row.get("bits_per_weight") is None else f"{row['bits_per_weight']:.2f}"
 
 
 def add_serve(sub: Any) -> None:
@@ -1026,9 +1042,7 @@ def add_serve(sub: Any) -> None:
         help="address to listen on; 0.0.0.0 listens on every interface",
     )
     p.add_argument("--port", type=int, default=8000, metavar="N", help="port to listen on")
-    p.add_argument(
-        "--values", choices=["bf16", "int8"], help="weight values in memory (default: as exported)"
-    )
+    _add_values(p)
     p.add_argument(
         "--head-values",
         choices=["bf16", "int8"],

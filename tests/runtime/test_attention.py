@@ -1,5 +1,5 @@
-"""Decoding attention runs as one C++ op in converted models: as exact as SDPA against a float64 reference, and
-everything it does not cover goes to transformers' SDPA function."""
+"""Decoding attention runs as one C++ op (AVX2 or AVX-512) in the own decoders and in converted models: as exact as
+SDPA against a float64 reference, and everything it does not cover goes to SDPA."""
 
 from __future__ import annotations
 
@@ -14,10 +14,20 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from sparseft.runtime import dispatch
 from sparseft.runtime.attention import NAME, decode_attention, fuse_attention_
+from sparseft.runtime.models import ops
 
 needs_avx512 = pytest.mark.skipif(
     dispatch.best_isa() != "avx512", reason="the op needs the AVX-512 (BF16) kernels"
 )
+# The op's code paths this machine runs (AVX2 everywhere the AVX-512 one runs).
+OP_ISAS = [isa for isa in ("avx2", "avx512") if isa in dispatch.available_isas()]
+
+
+@pytest.fixture(params=OP_ISAS)
+def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each of the op's code paths in turn, chosen as a user would (SPARSEFT_ISA)."""
+    monkeypatch.setenv("SPARSEFT_ISA", request.param)
+    return str(request.param)
 
 
 class _Attention(torch.nn.Module):
@@ -60,11 +70,12 @@ def _count_op_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-@needs_avx512
-@pytest.mark.parametrize("batch,heads,kv_heads", [(1, 4, 4), (2, 8, 2), (1, 6, 3), (1, 14, 2)])
+@pytest.mark.parametrize("batch,heads,kv_heads", [(1, 4, 4), (2, 8, 2), (1, 6, 3), (1, 14, 2), (3, 32, 4)])
 @pytest.mark.parametrize("dim", [32, 64, 128, 256])
-@pytest.mark.parametrize("keys", [1, 15, 16, 17, 32, 100])
-def test_op_matches_float64_attention(batch: int, heads: int, kv_heads: int, dim: int, keys: int) -> None:
+@pytest.mark.parametrize("keys", [1, 7, 9, 15, 16, 17, 32, 100])
+def test_op_matches_float64_attention(
+    isa: str, batch: int, heads: int, kv_heads: int, dim: int, keys: int
+) -> None:
     q, k, v = _qkv(batch, heads, kv_heads, dim, keys)
     scale = dim**-0.5
     got = dispatch.decode_attention(q, k, v, scale)
@@ -78,8 +89,7 @@ def test_op_matches_float64_attention(batch: int, heads: int, kv_heads: int, dim
     assert error <= max(sdpa_error, 2**-9 * exact.abs().max().item())
 
 
-@needs_avx512
-def test_op_reads_any_layout() -> None:
+def test_op_reads_any_layout(isa: str) -> None:
     g = torch.Generator().manual_seed(1)
     # q as the attention makes it, (B, 1, H, D) transposed; k and v with tokens outermost, (B, L, Hkv, D) transposed
     q = torch.randn(2, 1, 8, 64, generator=g).bfloat16().transpose(1, 2)
@@ -90,8 +100,7 @@ def test_op_reads_any_layout() -> None:
     torch.testing.assert_close(got.double(), _exact(q, k, v, 0.125), rtol=2**-8, atol=1e-4)
 
 
-@needs_avx512
-def test_nan_in_the_cache_gives_nan_as_sdpa_does() -> None:
+def test_nan_in_the_cache_gives_nan_as_sdpa_does(isa: str) -> None:
     q, k, v = _qkv(1, 4, 2, 64, 20)
     k = k.clone()
     k[0, 0, 5, 3] = float("nan")
@@ -100,8 +109,7 @@ def test_nan_in_the_cache_gives_nan_as_sdpa_does() -> None:
     assert torch.equal(got.isnan(), sdpa.isnan()) and got[0, 0, :2].isnan().all()
 
 
-@needs_avx512
-def test_large_scores_do_not_overflow() -> None:
+def test_large_scores_do_not_overflow(isa: str) -> None:
     q, k, v = _qkv(1, 4, 2, 64, 40)
     q = q * 60  # scores in the thousands: exp must be taken after subtracting the maximum
     got = dispatch.decode_attention(q, k, v, 0.125)
@@ -130,8 +138,7 @@ def test_what_the_op_does_not_cover_goes_to_sdpa(change: str, monkeypatch: pytes
     assert calls == []
 
 
-@needs_avx512
-def test_the_op_refuses_what_it_does_not_cover() -> None:
+def test_the_op_refuses_what_it_does_not_cover(isa: str) -> None:
     q, k, v = _qkv(1, 4, 2, 16, 9)
     with pytest.raises(RuntimeError, match="head sizes"):
         dispatch.decode_attention(q, k, v, 0.25)
@@ -141,6 +148,43 @@ def test_the_op_refuses_what_it_does_not_cover() -> None:
     q, k, v = _qkv(1, 6, 4, 64, 9)
     with pytest.raises(RuntimeError, match="shapes do not match"):
         dispatch.decode_attention(q, k, v, 0.125)
+
+
+def test_the_portable_kernels_do_not_take_the_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPARSEFT_ISA", "scalar")
+    q, k, v = _qkv(1, 4, 2, 64, 9)
+    assert not ops.op_attends(q)
+    with pytest.raises(RuntimeError, match="needs the AVX2 or AVX-512 kernels"):
+        dispatch.decode_attention(q, k, v, 0.125)
+
+
+def test_op_reads_a_window_of_a_static_cache(isa: str, one_thread_and_several: Callable[..., Any]) -> None:
+    # as KVCache.attend passes them: the rows [first, end) of (B, Hkv, capacity, D) buffers, no copy
+    g = torch.Generator().manual_seed(3)
+    cache_k = torch.randn(2, 4, 64, 64, generator=g).bfloat16()
+    cache_v = torch.randn(2, 4, 64, 64, generator=g).bfloat16()
+    q = torch.randn(2, 32, 1, 64, generator=g).bfloat16()
+    k, v = cache_k[:, :, 5:46], cache_v[:, :, 5:46]
+    assert not k.is_contiguous()
+    one, several = one_thread_and_several(lambda: dispatch.decode_attention(q, k, v, 0.125))
+    assert torch.equal(one, several)  # each group of heads is computed alike on any thread
+    assert torch.equal(one, dispatch.decode_attention(q, k.contiguous(), v.contiguous(), 0.125))
+    torch.testing.assert_close(one.double(), _exact(q, k, v, 0.125), rtol=2**-8, atol=1e-4)
+
+
+def test_the_own_decoders_step_takes_the_op_and_agrees_with_sdpa(
+    isa: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    q, k, v = _qkv(2, 8, 2, 64, 37)
+    calls = _count_op_calls(monkeypatch)
+    assert ops.op_attends(q)
+    got = ops.decode_attention(q, k, v, 0.125)
+    assert len(calls) == 1
+    sdpa = ops.attention(q, k, v, 0.125)
+    exact = _exact(q, k, v, 0.125)
+    assert (got.double() - exact).abs().max() <= max(
+        (sdpa.double() - exact).abs().max().item(), 2**-9 * exact.abs().max().item()
+    )
 
 
 @needs_avx512
@@ -238,3 +282,45 @@ def test_other_families_take_the_op_when_decoding(
     assert got.sequences.tolist() == expected.sequences.tolist()
     for a, b in zip(got.logits, expected.logits, strict=True):
         assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 0.02
+
+
+def test_store_and_attend_writes_the_step_then_attends_over_the_window(isa: str) -> None:
+    g = torch.Generator().manual_seed(5)
+    cache_k = torch.randn(2, 2, 48, 64, generator=g).bfloat16()
+    cache_v = torch.randn(2, 2, 48, 64, generator=g).bfloat16()
+    q = torch.randn(2, 8, 1, 64, generator=g).bfloat16()
+    k = torch.randn(2, 2, 1, 64, generator=g).bfloat16()
+    v = torch.randn(2, 2, 1, 64, generator=g).bfloat16()
+    expected_k, expected_v = cache_k.clone(), cache_v.clone()
+    expected_k[:, :, 30:31], expected_v[:, :, 30:31] = k, v
+    got = ops.store_and_attend(q, k, v, cache_k, cache_v, 30, 4, 0.125)
+    assert torch.equal(cache_k, expected_k) and torch.equal(cache_v, expected_v)  # row 30 and nothing else
+    want = dispatch.decode_attention(q, expected_k[:, :, 4:31], expected_v[:, :, 4:31], 0.125)
+    assert got.shape == (2, 1, 8, 64) and torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ("position", "not in a cache"),
+        ("first", "not in a cache"),
+        ("dtype", "bfloat16"),
+        ("heads", "multiple"),
+    ],
+)
+def test_store_and_attend_checks_everything_before_writing(isa: str, change: str, message: str) -> None:
+    cache_k, cache_v = torch.zeros(1, 2, 16, 64).bfloat16(), torch.zeros(1, 2, 16, 64).bfloat16()
+    q, k, v = torch.ones(1, 4, 1, 64).bfloat16(), torch.ones(1, 2, 1, 64).bfloat16(), torch.ones(1, 2, 1, 64)
+    v = v.bfloat16()
+    position, first = 5, 0
+    if change == "position":
+        position = 16
+    elif change == "first":
+        first = 6
+    elif change == "dtype":
+        v = v.float()
+    else:
+        q = torch.ones(1, 3, 1, 64).bfloat16()
+    with pytest.raises(RuntimeError, match=message):
+        dispatch.store_and_attend(q, k, v, cache_k, cache_v, position, first, 0.125)
+    assert not cache_k.any() and not cache_v.any()

@@ -96,6 +96,21 @@ def test_bench_command(exported: Path, tmp_path: Path, capsys: pytest.CaptureFix
     assert results["sparse bf16"]["model_bytes"] < results["dense bf16"]["model_bytes"]
 
 
+def test_bench_says_the_bits_read_per_weight(
+    exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bits = {}
+    for values in ("bf16", "int8", "int4"):
+        out = tmp_path / f"{values}.json"
+        run = ["bench", str(exported), "--values", values, "--prompt-tokens", "8", "--new-tokens", "3"]
+        assert main([*run, "--runs", "1", "--json", str(out)]) == 0
+        assert "bits/weight" in capsys.readouterr().out
+        results = json.loads(out.read_text())["results"]
+        assert results["dense bf16"]["bits_per_weight"] == 16
+        bits[values] = results[f"sparse {values}"]["bits_per_weight"]
+    assert bits["int4"] < bits["int8"] < bits["bf16"] < 16
+
+
 def test_bad_arguments(exported: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["generate", str(exported), "--prompt", "x", "--max-new-tokens", "0"]) == 2
     assert main(["bench", str(exported), "--new-tokens", "1"]) == 2

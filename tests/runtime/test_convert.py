@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from sparseft import formats
-from sparseft.errors import SparseftError
+from sparseft.errors import SparseftError, SparseftWarning
 from sparseft.models import find_targets, weight_matrix
 from sparseft.pruning.magnitude import magnitude_prune
 from sparseft.quant import QuantSpec, rtn_quantize
@@ -181,6 +181,36 @@ def test_archive_whose_biases_differ_from_its_model_is_refused(
     _edit_config(archive, attention_bias=False)
     with pytest.raises(SparseftError, match=r"holds model\.layers\.0\.self_attn\.\w+_proj\.bias.*different"):
         load(archive)
+
+
+@pytest.mark.parametrize("decoder", ["transformers", "sparseft"])
+def test_load_int4_archive(
+    decoder: str, tmp_path: Path, pruned_model: Callable[..., torch.nn.Module]
+) -> None:
+    dense = pruned_model()
+    archive = _write_archive(dense, tmp_path / "archive", spec=QuantSpec(4, 32))
+    sparse = convert.load(archive, decoder=decoder)
+    kinds = {m.kind for m in sparse.modules() if isinstance(m, SparseLinear)}
+    assert kinds == {"int4"} or (decoder == "sparseft" and kinds == {"int4", "bf16"})  # bf16: the head
+    dequantized = formats.load_dir(archive, torch.bfloat16)
+    with torch.inference_mode():
+        logits = sparse(PROMPT).logits.float()
+    assert _relative(logits, _logits(dequantized)) < 0.05
+
+
+def test_int4_archives_the_kernels_cannot_run(
+    tmp_path: Path, pruned_model: Callable[..., torch.nn.Module]
+) -> None:
+    archive = _write_archive(pruned_model(), tmp_path / "odd", spec=QuantSpec(4, 16))
+    with pytest.warns(SparseftWarning, match="group size 16 run as int8"):
+        assert {m.kind for m in load(archive).modules() if isinstance(m, SparseLinear)} == {"int8"}
+    with pytest.raises(SparseftError, match="multiples of 32"):
+        load(archive, values="int4")
+    damaged = _write_archive(pruned_model(), tmp_path / "damaged", spec=QuantSpec(4, 32))
+    _damage(damaged, "model.layers.0.mlp.up_proj.weight.compressed", lambda t: t[:-1])
+    for decoder in ("transformers", "sparseft"):
+        with pytest.raises(SparseftError, match="damaged"):
+            convert.load(damaged, decoder=decoder)
 
 
 def _damage(archive: Path, name: str, change: Callable[[torch.Tensor], torch.Tensor]) -> None:

@@ -1,6 +1,7 @@
 """Every kernel path agrees with its plain-torch reference: each instruction-set level this CPU has, forced (the
-AMX kernels take batches of 2 (bf16) or 5 (int8) and more at the AVX-512 level); bf16 and int8 values; batch
-1..130 (the AMX kernels take 64 a pass); odd sizes; empty and fully dense rows; one and several threads."""
+AMX kernels take batches of 2 (bf16) or 5 (int8) and more at the AVX-512 level); bf16, int8 and int4 values (groups
+of 32, 64 and 128 columns); batch 1..130 (the AMX kernels take 64 a pass); odd sizes; empty and fully dense rows;
+one and several threads."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ BATCHES = [1, 2, 3, 4, 5, 7, 8, 9, 12, 16, 17, 32, 40, 50, 65, 130]
 def _assert_close(y: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, kind: str) -> None:
     """`bound` is |x| . |W|^T, the scale of the rounding error of a dot product."""
     assert y.dtype == ref.dtype and y.shape == ref.shape
-    rel = 1e-6 if kind == "int8" else 1e-4  # int8 sums are exact integers; only the final scaling rounds
+    # int8 sums are exact integers, only the final scaling rounds; int4 adds one fp32 rounding per group of columns
+    rel = {"int8": 1e-6, "int4": 1e-5}.get(kind, 1e-4)
     tol = rel * bound + 1e-6
     if y.dtype == torch.bfloat16:  # both sides round to bf16 last: one bf16 step apart at most
         tol = tol + ref.float().abs() * 2**-7
@@ -37,7 +39,7 @@ def _assert_close(y: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, kind:
 
 @pytest.mark.skipif(not KERNEL_ISAS, reason="the C++ kernels are not built here")
 @pytest.mark.parametrize(("isa", "amx_off"), LEVELS)
-@pytest.mark.parametrize("kind", ["bf16", "int8"])
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_sparse_mm_matches_reference(
     isa: str,
@@ -245,7 +247,47 @@ def test_int8_sums_stay_exact_at_the_extremes(isa: str) -> None:
 
 @pytest.mark.skipif(not KERNEL_ISAS, reason="the C++ kernels are not built here")
 @pytest.mark.parametrize("isa", KERNEL_ISAS)
-@pytest.mark.parametrize("kind", ["bf16", "int8"])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("shape", [(37, 100), (70, 130), (33, 257), (9, 384)])
+def test_int4_group_sizes_match_reference(
+    isa: str, group_size: int, shape: tuple[int, int], awkward_weight: Callable[..., torch.Tensor]
+) -> None:
+    # groups that end inside a mask word, at its end, across words, and a last group cut short by the columns
+    rows, cols = shape
+    packed = pack_dense(awkward_weight(rows, cols), "int4", group_size=group_size)
+    assert packed.group_size == group_size and packed.scale is not None
+    assert packed.scale.shape == (rows, -(-cols // group_size))
+    bound_w = reference.unpack(packed).abs().T
+    g = torch.Generator().manual_seed(2)
+    for batch in (1, 2, 3, 4, 5, 8, 9, 16):
+        x = torch.randn(batch, cols, generator=g)
+        y = dispatch.sparse_mm(x, packed, None, isa)
+        _assert_close(y, reference.sparse_mm(x, packed), x.abs() @ bound_w * (1 + 1 / 64), "int4")
+
+
+@pytest.mark.skipif(not KERNEL_ISAS, reason="the C++ kernels are not built here")
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+def test_int4_reads_rows_that_start_mid_byte(isa: str, awkward_weight: Callable[..., torch.Tensor]) -> None:
+    packed = pack_dense(awkward_weight(21, 96), "int4", group_size=32)
+    starts = packed.row_start[:-1] % 2
+    assert bool(starts.any()) and not bool(starts.all())  # some rows start at a high nibble
+    x = torch.randn(3, 96)
+    for start, stop in ((0, 21), (1, 9), (3, 20)):
+        part = packed.rows(start, stop)
+        y = dispatch.sparse_mm(x, part, None, isa)
+        torch.testing.assert_close(y, reference.sparse_mm(x, packed)[:, start:stop], rtol=1e-5, atol=1e-5)
+        assert torch.equal(dispatch.decompress(part, isa), reference.decompress(packed)[start:stop])
+
+
+def test_int4_group_sizes_the_kernels_cannot_run_are_refused() -> None:
+    for group_size in (16, 48, 100):
+        with pytest.raises(SparseftError, match="multiples of 32"):
+            pack_dense(torch.randn(4, 128), "int4", group_size=group_size)
+
+
+@pytest.mark.skipif(not KERNEL_ISAS, reason="the C++ kernels are not built here")
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
 @pytest.mark.parametrize("batch", [1, 4, 16, 40])  # 16, 40: the AMX kernels, where present (40: three groups)
 def test_threads_split_uneven_rows(
     isa: str, kind: str, batch: int, one_thread_and_several: Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -265,7 +307,7 @@ def test_threads_split_uneven_rows(
 
 @pytest.mark.skipif(not KERNEL_ISAS, reason="the C++ kernels are not built here")
 @pytest.mark.parametrize("isa", KERNEL_ISAS)
-@pytest.mark.parametrize("kind", ["bf16", "int8"])
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
 def test_decompress_matches_reference(
     isa: str, kind: str, awkward_weight: Callable[..., torch.Tensor]
 ) -> None:
@@ -300,7 +342,7 @@ def test_large_batches_take_the_dense_path(
     monkeypatch.setattr(dispatch, "_DECOMPRESS_BYTES", 2 * 70 * 7)  # blocks of 7 rows, the last one short
     for native in (True, False):  # a CPU with bf16 matrix instructions multiplies in bf16, others in fp32
         monkeypatch.setattr(dispatch, "native_bf16_matmul", lambda native=native: native)
-        for kind in ("bf16", "int8"):
+        for kind in ("bf16", "int8", "int4"):
             blocked = pack_dense(awkward_weight(30, 70), kind)  # type: ignore[arg-type]
             w = reference.decompress(blocked)
             if native:
@@ -389,10 +431,11 @@ def test_a_packed_weight_whose_offsets_disagree_with_its_mask_is_refused(
 
 
 @pytest.mark.parametrize("isa", KERNEL_ISAS)
+@pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_int8_activations_with_nan_or_inf_give_nan(
-    isa: str, awkward_weight: Callable[..., torch.Tensor]
+    isa: str, kind: str, awkward_weight: Callable[..., torch.Tensor]
 ) -> None:
-    packed = pack_dense(awkward_weight(16, 100), "int8")
+    packed = pack_dense(awkward_weight(16, 100), kind)  # type: ignore[arg-type]
     x = torch.randn(3, 100)
     x[0, 7], x[1, 99] = float("nan"), float("inf")  # in the vector part, and in the tail
     y = dispatch.sparse_mm(x, packed, None, isa)

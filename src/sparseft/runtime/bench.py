@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from sparseft.runtime import dispatch
+from sparseft.runtime.linear import SparseLinear
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -29,6 +30,20 @@ def model_bytes(model: nn.Module) -> int:
         storage = tensor.untyped_storage()
         seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
+
+
+def linear_bits(model: nn.Module, vocab_size: int) -> float | None:
+    """Bits read per weight of the model's linears at decode (mask, values and scales for sparse ones), the LM
+    head (`vocab_size` outputs) left out; None without linears."""
+    stored = weights = 0
+    for module in model.modules():
+        if isinstance(module, SparseLinear) and module.out_features != vocab_size:
+            stored += module.packed.nbytes()
+            weights += module.in_features * module.out_features
+        elif isinstance(module, nn.Linear) and module.out_features != vocab_size:
+            stored += module.weight.numel() * module.weight.element_size()
+            weights += module.weight.numel()
+    return round(8 * stored / weights, 2) if weights else None
 
 
 def median_known(values: list[float | None], digits: int) -> float | None:

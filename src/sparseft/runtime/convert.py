@@ -20,12 +20,9 @@ from sparseft.runtime.linear import DenseLinear, SparseLinear
 from sparseft.runtime.norm import fuse_norms_
 from sparseft.runtime.packing import Values, pack_dense, pack_full_int8
 from sparseft.runtime.reader import TensorReader
-from sparseft.runtime.weights import packed_from_parts, read_parts
+from sparseft.runtime.weights import check_values, default_values, packed_from_parts, read_parts
 
-
-def _check_values(values: str) -> None:
-    if values not in ("bf16", "int8"):
-        raise SparseftError(f"values must be 'bf16' or 'int8', got {values!r}")
+HEAD_VALUES = ("bf16", "int8")
 
 
 def _head_name(model: nn.Module) -> str:
@@ -41,7 +38,7 @@ def fast_head_(model: nn.Module, values: Values = "bf16") -> None:
     by the int8 kernel with a full mask, half the bytes (a 1B model's head is a sixth to a quarter of its bytes
     per token at 70% sparsity); logits move by the int8 rounding, and a tied head keeps its embedding besides
     the copy."""
-    _check_values(values)
+    check_values(values, HEAD_VALUES)
     name = _head_name(model)
     head = model.get_submodule(name) if name else None
     if not isinstance(head, nn.Linear) or head.weight.device.type != "cpu":
@@ -61,15 +58,16 @@ def sparsify_(
     head_values: Values = "bf16",
     fuse: bool = True,
 ) -> dict[str, Any]:
-    """Replace the target linears of `model` by `SparseLinear`s holding their nonzeros as `values` ("bf16", or
-    "int8" with per-row scales). `targets`/`ignore`: module names, class names or `re:` patterns, as for pruning;
+    """Replace the target linears of `model` by `SparseLinear`s holding their nonzeros as `values` ("bf16", "int8"
+    with per-row scales, or "int4" with scales per group of 128 columns). `targets`/`ignore`: module names, class
+    names or `re:` patterns, as for pruning;
     with `targets` named, `model` can be any module (`sparsify_(nn.Sequential(linear), targets=["0"])`), without
     them every linear in its transformer blocks is a target.
     `fast_head`: give the LM head a fast decoding kernel too, with `head_values` (see `fast_head_`).
     `fuse`: run each q/k/v and gate/up group as one kernel call (`fuse.fuse_siblings_`), and Llama-style
     norms and decoding attention as one op each (`norm`, `attention`).
     Returns a summary: layers converted, their dense and compressed bytes, groups fused."""
-    _check_values(values)
+    check_values(values)
     chosen = find_targets(model, targets, ignore)
     dense_bytes = sparse_bytes = 0
     for name, module in chosen.items():
@@ -144,8 +142,8 @@ def load(
     swapped for `SparseLinear` (any architecture; what lm-eval and other transformers tools need); "auto" takes
     the own decoder where it covers the model and warns when a listed architecture falls back. The model's
     `decoder_name` says which runs.
-    `values` defaults to "int8" for an int8 archive and "bf16" otherwise; `dtype` is the dtype of everything
-    that stays dense. `fast_head`/`head_values`: the LM head's decoding kernel (see `fast_head_`); `fuse`
+    `values` defaults to how the archive stores them (int8, int4; "bf16" when unquantized); `dtype` is the dtype
+    of everything that stays dense. `fast_head`/`head_values`: the LM head's decoding kernel (see `fast_head_`); `fuse`
     (transformers path): one kernel call per q/k/v and gate/up group and one op per norm and
     decoding attention where the architecture allows.
     """
@@ -157,8 +155,8 @@ def load(
     if dtype not in (torch.bfloat16, torch.float32):
         raise SparseftError(f"the sparse runtime runs in bfloat16 or float32, not {dtype}; pass one of those")
     if values is not None:
-        _check_values(values)
-    _check_values(head_values)
+        check_values(values)
+    check_values(head_values, HEAD_VALUES)
     reason = "asked for"
     if decoder != "transformers":
         try:
@@ -197,8 +195,7 @@ def _load_archive(
 
     archive = read_archive(directory)
     quant = archive.quantization
-    values = values or ("int8" if quant is not None and int(quant["bits"]) == 8 else "bf16")
-    _check_values(values)
+    values = values or default_values(quant)
     model = _skeleton(archive.config, dtype, trust_remote_code)
     reader = TensorReader(archive.path, archive.shards.weight_map)
 

@@ -80,7 +80,12 @@ def _resolve_isa(name: str) -> str:
 # section of benchmarks/cpu_kernels.py, on a quiet Xeon with the kernels on 2 threads (4096x4096 at 70%), put
 # it between 8 and 16 tokens for bf16 values (2.3 vs 4.4 ms at 8, 10.6 vs 4.6 at 16) and between 32 and 64 for
 # int8 (3.4 vs 3.7 ms at 32, 5.9 vs 4.8 at 64).
-DENSE_ABOVE = {"bf16": 8, "int8": 32, "dense": 8}  # "dense": our dense bf16 GEMV (linear.DenseLinear)
+DENSE_ABOVE = {
+    "bf16": 8,
+    "int8": 32,
+    "int4": 32,
+    "dense": 8,
+}  # "dense": our dense bf16 GEMV (linear.DenseLinear)
 # With AMX the bf16 kernel (64 tokens a pass) beats decompressing (in 8 MB blocks, as `decompressed_linear`) up
 # to about 1024 tokens. One 4096x4096 weight at 70%, alternated: 1.55-1.86 against 4.71-5.52 ms at 32 tokens,
 # 6.27 against 9.49-10.03 at 128, 12.8-12.9 against 16.2-17.0 at 256, 25.5-25.6 against 28.2-32.2 at 512; a
@@ -162,14 +167,14 @@ def sparse_mm(
     if isa == "torch":
         return reference.sparse_mm(x, p, bias, activation_bits=16 if wide else 8)
     return _op("sparse_mm")(
-        x, p.mask, p.values, p.row_start, p.scale, p.rowsum, bias, p.shape[1], LEVELS[isa], wide
+        x, p.mask, p.values, p.row_start, p.scale, p.rowsum, bias, p.shape[1], LEVELS[isa], wide, p.group_size
     )
 
 
 def decompress(p: Packed, isa: str) -> torch.Tensor:
     if isa == "torch":
         return reference.decompress(p)
-    return _op("decompress")(p.mask, p.values, p.row_start, p.scale, p.shape[1], LEVELS[isa])
+    return _op("decompress")(p.mask, p.values, p.row_start, p.scale, p.shape[1], LEVELS[isa], p.group_size)
 
 
 def linear(x: torch.Tensor, p: Packed, bias: torch.Tensor | None) -> torch.Tensor:
@@ -199,7 +204,7 @@ def check_packed(p: Packed) -> None:
     if best_isa() == "torch":
         return
     try:
-        _op("check_packed")(p.mask, p.values, p.row_start, p.shape[1])
+        _op("check_packed")(p.mask, p.values, p.row_start, p.shape[1], p.group_size)
     except RuntimeError as e:
         reason = str(e).splitlines()[0].removeprefix("sparseft: ")
         raise SparseftError(
@@ -281,3 +286,27 @@ def dense_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
             x.dtype
         )  # the bias in fp32, as the kernel
     return _op("dense_mm")(x.contiguous(), weight, bias)
+
+
+def store_and_attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    position: int,
+    first: int,
+    scale: float,
+) -> torch.Tensor:
+    """A decoding step's keys and values k, v (B, Hkv, 1, D) written to row `position` of the caches (B, Hkv,
+    capacity, D), then `decode_attention` of q over their rows [first, position], in one C++ op
+    (kernels/attention.cpp); a RuntimeError, with nothing written, for what it does not cover."""
+    return _op("store_and_attend")(
+        q, k, v, key_cache, value_cache, position, first, scale, LEVELS[current_isa()]
+    )
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU of the first half of the last dimension times its second half, in one C++ op (kernels/activation.cpp;
+    runtime/models/ops.py); a RuntimeError for what it does not cover."""
+    return _op("silu_mul")(gate_up, LEVELS[current_isa()])

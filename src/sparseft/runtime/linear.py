@@ -16,7 +16,8 @@ _INPUT_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class SparseLinear(nn.Module):
-    """y = x W^T + b with W stored as a bitmask and its nonzeros (bf16, or int8 with per-row scales).
+    """y = x W^T + b with W stored as a bitmask and its nonzeros (bf16, int8 with per-row scales, or int4 with
+    per-group scales).
 
     Build it with `from_linear` (a pruned dense layer) or `from_bitmask` (the archive's tensors). Inputs are
     float32 or bfloat16 CPU tensors of any leading shape; the output has the input's dtype.
@@ -46,14 +47,18 @@ class SparseLinear(nn.Module):
         self.register_buffer(
             "bias", None if bias is None else bias.detach().float().contiguous(), persistent=False
         )
+        self.group_size = packed.group_size
         self._packed: Packed | None = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, values: Values = "bf16", name: str = "linear") -> SparseLinear:
-        """Compress a (pruned) `nn.Linear`; its zeros are the entries left out."""
+    def from_linear(
+        cls, linear: nn.Module, values: Values = "bf16", name: str = "linear", group_size: int | None = None
+    ) -> SparseLinear:
+        """Compress a (pruned) `nn.Linear`; its zeros are the entries left out. int4 values are quantized per
+        group of `group_size` input columns (default 128)."""
         if not isinstance(linear, nn.Linear):
             raise SparseftError(f"{name}: SparseLinear replaces nn.Linear, got {type(linear).__name__}")
-        return cls(pack_dense(linear.weight.detach(), values, name), linear.bias)
+        return cls(pack_dense(linear.weight.detach(), values, name, group_size=group_size), linear.bias)
 
     @classmethod
     def from_bitmask(
@@ -66,9 +71,12 @@ class SparseLinear(nn.Module):
         values: Values = "bf16",
         scale: torch.Tensor | None = None,
         name: str = "linear",
+        group_size: int | None = None,
     ) -> SparseLinear:
         """From the bitmask archive's tensors of one weight (the layout in sparseft/formats.py)."""
-        return cls(pack_bitmask(shape, compressed, bitmask, row_offsets, values, scale, name), bias)
+        return cls(
+            pack_bitmask(shape, compressed, bitmask, row_offsets, values, scale, name, group_size), bias
+        )
 
     @property
     def packed(self) -> Packed:
@@ -81,6 +89,7 @@ class SparseLinear(nn.Module):
                 self.scale,
                 self.rowsum,
                 checked=True,
+                group_size=self.group_size,
             )
         return self._packed
 

@@ -4,12 +4,15 @@ They are also the portable path when the C++ kernels cannot be built (correct, a
 - bf16 values: y = bf16(x) . W in fp32 (the kernels round the activations to bf16 for vdpbf16ps).
 - int8 values: per-token symmetric int8 activations (scale max|x| / 127, round half to even; 16-bit, / 32767, for
   long prompts on AMX), exact integer dot products, times both scales: the dequantized product (q_x s_x) . (q_w s_w).
+- int4 values: the same per-token int8 activations, exact integer dot products per group of columns, each times
+  its group's scale, summed in floating point.
 """
 
 from __future__ import annotations
 
 import torch
 
+from sparseft.formats import unpack_nibbles
 from sparseft.runtime.packing import Packed
 
 
@@ -20,12 +23,29 @@ def unpack_mask(packed: Packed) -> torch.Tensor:
     return (bits & 1).reshape(rows, -1)[:, :cols].bool()
 
 
+def stored_values(packed: Packed) -> torch.Tensor:
+    """The stored values, one element each (int4 nibbles as int8)."""
+    if packed.kind != "int4":
+        return packed.values[: packed.nnz]
+    start = int(packed.row_start[0])
+    return unpack_nibbles(packed.values, start + packed.nnz)[start:]
+
+
+def group_scales(packed: Packed) -> torch.Tensor:
+    """int4: the (R, C) float32 scale of every weight."""
+    assert packed.scale is not None
+    return packed.scale.float().repeat_interleave(packed.group_size, dim=1)[:, : packed.shape[1]]
+
+
 def unpack(packed: Packed, integer: bool = False) -> torch.Tensor:
-    """The dense float32 weight; for int8 values the dequantized weight, or the raw integers if `integer`."""
+    """The dense float32 weight; for int8 and int4 values the dequantized weight, or the raw integers if
+    `integer`."""
     keep = unpack_mask(packed)
     out = torch.zeros(packed.shape, dtype=torch.float64 if integer else torch.float32)
-    values = packed.values[: packed.nnz]
-    if packed.kind == "int8" and not integer:
+    values = stored_values(packed)
+    if packed.kind == "int4" and not integer:
+        out[keep] = values.float() * group_scales(packed)[keep]
+    elif packed.kind == "int8" and not integer:
         assert packed.scale is not None
         rows = keep.nonzero()[:, 0]
         out[keep] = values.float() * packed.scale[rows]
@@ -54,6 +74,11 @@ def sparse_mm(
         assert packed.scale is not None
         q, scale = quantize_activations(x, activation_bits)
         y = (q.double() @ unpack(packed, integer=True).T).float() * scale * packed.scale
+    elif packed.kind == "int4":
+        q, scale = quantize_activations(x, 8)
+        # the integer sums are exact in float64; the group scales apply to whole sums
+        w = unpack(packed, integer=True) * group_scales(packed).double()
+        y = (q.double() @ w.T).float() * scale
     else:
         y = x.to(torch.bfloat16).float() @ unpack(packed).T
     if bias is not None:

@@ -1,20 +1,23 @@
-"""The weights of a checkpoint directory as the runtime keeps them: linears packed (bitmask + bf16 or int8
+"""The weights of a checkpoint directory as the runtime keeps them: linears packed (bitmask + bf16, int8 or int4
 values), everything else as plain tensors. A bitmask archive's compressed weights go straight from their parts
 into the packed layout, never dense; a Hugging Face checkpoint (pruned, zeros kept) is packed one weight at a
 time."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from sparseft.errors import SparseftError
+from sparseft.errors import SparseftError, SparseftWarning
 from sparseft.runtime.linear import DenseLinear, SparseLinear
 from sparseft.runtime.packing import (
+    INT4_GROUP_MULTIPLE,
     PAD_BYTES,
+    VALUES,
     Packed,
     Values,
     concat_rows,
@@ -45,12 +48,48 @@ def read_parts(reader: TensorReader, archive: Any, name: str) -> dict[str, Any]:
     return parts
 
 
+def check_values(values: str, allowed: tuple[str, ...] = VALUES) -> None:
+    if values not in allowed:
+        raise SparseftError(f"values must be one of {', '.join(allowed)}, got {values!r}")
+
+
+def default_values(quantization: dict[str, Any] | None) -> Values:
+    """The values an archive runs with unless asked otherwise: as stored (bf16 for unquantized archives)."""
+    if quantization is None:
+        return "bf16"
+    if int(quantization["bits"]) == 8:
+        return "int8"
+    group_size = quantization.get("group_size")
+    if group_size is None or group_size % INT4_GROUP_MULTIPLE == 0:
+        return "int4"
+    warnings.warn(
+        f"int4 values with group size {group_size} run as int8 (dequantized, then quantized per row): the int4 "
+        f"kernels take group sizes that are multiples of {INT4_GROUP_MULTIPLE}",
+        SparseftWarning,
+        stacklevel=3,
+    )
+    return "int8"
+
+
 def packed_from_parts(parts: dict[str, Any], name: str, values: Values) -> Packed:
     """One weight's archive parts in the runtime's layout."""
     from sparseft import formats
 
-    rows, _ = parts["shape"]
+    rows, cols = parts["shape"]
     scale = parts.get("scale")
+    if values == "int4" and parts.get("bits") == 4:
+        # the nibbles as stored; one scale per row (group_size null) is one group as wide as the padded row
+        group_size = parts["group_size"] or -(-cols // 64) * 64
+        return pack_bitmask(
+            parts["shape"],
+            parts["compressed"],
+            parts["bitmask"],
+            parts["row_offsets"],
+            values,
+            scale,
+            name,
+            group_size,
+        )
     if scale is None or (parts["bits"] == 8 and scale.numel() == rows):
         return pack_bitmask(
             parts["shape"],

@@ -5,11 +5,13 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "bf16_bits.h"
 #include "ops.h"
+#include "vec_avx2.h"
 
 namespace sparseft {
 namespace {
@@ -62,7 +64,7 @@ inline __m512 exp_nonpositive16(__m512 x) {
 // in fp32), 16 keys at a time, summed across lanes together. Then exp and sum in fp32 vectors, and p * v with the
 // value rows split into their even and odd columns (as fp32), four heads at a time so that the accumulators stay
 // in registers.
-void attend(const Group& g, std::vector<float>& work) {
+void attend_avx512(const Group& g, std::vector<float>& work) {
   const int64_t H = g.heads, L = g.keys, D = g.dim, C = D / 32;
   const int64_t Lp = (L + 15) / 16 * 16;
   work.resize(static_cast<size_t>(H * Lp + H));
@@ -130,14 +132,103 @@ void attend(const Group& g, std::vector<float>& work) {
 
 #pragma GCC pop_options
 
+
+// 8 vectors in, one out: lane i holds the sum of the lanes of v[i].
+SPARSEFT_AVX2 inline __m256 sum8(const __m256* v) {
+  __m256 a[4];
+  for (int i = 0; i < 4; ++i) a[i] = _mm256_hadd_ps(v[2 * i], v[2 * i + 1]);
+  // 128-bit half h of b[i]: the sums of the four lanes in half h of v[4i], ..., v[4i + 3]
+  const __m256 b0 = _mm256_hadd_ps(a[0], a[1]), b1 = _mm256_hadd_ps(a[2], a[3]);
+  return _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
+}
+
+// Lanes of a block of 8 keys from j0 on that hold one of the L keys (all ones), the others zero.
+SPARSEFT_AVX2 inline __m256 lanes_below(int64_t L, int64_t j0) {
+  const __m256i n = _mm256_set1_epi32(static_cast<int>(std::min<int64_t>(L - j0, 8)));
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(n, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+}
+
+// attend_avx512's work with AVX2 and FMA, in fp32 throughout: bf16 values widen by a shift (split_bf16), so each
+// 16 columns of q, a key or a value row are an even and an odd fp32 vector, and products pair them alike. Scores 8
+// keys at a time, each key's 16 columns in one register pair across the group's heads; a block's last keys past L
+// read the last key again (their lanes are masked after), so no row past the cache's end is read. p * v four heads
+// at a time (the group's heads padded to a multiple of 4 with zero rows), 16 columns a pass.
+SPARSEFT_AVX2 void attend_avx2(const Group& g, std::vector<float>& work) {
+  const int64_t H = g.heads, L = g.keys, D = g.dim, C = D / 16;
+  const int64_t Lp = (L + 7) / 8 * 8, Hp = (H + 3) / 4 * 4;
+  work.assign(static_cast<size_t>(Hp * Lp + Hp), 0.0f);
+  float* s = work.data();  // Hp x Lp: scores, then exp(score - max); rows past H stay zero
+  float* total = s + Hp * Lp;
+  const __m256 scale = _mm256_set1_ps(g.scale);
+  for (int64_t h = 0; h < H; ++h) {
+    const uint16_t* q = g.q + h * g.q_stride;
+    float* sh = s + h * Lp;
+    for (int64_t j0 = 0; j0 < L; j0 += 8) {
+      const uint16_t* key[8];
+      for (int jj = 0; jj < 8; ++jj) key[jj] = g.k + std::min(j0 + jj, L - 1) * g.k_stride;
+      __m256 acc[8];
+      for (int jj = 0; jj < 8; ++jj) acc[jj] = _mm256_setzero_ps();
+      for (int64_t c = 0; c < C; ++c) {
+        __m256 qe, qo;
+        split_bf16(q + c * 16, &qe, &qo);
+        for (int jj = 0; jj < 8; ++jj) {
+          __m256 ke, ko;
+          split_bf16(key[jj] + c * 16, &ke, &ko);
+          acc[jj] = _mm256_fmadd_ps(qo, ko, _mm256_fmadd_ps(qe, ke, acc[jj]));
+        }
+      }
+      _mm256_storeu_ps(sh + j0, _mm256_mul_ps(sum8(acc), scale));
+    }
+    __m256 top = _mm256_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < Lp; j += 8)
+      top = _mm256_max_ps(top, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_loadu_ps(sh + j), lanes_below(L, j)));
+    alignas(32) float tops[8];
+    _mm256_store_ps(tops, top);
+    float m = tops[0];
+    for (int i = 1; i < 8; ++i) m = std::max(m, tops[i]);
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t j = 0; j < Lp; j += 8) {
+      const __m256 x = _mm256_sub_ps(_mm256_loadu_ps(sh + j), _mm256_set1_ps(m));
+      const __m256 e = _mm256_and_ps(exp8(x), lanes_below(L, j));
+      _mm256_storeu_ps(sh + j, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    alignas(32) float sums[8];
+    _mm256_store_ps(sums, sum);
+    total[h] = ((sums[0] + sums[1]) + (sums[2] + sums[3])) + ((sums[4] + sums[5]) + (sums[6] + sums[7]));
+  }
+  for (int64_t h0 = 0; h0 < H; h0 += 4) {
+    const int64_t nh = std::min<int64_t>(H - h0, 4);
+    const float* p = s + h0 * Lp;
+    for (int64_t c = 0; c < C; ++c) {
+      __m256 even[4], odd[4];
+      for (int i = 0; i < 4; ++i) even[i] = odd[i] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < L; ++j) {
+        __m256 ve, vo;
+        split_bf16(g.v + j * g.v_stride + c * 16, &ve, &vo);
+        for (int i = 0; i < 4; ++i) {
+          const __m256 pj = _mm256_broadcast_ss(p + i * Lp + j);
+          even[i] = _mm256_fmadd_ps(pj, ve, even[i]);
+          odd[i] = _mm256_fmadd_ps(pj, vo, odd[i]);
+        }
+      }
+      for (int i = 0; i < nh; ++i) {
+        const __m256 inv = _mm256_set1_ps(1.0f / total[h0 + i]);
+        store_bf16(g.out + (h0 + i) * D + c * 16, _mm256_mul_ps(even[i], inv), _mm256_mul_ps(odd[i], inv));
+      }
+    }
+  }
+}
+
 }  // namespace
 
 // q (B, H, 1, D); k, v (B, Hkv, L, D), bf16, H a multiple of Hkv, unit last strides. Returns (B, 1, H, D)
-// contiguous, the layout transformers' attention functions return. `isa` is the sparse kernels' level: this op
-// needs 3 (AVX-512 with BF16). Anything else is refused with an error; the caller then uses torch's SDPA.
+// contiguous, the layout transformers' attention functions return. `isa` is the sparse kernels' level: 3 runs the
+// AVX-512 (BF16) code, 2 the AVX2 code; a lower level is refused with an error, and the caller then uses torch's
+// SDPA.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                             int64_t isa) {
-  TORCH_CHECK(isa >= 3, "sparseft: decode_attention needs the AVX-512 kernels");
+  TORCH_CHECK(isa >= 2, "sparseft: decode_attention needs the AVX2 or AVX-512 kernels");
   check_isa(isa);
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
               "sparseft: decode_attention runs on the CPU");
@@ -173,7 +264,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                     k.stride(2),
                     v.stride(2),
                     static_cast<float>(scale)};
-      attend(g, work);
+      if (isa >= 3)
+        attend_avx512(g, work);
+      else
+        attend_avx2(g, work);
     }
   };
   // Below about 64k multiply-adds a second thread costs more to wake than it saves.
@@ -182,6 +276,50 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   else
     at::parallel_for(0, B * Hkv, 1, run);
   return out;
+}
+
+// A decoding step over a static cache in one call: the step's keys and values k, v (B, Hkv, 1, D) written to row
+// `position` of key_cache, value_cache (B, Hkv, capacity, D), then decode_attention of q over the rows [first,
+// position]. In Python the two writes and four slices around decode_attention cost more than the attention.
+// Everything is checked before anything is written.
+at::Tensor store_and_attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& key_cache,
+                            const at::Tensor& value_cache, int64_t position, int64_t first, double scale,
+                            int64_t isa) {
+  TORCH_CHECK(isa >= 2, "sparseft: store_and_attend needs the AVX2 or AVX-512 kernels");
+  check_isa(isa);
+  TORCH_CHECK(k.device().is_cpu() && v.device().is_cpu() && key_cache.device().is_cpu() &&
+                  value_cache.device().is_cpu(),
+              "sparseft: store_and_attend runs on the CPU");
+  TORCH_CHECK(k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 &&
+                  key_cache.scalar_type() == at::kBFloat16 && value_cache.scalar_type() == at::kBFloat16,
+              "sparseft: store_and_attend takes bfloat16 keys, values and caches");
+  TORCH_CHECK(key_cache.dim() == 4 && value_cache.sizes() == key_cache.sizes() && k.dim() == 4 &&
+                  v.sizes() == k.sizes() && k.size(2) == 1 && k.size(0) == key_cache.size(0) &&
+                  k.size(1) == key_cache.size(1) && k.size(3) == key_cache.size(3),
+              "sparseft: store_and_attend takes k, v (B, Hkv, 1, D) and caches (B, Hkv, capacity, D)");
+  TORCH_CHECK(0 <= first && first <= position && position < key_cache.size(2),
+              "sparseft: store_and_attend's rows [", first, ", ", position, "] are not in a cache of ",
+              key_cache.size(2));
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && key_cache.stride(3) == 1 && value_cache.stride(3) == 1,
+              "sparseft: store_and_attend needs a unit stride along the head dimension");
+  const int64_t n = position + 1 - first;
+  const at::Tensor keys = key_cache.narrow(2, first, n), values = value_cache.narrow(2, first, n);
+  // decode_attention's own checks of q against the caches, before the writes below
+  TORCH_CHECK(q.dim() == 4 && q.size(0) == k.size(0) && q.size(2) == 1 && q.size(3) == k.size(3) &&
+                  q.size(1) % k.size(1) == 0 && q.scalar_type() == at::kBFloat16 && q.stride(3) == 1 &&
+                  q.device().is_cpu() && q.size(3) % 32 == 0 && q.size(3) <= 256,
+              "sparseft: store_and_attend takes q (B, H, 1, D) with H a multiple of Hkv and D in 32, 64, ..., 256");
+  const auto write = [&](const at::Tensor& row, const at::Tensor& cache) {
+    const auto* src = reinterpret_cast<const uint16_t*>(row.data_ptr());
+    auto* dst = reinterpret_cast<uint16_t*>(cache.data_ptr());
+    for (int64_t b = 0; b < row.size(0); ++b)
+      for (int64_t h = 0; h < row.size(1); ++h)
+        std::copy_n(src + b * row.stride(0) + h * row.stride(1), row.size(3),
+                    dst + b * cache.stride(0) + h * cache.stride(1) + position * cache.stride(2));
+  };
+  write(k, key_cache);
+  write(v, value_cache);
+  return decode_attention(q, keys, values, scale, isa);
 }
 
 }  // namespace sparseft

@@ -8,6 +8,8 @@
 // - bf16: 16 columns per step, each 32-bit lane holding two bf16 values: the low one shifted left by 16 and the
 //   high one masked are fp32, so the weights need no widening shuffle; the activations are split the same way
 //   once per call; fp32 FMAs.
+// - int4: each row's nibbles are first unpacked into int8 bytes in a small buffer that stays in L1, then
+//   multiplied as int8, with integer sums per group of columns that are scaled and summed in fp32 per group.
 #include <immintrin.h>
 
 #include <vector>
@@ -21,7 +23,7 @@ namespace {
 
 // Batch rows a tile multiplies with one expansion of the weights: beyond these the accumulators spill out of the
 // 16 registers (int8), or a bf16 row's FMAs go through one sum each, one after another.
-constexpr int kMaxBatchTileInt8 = 8, kMaxBatchTileBf16 = 4;
+constexpr int kMaxBatchTileInt8 = 8, kMaxBatchTileBf16 = 4, kMaxBatchTileInt4 = 4;
 
 struct Tables {
   alignas(64) uint64_t bytes[256];        // int8: lane l takes byte popcount(bits below l), or 0x80 (zero)
@@ -123,6 +125,99 @@ void int8_tile(const SparseMatrix& w, const Activations& a, const void* xs, cons
     store(o, b0 + j, r, static_cast<float>(hsum_epi32(acc[j])) * a.scale[b0 + j] * w.scale[r]);
 }
 
+// The int4 values of row r as sign-extended int8 in `out` (cols + 96 bytes): 16 bytes of nibbles at a time,
+// the low and high nibbles interleaved back into their order. Returns where the row's first value lies (a row
+// that starts at a high nibble starts at out + 1). Reads at most 16 bytes past the row, within the padding.
+const int8_t* unpack_nibbles(const SparseMatrix& w, int64_t r, int8_t* out) {
+  const int64_t start = w.row_start[r], count = w.row_start[r + 1] - start + (start & 1);
+  const uint8_t* in = static_cast<const uint8_t*>(w.values) + start / 2;
+  const __m128i low_bits = _mm_set1_epi8(0x0f);
+  const __m256i eight = _mm256_set1_epi8(8);
+  for (int64_t i = 0; i < count; i += 32) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i / 2));
+    const __m128i low = _mm_and_si128(v, low_bits), high = _mm_and_si128(_mm_srli_epi16(v, 4), low_bits);
+    const __m256i bytes = join(_mm_unpacklo_epi8(low, high), _mm_unpackhi_epi8(low, high));
+    // (v ^ 8) - 8 sign-extends a 4-bit two's complement value held in a byte
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                        _mm256_sub_epi8(_mm256_xor_si256(bytes, eight), eight));
+  }
+  return out + (start & 1);
+}
+
+// One chunk of 32 columns (mask bits `m`, values from `p`) of a row times NB batch rows of `x` into `acc`.
+template <int NB>
+inline void int8_chunk(uint32_t m, const int8_t*& p, const int8_t* x, int64_t stride, const Tables& t,
+                       __m256i* acc) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i wv = expand32(m, p, t);
+  const __m256i magnitude = _mm256_abs_epi8(wv);
+  p += _mm_popcnt_u32(m);
+  for (int j = 0; j < NB; ++j) {
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j * stride));
+    const __m256i pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xv, wv));
+    acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(pairs, ones));
+  }
+}
+
+// Group g's scale of row r in all 8 lanes: a bf16 scale is broadcast as 16 bits and shifted into place.
+template <bool BF16>
+inline __m256 broadcast_scale(const SparseMatrix& w, int64_t r, int64_t g) {
+  const int64_t i = r * w.groups + g;
+  if constexpr (BF16) {
+    const __m256i h = _mm256_set1_epi16(static_cast<short>(static_cast<const uint16_t*>(w.group_scale)[i]));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+  } else {
+    return _mm256_broadcast_ss(static_cast<const float*>(w.group_scale) + i);
+  }
+}
+
+// Row r (its values unpacked at `p`) times batch rows [b0, b0 + NB): as int8_tile, a group at a time. PG is the
+// chunks of 32 columns per group (1, 2 or 4, unrolled), or 0 for any multiple of 32 columns.
+template <int NB, int PG, bool BF16>
+void int4_tile(const SparseMatrix& w, const Activations& a, const int8_t* p, const Output& o, int64_t r,
+               int64_t b0) {
+  const Tables& t = tables();
+  const uint32_t* mask = reinterpret_cast<const uint32_t*>(w.mask + r * w.words);  // little-endian: low half first
+  const int8_t* x = static_cast<const int8_t*>(a.data) + b0 * a.stride;
+  const int64_t chunks = 2 * w.words, per_group = PG ? PG : w.group_size / 32;
+  __m256 sum[NB];
+  for (int j = 0; j < NB; ++j) sum[j] = _mm256_setzero_ps();
+  // chunks past the last group lie past cols: their mask bits are clear
+  for (int64_t g = 0; g < w.groups; ++g) {
+    const int64_t c0 = g * per_group, c1 = c0 + per_group < chunks ? c0 + per_group : chunks;
+    __m256i acc[NB];
+    for (int j = 0; j < NB; ++j) acc[j] = _mm256_setzero_si256();
+    if (PG && c1 - c0 == PG) {
+      for (int i = 0; i < PG; ++i) int8_chunk<NB>(mask[c0 + i], p, x + 32 * (c0 + i), a.stride, t, acc);
+    } else {
+      for (int64_t c = c0; c < c1; ++c) int8_chunk<NB>(mask[c], p, x + 32 * c, a.stride, t, acc);
+    }
+    const __m256 scale = broadcast_scale<BF16>(w, r, g);
+    for (int j = 0; j < NB; ++j) sum[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[j]), scale, sum[j]);
+  }
+  for (int j = 0; j < NB; ++j) store(o, b0 + j, r, hsum_ps(sum[j]) * a.scale[b0 + j]);
+}
+
+template <int NB, bool BF16>
+void int4_tile(const SparseMatrix& w, const Activations& a, const int8_t* p, const Output& o, int64_t r,
+               int64_t b0) {
+  switch (w.group_size) {
+    case 32: int4_tile<NB, 1, BF16>(w, a, p, o, r, b0); break;
+    case 64: int4_tile<NB, 2, BF16>(w, a, p, o, r, b0); break;
+    case 128: int4_tile<NB, 4, BF16>(w, a, p, o, r, b0); break;
+    default: int4_tile<NB, 0, BF16>(w, a, p, o, r, b0); break;
+  }
+}
+
+template <int NB>
+void int4_tile(const SparseMatrix& w, const Activations& a, const int8_t* p, const Output& o, int64_t r,
+               int64_t b0) {
+  if (w.group_scale_bf16)
+    int4_tile<NB, true>(w, a, p, o, r, b0);
+  else
+    int4_tile<NB, false>(w, a, p, o, r, b0);
+}
+
 // The bf16 tile reads the activations split into fp32 (`split_bf16`) and keeps C = 2 independent sums per batch
 // row whatever the tile's size, so a row's result does not depend on the rows batched with it (a server's greedy
 // request gives the same text alone or batched). More sums per row hid more FMA latency at batch 1 only.
@@ -210,7 +305,36 @@ void rows(const SparseMatrix& w, const Activations& a, const void* xs, const Out
   }
 }
 
+// Each row is unpacked one row ahead, into the other of two buffers: read back at once, its bytes would still sit
+// in the store buffer, and loads that straddle stores wait for them to commit.
+void int4_rows(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1) {
+  thread_local std::vector<int8_t> buffer;
+  const int64_t size = w.words * 64 + 96;
+  buffer.resize(static_cast<size_t>(2 * size));
+  const int64_t tiles = (a.batch + kMaxBatchTileInt4 - 1) / kMaxBatchTileInt4;
+  const int8_t* next = r0 < r1 ? unpack_nibbles(w, r0, buffer.data()) : nullptr;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int8_t* p = next;
+    if (r + 1 < r1) next = unpack_nibbles(w, r + 1, buffer.data() + ((r + 1 - r0) % 2) * size);
+    for (int64_t i = 0, b0 = 0; i < tiles; ++i) {
+      const int64_t nb = (a.batch - b0) / (tiles - i) + ((a.batch - b0) % (tiles - i) != 0);
+      switch (nb) {
+        case 1: int4_tile<1>(w, a, p, o, r, b0); break;
+        case 2: int4_tile<2>(w, a, p, o, r, b0); break;
+        case 3: int4_tile<3>(w, a, p, o, r, b0); break;
+        default: int4_tile<4>(w, a, p, o, r, b0); break;
+      }
+      b0 += nb;
+    }
+  }
+}
+
 }  // namespace
+
+void int4_avx2(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1,
+               const Shared*) {
+  int4_rows(w, a, o, r0, r1);
+}
 
 void bf16_avx2(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1,
                const Shared*) {

@@ -111,8 +111,9 @@ Activations prepare_bf16(const at::Tensor& x, int64_t batch, int64_t cols, int64
 
 // Symmetric per-token int8: scale = max|x| / 127, q = round(x / scale) (ties to even, as torch.round).
 // With offset, q + 128 is stored as uint8 for vpdpbusd; the padding is then 128, which meets zero weights.
-Activations prepare_int8(const at::Tensor& x, int64_t batch, int64_t cols, int64_t stride, int64_t isa) {
-  const bool offset = isa == kAvx512;
+// The AVX-512 kernels take them offset, the others (int4 everywhere) plain.
+Activations prepare_int8(const at::Tensor& x, int64_t batch, int64_t cols, int64_t stride, int64_t isa,
+                         bool offset) {
   auto& buf = scratch();
   auto& scales = scratch_scales();
   buf.assign(static_cast<size_t>(batch * stride), offset ? 128 : 0);
@@ -121,7 +122,7 @@ Activations prepare_int8(const at::Tensor& x, int64_t batch, int64_t cols, int64
     const bool bf16 = x.scalar_type() == at::kBFloat16;
     const char* src = static_cast<const char*>(x.data_ptr());
     for (int64_t b = 0; b < batch; ++b)
-      quantize_avx512(src + b * cols * x.element_size(), bf16, cols, buf.data() + b * stride, &scales[b], true);
+      quantize_avx512(src + b * cols * x.element_size(), bf16, cols, buf.data() + b * stride, &scales[b], offset);
     return {buf.data(), scales.data(), batch, stride};
   }
   for (int64_t b = 0; b < batch; ++b) {
@@ -159,9 +160,9 @@ Activations prepare_int16(const at::Tensor& x, int64_t batch, int64_t cols, int6
 
 // Row boundaries that give each part about the same number of bytes to read (mask words + values), so
 // threads finish together even when some rows are much denser than others.
-std::vector<int64_t> split_rows(const SparseMatrix& w, int64_t value_bytes, int64_t parts) {
+std::vector<int64_t> split_rows(const SparseMatrix& w, int64_t value_bits, int64_t parts) {
   const auto bytes_before = [&](int64_t r) {
-    return (w.mask ? w.row_start[r] * value_bytes + r * w.words * 8 : r * w.cols * value_bytes);
+    return (w.mask ? w.row_start[r] * value_bits / 8 + r * w.words * 8 : r * w.cols * value_bits / 8);
   };
   const int64_t total = bytes_before(w.rows);
   std::vector<int64_t> bounds(parts + 1, w.rows);
@@ -182,16 +183,17 @@ std::vector<int64_t> split_rows(const SparseMatrix& w, int64_t value_bytes, int6
   return bounds;
 }
 
-void run_parallel(const SparseMatrix& w, int64_t value_bytes, int64_t batch,
+void run_parallel(const SparseMatrix& w, int64_t value_bits, int64_t batch,
                   const std::function<void(int64_t, int64_t, const Shared*)>& body) {
   // Below ~64 KiB of weights the cost of waking threads exceeds the work.
-  const int64_t bytes = w.mask ? w.row_start[w.rows] * value_bytes + w.rows * w.words * 8 : w.rows * w.cols * 2;
+  const int64_t bytes =
+      w.mask ? w.row_start[w.rows] * value_bits / 8 + w.rows * w.words * 8 : w.rows * w.cols * 2;
   const int64_t parts = bytes * batch < (int64_t{1} << 16) ? 1 : std::min<int64_t>(at::get_num_threads(), w.rows);
   if (parts <= 1) {
     body(0, w.rows, nullptr);
     return;
   }
-  const std::vector<int64_t> bounds = split_rows(w, value_bytes, parts);
+  const std::vector<int64_t> bounds = split_rows(w, value_bits, parts);
   std::vector<StepCounter> counters(static_cast<size_t>(parts));
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -209,23 +211,30 @@ void check_array(const at::Tensor& t, const char* what) {
 // Widest int8 row: the kernels sum up to 255 * 127 per column in 32-bit integers (packing.INT8_MAX_COLUMNS).
 constexpr int64_t kInt8MaxColumns = 65536;
 
+// The kind of values follows their dtype: bfloat16, int8 (char) or int4 (uint8, two to a byte; `group_size`
+// then gives the columns per scale).
 SparseMatrix matrix(const at::Tensor& mask, const at::Tensor& values, const at::Tensor& row_start,
-                    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& rowsum, int64_t cols) {
+                    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& rowsum, int64_t cols,
+                    int64_t group_size = 0) {
   check_array(mask, "mask");
   check_array(values, "values");
   check_array(row_start, "row_start");
   TORCH_CHECK(cols > 0, "sparseft: a weight needs input columns");
   TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kLong, "sparseft: bad mask");
+  const bool int8 = values.scalar_type() == at::kChar, int4 = values.scalar_type() == at::kByte;
   TORCH_CHECK(row_start.scalar_type() == at::kLong && row_start.numel() == mask.size(0) + 1 &&
-                  row_start.data_ptr<int64_t>()[0] == 0,
+                  row_start.data_ptr<int64_t>()[0] >= 0 && row_start.data_ptr<int64_t>()[0] <= (int4 ? 1 : 0),
               "sparseft: bad row_start");
   TORCH_CHECK(mask.size(1) == (cols + 63) / 64, "sparseft: mask has ", mask.size(1), " words per row for ", cols,
               " columns");
-  const bool int8 = values.scalar_type() == at::kChar;
-  TORCH_CHECK(int8 || values.scalar_type() == at::kBFloat16, "sparseft: values must be bfloat16 or int8");
-  TORCH_CHECK(!int8 || cols <= kInt8MaxColumns, "sparseft: int8 values take at most ", kInt8MaxColumns, " columns");
-  const int64_t nnz = row_start.data_ptr<int64_t>()[mask.size(0)];
-  TORCH_CHECK(nnz >= 0 && values.numel() >= nnz + 64 / (int8 ? 1 : 2), "sparseft: values must be padded by 64 bytes");
+  TORCH_CHECK(int8 || int4 || values.scalar_type() == at::kBFloat16,
+              "sparseft: values must be bfloat16, int8 or uint8 (int4)");
+  TORCH_CHECK(!(int8 || int4) || cols <= kInt8MaxColumns, "sparseft: int8 and int4 values take at most ",
+              kInt8MaxColumns, " columns");
+  const int64_t end = row_start.data_ptr<int64_t>()[mask.size(0)];
+  const int64_t value_bytes = int4 ? (end + 1) / 2 : end * values.element_size();
+  TORCH_CHECK(end >= row_start.data_ptr<int64_t>()[0] && values.numel() * values.element_size() >= value_bytes + 64,
+              "sparseft: values must be padded by 64 bytes");
   SparseMatrix w{reinterpret_cast<const uint64_t*>(mask.data_ptr<int64_t>()),
                  values.data_ptr(),
                  row_start.data_ptr<int64_t>(),
@@ -242,6 +251,19 @@ SparseMatrix matrix(const at::Tensor& mask, const at::Tensor& values, const at::
     TORCH_CHECK(rowsum->scalar_type() == at::kInt && rowsum->numel() == w.rows, "sparseft: bad rowsum");
     w.scale = scale->data_ptr<float>();
     w.rowsum = rowsum->data_ptr<int32_t>();
+  }
+  if (int4) {
+    TORCH_CHECK(group_size > 0 && group_size % 32 == 0, "sparseft: int4 group size must be a multiple of 32, got ",
+                group_size);
+    TORCH_CHECK(scale, "sparseft: int4 values need group scales");
+    check_array(*scale, "scale");
+    w.group_size = group_size;
+    w.groups = (cols + group_size - 1) / group_size;
+    TORCH_CHECK((scale->scalar_type() == at::kFloat || scale->scalar_type() == at::kBFloat16) &&
+                    scale->numel() == w.rows * w.groups,
+                "sparseft: int4 scale must be fp32 or bf16 (rows, ", w.groups, ")");
+    w.group_scale = scale->data_ptr();
+    w.group_scale_bf16 = scale->scalar_type() == at::kBFloat16;
   }
   return w;
 }
@@ -290,18 +312,18 @@ void amx_mm(const SparseMatrix& w, const Activations& a, const Output& o, bool i
     Kernel kernel = wide   ? int8_wide_amx
                     : int8 ? (nb >= kAmxMinBatchInt8 ? int8_amx : int8_avx512)
                            : (nb >= kAmxMinBatch ? bf16_amx : bf16_avx512);
-    run_parallel(w, element, nb, [&](int64_t r0, int64_t r1, const Shared* s) { kernel(w, part, out, r0, r1, s); });
+    run_parallel(w, element * 8, nb, [&](int64_t r0, int64_t r1, const Shared* s) { kernel(w, part, out, r0, r1, s); });
   }
 }
 
 at::Tensor sparse_mm(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
                      const at::Tensor& row_start, const std::optional<at::Tensor>& scale,
                      const std::optional<at::Tensor>& rowsum, const std::optional<at::Tensor>& bias, int64_t cols,
-                     int64_t isa, bool wide) {
+                     int64_t isa, bool wide, int64_t group_size) {
   check_isa(isa);
   check_input(x, cols);
-  const SparseMatrix w = matrix(mask, values, row_start, scale, rowsum, cols);
-  const bool int8 = w.scale != nullptr;
+  const SparseMatrix w = matrix(mask, values, row_start, scale, rowsum, cols, group_size);
+  const bool int8 = w.scale != nullptr, int4 = is_int4(w);
   TORCH_CHECK(!wide || (int8 && isa == kAvx512 && amx_ready()),
               "sparseft: 16-bit activations need int8 values and the AMX kernels");
   const int64_t batch = cols ? x.numel() / cols : 0;
@@ -313,7 +335,13 @@ at::Tensor sparse_mm(const at::Tensor& x, const at::Tensor& mask, const at::Tens
     amx_mm(w, prepare_int16(x, batch, cols, stride), o, true, true);
     return y;
   }
-  const Activations a = int8 ? prepare_int8(x, batch, cols, stride, isa)
+  if (int4) {
+    const Activations a = prepare_int8(x, batch, cols, stride, isa, false);
+    const Kernel kernel = isa == kScalar ? int4_scalar : int4_avx2;
+    run_parallel(w, 4, batch, [&](int64_t r0, int64_t r1, const Shared* s) { kernel(w, a, o, r0, r1, s); });
+    return y;
+  }
+  const Activations a = int8 ? prepare_int8(x, batch, cols, stride, isa, isa == kAvx512)
                              : prepare_bf16(x, batch, cols, stride);
   Kernel kernel = nullptr;
   if (isa == kAvx512) kernel = int8 ? int8_avx512 : bf16_avx512;
@@ -323,22 +351,22 @@ at::Tensor sparse_mm(const at::Tensor& x, const at::Tensor& mask, const at::Tens
     amx_mm(w, a, o, int8, false);
     return y;
   }
-  run_parallel(w, int8 ? 1 : 2, batch, [&](int64_t r0, int64_t r1, const Shared* s) { kernel(w, a, o, r0, r1, s); });
+  run_parallel(w, int8 ? 8 : 16, batch, [&](int64_t r0, int64_t r1, const Shared* s) { kernel(w, a, o, r0, r1, s); });
   return y;
 }
 
-// The dense bf16 matrix of a compressed weight (int8 values are dequantized), for the large-batch path.
+// The dense bf16 matrix of a compressed weight (int8 and int4 values are dequantized), for the large-batch path.
 at::Tensor decompress(const at::Tensor& mask, const at::Tensor& values, const at::Tensor& row_start,
-                      const std::optional<at::Tensor>& scale, int64_t cols, int64_t isa) {
+                      const std::optional<at::Tensor>& scale, int64_t cols, int64_t isa, int64_t group_size) {
   check_isa(isa);
   const bool int8 = values.scalar_type() == at::kChar;
   std::optional<at::Tensor> rowsum;
   if (int8) rowsum = at::zeros({mask.size(0)}, at::kInt);
-  const SparseMatrix w = matrix(mask, values, row_start, scale, rowsum, cols);
+  const SparseMatrix w = matrix(mask, values, row_start, scale, rowsum, cols, group_size);
   at::Tensor out = at::empty({w.rows, cols}, at::kBFloat16);
   uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr());
-  run_parallel(w, int8 ? 1 : 2, 1, [&](int64_t r0, int64_t r1, const Shared*) {
-    if (isa == kAvx512)
+  run_parallel(w, is_int4(w) ? 4 : int8 ? 8 : 16, 1, [&](int64_t r0, int64_t r1, const Shared*) {
+    if (isa == kAvx512 && !is_int4(w))
       decompress_avx512(w, int8, dst, r0, r1);
     else
       decompress_scalar(w, int8, dst, r0, r1);
@@ -348,11 +376,14 @@ at::Tensor decompress(const at::Tensor& mask, const at::Tensor& values, const at
 
 // Each row's offsets agree with the popcount of its mask words, so that no kernel reads past the values: checked
 // once when a layer is built (per call it would cost more than small layers take), not by the kernels.
-void check_packed(const at::Tensor& mask, const at::Tensor& values, const at::Tensor& row_start, int64_t cols) {
+void check_packed(const at::Tensor& mask, const at::Tensor& values, const at::Tensor& row_start, int64_t cols,
+                  int64_t group_size) {
   const bool int8 = values.scalar_type() == at::kChar;
   std::optional<at::Tensor> scale, rowsum;
   if (int8) scale = at::zeros({mask.size(0)}, at::kFloat), rowsum = at::zeros({mask.size(0)}, at::kInt);
-  const SparseMatrix w = matrix(mask, values, row_start, scale, rowsum, cols);
+  if (values.scalar_type() == at::kByte && group_size > 0)
+    scale = at::zeros({mask.size(0) * ((cols + group_size - 1) / group_size)}, at::kFloat);
+  const SparseMatrix w = matrix(mask, values, row_start, scale, rowsum, cols, group_size);
   const uint64_t tail = cols % 64 ? ~((uint64_t{1} << (cols % 64)) - 1) : 0;
   for (int64_t r = 0; r < w.rows; ++r) {
     int64_t count = 0;
@@ -439,4 +470,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &sparseft::rms_norm, free);
   m.def("rotary", &sparseft::rotary, free);
   m.def("decode_attention", &sparseft::decode_attention, free);
+  m.def("store_and_attend", &sparseft::store_and_attend, free);
+  m.def("silu_mul", &sparseft::silu_mul, free);
 }

@@ -15,5 +15,9 @@ std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor&
                                           const at::Tensor& sin);
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                             int64_t isa);
+at::Tensor store_and_attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& key_cache,
+                            const at::Tensor& value_cache, int64_t position, int64_t first, double scale,
+                            int64_t isa);
+at::Tensor silu_mul(const at::Tensor& gate_up, int64_t isa);
 
 }  // namespace sparseft

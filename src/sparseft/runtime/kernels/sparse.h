@@ -4,9 +4,13 @@
 // Layout of a compressed weight W (rows x cols), the bitmask archive's own layout with each mask row padded:
 //   mask       rows x words uint64, words = ceil(cols / 64); column j of a row is bit j % 64 of word j / 64,
 //              least significant bit first (the archive's bytes read as little-endian words).
-//   values     the nonzeros in row-major order (bf16 bits or int8), followed by at least 64 bytes of zeros so
-//              that full-vector loads at the end of the last row never read past the buffer.
-//   row_start  rows + 1 offsets into values (the archive's row_offsets plus the total).
+//   values     the nonzeros in row-major order (bf16 bits, int8, or int4 two to a byte: value k is the low nibble
+//              (k even) or the high nibble (k odd) of byte k / 2, as the archive stores them), followed by at
+//              least 64 bytes of zeros so that full-vector loads at the end of the last row never read past the
+//              buffer.
+//   row_start  rows + 1 offsets into values, counted in values (the archive's row_offsets plus the total). int4
+//              rows may start in the middle of a byte; row_start[0] is 0 or (int4, rows cut from a larger
+//              weight) 1.
 // Activations are batch rows of words * 64 elements each, zero beyond cols (a zero weight times a garbage
 // activation could still be NaN, so the padding must really be zero).
 #pragma once
@@ -24,7 +28,14 @@ struct SparseMatrix {
   int64_t rows, cols, words;
   const float* scale;     // int8 only: per-row dequantization scale
   const int32_t* rowsum;  // int8 only: per-row sum of the int8 values (for the u8 x s8 zero-point correction)
+  // int4 only: the scale of each group of group_size input columns, rows x groups, fp32 or bf16 bits. group_size
+  // is a multiple of 32 (the vector kernels apply a scale per 32 columns at the finest).
+  const void* group_scale = nullptr;
+  bool group_scale_bf16 = false;
+  int64_t group_size = 0, groups = 0;
 };
+
+static inline bool is_int4(const SparseMatrix& w) { return w.group_size > 0; }
 
 struct Activations {
   const void* data;    // bf16 bits, or int8 (uint8 = int8 + 128 for the VNNI kernel)
@@ -88,6 +99,10 @@ void bf16_scalar(const SparseMatrix&, const Activations&, const Output&, int64_t
 void int8_scalar(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t, const Shared*);
 void bf16_avx2(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t, const Shared*);
 void int8_avx2(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t, const Shared*);
+// int4 values times per-token int8 activations (not offset): exact integer sums per group, times the group's
+// scale, summed in fp32. On AVX-512 CPUs the AVX2 kernel runs them.
+void int4_scalar(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t, const Shared*);
+void int4_avx2(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t, const Shared*);
 void bf16_avx512(const SparseMatrix&, const Activations&, const Output&, int64_t, int64_t, const Shared*);
 // Whether the CPU is Intel's: some choices between equally correct kernels follow the vendor's cores.
 bool intel_cpu();
@@ -128,7 +143,7 @@ void quantize_avx512(const void* x, bool bf16, int64_t cols, uint8_t* out, float
 // uint8.
 void quantize16_avx512(const void* x, bool bf16, int64_t cols, uint8_t* high, uint8_t* low, float* scale);
 
-// Rows [r0, r1) of the dense bf16 matrix (rows x cols): W itself, or W * scale for int8 values.
+// Rows [r0, r1) of the dense bf16 matrix (rows x cols): W itself, or W * scale for int8 and int4 values.
 void decompress_scalar(const SparseMatrix&, bool int8, uint16_t* out, int64_t r0, int64_t r1);
 void decompress_avx512(const SparseMatrix&, bool int8, uint16_t* out, int64_t r0, int64_t r1);
 
@@ -156,6 +171,18 @@ static inline float rounded(float v, float) { return v; }
 static inline float rounded(float v, uint16_t) { return bf16_to_f32(f32_to_bf16(v)); }
 static inline void put(float* out, float v) { *out = v; }
 static inline void put(uint16_t* out, float v) { *out = f32_to_bf16(v); }
+
+// Value k of int4 values, sign-extended.
+static inline int nibble(const uint8_t* values, int64_t k) {
+  const int v = (values[k >> 1] >> ((k & 1) * 4)) & 0xf;
+  return v - ((v & 8) << 1);
+}
+
+static inline float group_scale(const SparseMatrix& w, int64_t r, int64_t g) {
+  const int64_t i = r * w.groups + g;
+  return w.group_scale_bf16 ? bf16_to_f32(static_cast<const uint16_t*>(w.group_scale)[i])
+                            : static_cast<const float*>(w.group_scale)[i];
+}
 
 static inline void store(const Output& o, int64_t b, int64_t r, float v) {
   if (o.bias) v += o.bias[r];

@@ -13,7 +13,7 @@ from sparseft.runtime.models import llama, whisper
 from sparseft.runtime.models.llama import LlamaDecoder, NotCovered
 from sparseft.runtime.models.whisper import WhisperModel
 from sparseft.runtime.packing import Values
-from sparseft.runtime.weights import CheckpointWeights
+from sparseft.runtime.weights import CheckpointWeights, default_values
 
 __all__ = ["ARCHITECTURES", "LlamaDecoder", "NotCovered", "WhisperModel", "covered", "load_own"]
 
@@ -32,7 +32,7 @@ def load_own(
     directory: str | Path, values: Values | None, dtype: torch.dtype, head_values: Values | None
 ) -> LlamaDecoder | WhisperModel:
     """The own decoder of a bitmask archive or a pruned HF checkpoint. `values` defaults to int8 for an int8
-    archive, bf16 otherwise; `head_values` None keeps the LM head as stored (no fast kernel)."""
+    archive, int4 for an int4 one, bf16 otherwise; `head_values` None keeps the LM head as stored (no fast kernel)."""
     from transformers import GenerationConfig
 
     from sparseft.formats import config_from_dict
@@ -41,7 +41,7 @@ def load_own(
     hf_config = config_from_dict(weights.config)
     covered(hf_config)  # before reading any weight
     quant = weights.quantization
-    values = values or ("int8" if quant is not None and int(quant["bits"]) == 8 else "bf16")
+    values = values or default_values(quant)
     if (weights.directory / "generation_config.json").is_file():
         generation = GenerationConfig.from_pretrained(weights.directory)
     else:

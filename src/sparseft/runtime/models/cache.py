@@ -36,12 +36,15 @@ class Masks(dict[int | None, torch.Tensor | None]):
 
 
 class Cache(Protocol):
-    """What a decoder's forward asks of a cache, in this order: `begin` (room for the tokens), their
-    `positions` and attention `masks`, per layer `attend`, then `advance` past them."""
+    """What a decoder's forward asks of a cache, in this order: `begin` (room for the tokens), their positions
+    (`shared_position` where every row is at the same one, else `positions`) and attention `masks`, per layer
+    `attend`, then `advance` past them."""
 
     def begin(self, batch: int, tokens: int, attention_mask: torch.Tensor | None) -> None: ...
 
     def positions(self, tokens: int) -> torch.Tensor: ...
+
+    def shared_position(self) -> int | None: ...
 
     def masks(self, tokens: int) -> Masks: ...
 
@@ -132,14 +135,19 @@ class KVCache:
         steps = torch.arange(self.length, self.length + tokens)
         return (steps[None, :] - torch.tensor(self.starts)[:, None]).clamp(min=0)
 
+    def shared_position(self) -> int | None:
+        """The position of the next token where every row is at the same one (no padding), else None."""
+        return None if self.padded else self.length
+
     def masks(self, tokens: int) -> Masks:
-        """The attention masks (B, 1, T, length + T) of the next `tokens` over the cache."""
-        end = self.length + tokens
-        keys = torch.arange(end)
-        queries = torch.arange(self.length, end)
-        starts = torch.tensor(self.starts)
+        """The attention masks (B, 1, T, length + T) of the next `tokens` over the cache, made when asked for (a
+        decoding step asks for none)."""
+        length, end, rows = self.length, self.length + tokens, list(self.starts)
 
         def make(window: int | None) -> torch.Tensor:
+            keys = torch.arange(end)
+            queries = torch.arange(length, end)
+            starts = torch.tensor(rows)
             seen = keys[None, :] <= queries[:, None]
             if window is not None:
                 seen = seen & (keys[None, :] > queries[:, None] - window)
@@ -170,11 +178,16 @@ class KVCache:
     ) -> torch.Tensor:
         """Cache the new keys and values (B, Hkv, T, D) of `layer`; the attention (B, T, H, D) of the queries q
         (B, H, T, D) over the row's cached keys that each sees."""
+        end = self.length + q.shape[2]
+        first = 0 if window is None else max(0, end - window)
+        if q.shape[2] == 1 and not self.padded and ops.op_attends(q):
+            # a decoding step, every row over all its cached keys: the writes and the attention in one op call
+            return ops.store_and_attend(
+                q, k, v, self.keys[layer], self.values[layer], self.length, first, scale
+            )
         keys, values = self.store(layer, k, v)
-        end = keys.shape[2]
-        if q.shape[2] == 1 and not self.padded:  # a decoding step: every row sees all its cached keys
-            first = 0 if window is None else max(0, end - window)
-            return _one_query(q, keys[:, :, first:], values[:, :, first:], scale)
+        if q.shape[2] == 1 and not self.padded:
+            return ops.attention(q, keys[:, :, first:], values[:, :, first:], scale)
         if q.shape[2] == 1:  # left-padded rows: each over its own keys, as it would decode alone
             rows = []
             for row, start in enumerate(self.starts):
@@ -245,6 +258,10 @@ class SlotStep:
 
     def positions(self, tokens: int) -> torch.Tensor:
         return torch.tensor([[self.cache.lengths[s]] for s in self.slots])
+
+    def shared_position(self) -> int | None:
+        lengths = {self.cache.lengths[s] for s in self.slots}
+        return lengths.pop() if len(lengths) == 1 else None
 
     def masks(self, tokens: int) -> Masks:
         return Masks(lambda window: None)  # one query per row over its own keys: nothing to mask

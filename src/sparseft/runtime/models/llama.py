@@ -202,6 +202,21 @@ class LlamaDecoder(nn.Module):
             self._sin = angles.sin().to(self.dtype)
         return self._cos, self._sin
 
+    def _angles(
+        self, batch: int, tokens: int, start: int | None, positions: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (B, T, R) of the tokens: where every row is at positions start, start + 1, ... (decoding
+        without padding), a view of the tables' rows, no gather; else the rows of `positions` (B, T)."""
+        if start is not None:
+            cos_table, sin_table = self._rotary_tables(start + tokens)
+            cos, sin = cos_table[None, start : start + tokens], sin_table[None, start : start + tokens]
+            if batch > 1:
+                cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
+            return cos, sin
+        assert positions is not None
+        cos_table, sin_table = self._rotary_tables(int(positions.max()) + 1)
+        return cos_table[positions], sin_table[positions]
+
     # ---- the model -------------------------------------------------------------------------------------
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
@@ -229,14 +244,16 @@ class LlamaDecoder(nn.Module):
         if input_ids.dim() != 2:
             raise SparseftError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
         batch, tokens = input_ids.shape
+        start = positions = None
         if cache is not None:
             cache.begin(batch, tokens, attention_mask)
-            positions = cache.positions(tokens)
+            start = cache.shared_position()
+            if start is None:
+                positions = cache.positions(tokens)
             mask = cache.masks(tokens)
         else:
             positions, mask = _positions_and_mask(attention_mask, batch, tokens)
-        cos_table, sin_table = self._rotary_tables(int(positions.max()) + 1)
-        cos, sin = cos_table[positions], sin_table[positions]
+        cos, sin = self._angles(batch, tokens, start, positions)
         h = functional.embedding(input_ids, self.embed)
         for index, block in enumerate(self._layers):
             h = self._block(block, index, h, cos, sin, cache, mask)
@@ -261,15 +278,13 @@ class LlamaDecoder(nn.Module):
         batch, tokens, _ = h.shape
         x = ops.rms_norm(h, block.input_norm, c.eps)
         y = block.qkv(x)
-        q_end = c.heads * c.head_dim
-        k_end = q_end + c.kv_heads * c.head_dim
-        q = y[..., :q_end].view(batch, tokens, c.heads, c.head_dim)
-        k = y[..., q_end:k_end].view(batch, tokens, c.kv_heads, c.head_dim)
-        v = y[..., k_end:].view(batch, tokens, c.kv_heads, c.head_dim).transpose(1, 2)
+        # q, k and v (B, heads, T, D) as views of the packed output: three calls rather than nine
+        heads = y.view(batch, tokens, -1, c.head_dim).transpose(1, 2)
+        q, k, v = heads.split_with_sizes((c.heads, c.kv_heads, c.kv_heads), 1)
         if block.q_norm is not None and block.k_norm is not None:
             q = ops.rms_norm(q, block.q_norm, c.eps)
             k = ops.rms_norm(k, block.k_norm, c.eps)
-        q, k = ops.rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        q, k = ops.rotary(q, k, cos, sin)
         window = c.windows[index]
         if cache is None:
             seen = mask[window]
@@ -278,9 +293,7 @@ class LlamaDecoder(nn.Module):
             a = cache.attend(index, q, k, v, self.scale, window, mask)
         h = h + block.o(a.reshape(batch, tokens, c.heads * c.head_dim))
         x = ops.rms_norm(h, block.post_norm, c.eps)
-        g = block.gate_up(x)
-        inner = c.intermediate_size
-        return h + block.down(functional.silu(g[..., :inner]) * g[..., inner:])
+        return h + block.down(ops.silu_mul(block.gate_up(x)))
 
     # ---- decoding --------------------------------------------------------------------------------------
 
