@@ -341,7 +341,7 @@ def test_a_sentencepiece_only_tokenizer_prunes(tmp_path: Path) -> None:
 
     import sentencepiece
 
-    from sparseft.tiny import tiny_config
+    from sparseft.demo.tiny import tiny_config
 
     sentences = [f"the quick brown fox {i} jumps over the lazy dog number {i * 7}" for i in range(300)]
     model_file = io.BytesIO()

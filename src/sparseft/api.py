@@ -18,23 +18,38 @@ from typing import Any
 
 import torch
 import transformers
+from transformers import TextStreamer
 
-from sparseft import mathtask, modelcard, seq2seq_data
-from sparseft.atomic import atomic_dir, check_json_target, write_json
-from sparseft.data import TextSource, calibration_samples, check_local, load_records, load_texts, token_stream
+from sparseft import formats, modelcard
+from sparseft import runtime as sparse_runtime
+from sparseft.data import mathtask, seq2seq
+from sparseft.data.batch import encoder_batches, task_calibration
+from sparseft.data.records import check_local, load_records
+from sparseft.data.text import TextSource, calibration_samples, load_texts, token_stream
 from sparseft.errors import SparseftError, SparseftWarning
-from sparseft.evaluate import perplexity
-from sparseft.models import (
+from sparseft.eval import lmeval
+from sparseft.eval.gsm8k import gsm8k_accuracy
+from sparseft.eval.perplexity import perplexity
+from sparseft.eval.seq2seq import NORMALIZERS, bleu, seq2seq_generate, wer
+from sparseft.finetuning.config import finetune_config
+from sparseft.finetuning.stages import run_finetune
+from sparseft.hf import (
     find_targets,
     fused_weights,
     layer_sparsity,
     load_model,
     load_tokenizer,
     max_positions,
+    model_kind,
+    parse_dtype,
     weight_matrix,
 )
+from sparseft.io import atomic_dir, check_json_target, write_json
+from sparseft.pruning.config import PruneConfig, prune_config
 from sparseft.pruning.sequential import prune_model
-from sparseft.recipe import PruneConfig, prune_config
+from sparseft.quant.model import METHODS, quantize_model
+from sparseft.quant.spec import parse_quantize
+from sparseft.runtime.bench import measure_generation, measure_seq2seq, seq2seq_inputs
 
 
 def _check_seqlen(model: torch.nn.Module, seqlen: int) -> None:
@@ -140,7 +155,7 @@ def prune(
     else:
         source = model
         tokenizer = tokenizer or load_tokenizer(model, trust_remote_code)
-        net_config = seq2seq_data.read_config(model, trust_remote_code)
+        net_config = formats.load_config(model, trust_remote_code)
         net = load_model(model, dtype, trust_remote_code)
     settings_ = cfg.settings()
     targets = find_targets(net, cfg.targets or None, cfg.ignore)
@@ -149,8 +164,8 @@ def prune(
             settings_.structure.check_columns(weight_matrix(module).shape[1], name)
     samples: Any = None
     calibration = None
-    if calibrated and seq2seq_data.model_kind(net_config) != "causal":
-        samples, calibration = seq2seq_data.prune_calibration(source, tokenizer, net, cfg, trust_remote_code)
+    if calibrated and model_kind(net_config) != "causal":
+        samples, calibration = _pair_calibration(source, tokenizer, net, cfg, trust_remote_code)
     elif calibrated:
         assert cfg.dataset is not None
         _check_seqlen(net, cfg.seqlen)
@@ -192,10 +207,23 @@ def prune(
         with atomic_dir(output) as tmp:
             net.save_pretrained(tmp)  # type: ignore[operator]
             tokenizer.save_pretrained(tmp)
-            seq2seq_data.save_feature_extractor(source, net_config, tmp, trust_remote_code)
+            seq2seq.save_feature_extractor(source, net_config, tmp, trust_remote_code)
             write_json(tmp / "sparsity.json", report)
             modelcard.write_card(tmp, source, output, trust_remote_code=trust_remote_code)
     return PruneResult(net, tokenizer, report)
+
+
+def _pair_calibration(
+    model: str, tokenizer: Any, net: torch.nn.Module, cfg: PruneConfig, trust_remote_code: bool
+) -> tuple[Any, dict[str, Any]]:
+    """Calibration samples for pruning the encoder-decoder `net` (loaded from `model`): examples of the config's
+    dataset and `PairFields` (seqlen caps the tokens of each side), and their description for the report."""
+    source = seq2seq.PairSource.from_config(cfg)
+    encoding = seq2seq.Encoding.for_model(model, tokenizer, source, cfg.seqlen, trust_remote_code, net.config)
+    examples = seq2seq.load_examples(source, encoding, cfg.num_samples, cfg.seed)
+    dtype = next(net.parameters()).dtype
+    samples = task_calibration(examples, cfg.num_samples, cfg.seqlen, cfg.seed, dtype)
+    return samples, source.describe(encoding.kind)
 
 
 def _loaded_name(model: torch.nn.Module) -> str:
@@ -322,11 +350,9 @@ def eval_gsm8k(
     progress: bool = True,
     decoder: str = "auto",
 ) -> dict[str, Any]:
-    """GSM8K-style exact-match accuracy (see `sparseft.evaluate.gsm8k_accuracy`) on `dataset` (default: the
+    """GSM8K-style exact-match accuracy (see `sparseft.eval.gsm8k.gsm8k_accuracy`) on `dataset` (default: the
     bundled task, "mathtask"). Few-shot examples come from `fewshot_dataset` (its train split), the bundled
     task's train split, or else the evaluated records. `runtime` and `decoder` as in `eval_ppl`."""
-    from sparseft.evaluate import gsm8k_accuracy
-
     dataset = dataset or mathtask.NAME
     if num_fewshot < 0 or batch_size < 1 or max_new_tokens < 1:
         raise SparseftError("num_fewshot must be >= 0, batch_size and max_new_tokens >= 1")
@@ -377,8 +403,6 @@ def eval_lm_eval(
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Any lm-evaluation-harness tasks on the model as sparseft loads it (runtime kernels included)."""
-    from sparseft import lmeval
-
     # lm-eval reads a limit of 0 as no limit at all (every document)
     if (limit is not None and limit < 1) or batch_size < 1 or (num_fewshot is not None and num_fewshot < 0):
         raise SparseftError(
@@ -419,10 +443,6 @@ def _load_seq2seq(model: str, config: Any, dtype: str, runtime: bool, trust_remo
     """An encoder-decoder (T5, Whisper) from a hub id, an HF directory or any export; with `runtime`, its pruned
     linears on sparseft's CPU kernels: a local Whisper on the runtime's own model (`runtime.models.WhisperModel`),
     the rest on transformers' model code."""
-    from sparseft import formats
-    from sparseft import runtime as sparse_runtime
-    from sparseft.models import parse_dtype
-
     local = Path(model).is_dir()
     exported = local and formats.detect(model) != "hf"
     if runtime and local and (config.model_type == "whisper" or formats.detect(model) == "bitmask"):
@@ -462,10 +482,8 @@ def eval_seq2seq(
     progress: bool = True,
 ) -> dict[str, Any]:
     """BLEU of a translation model (T5; beam 5 by default, as the paper) or WER of a speech model (Whisper;
-    greedy by default, after `normalizer`) on `dataset` (see `sparseft.seq2seq_data` for its layouts). For
+    greedy by default, after `normalizer`) on `dataset` (see `sparseft.data.seq2seq` for its layouts). For
     speech, `target_lang` is the language Whisper is told to transcribe in."""
-    from sparseft.evaluate import NORMALIZERS, bleu, seq2seq_generate, wer
-
     if dataset is None:
         raise SparseftError(f"{task} needs --dataset: a local jsonl/csv file or a datasets name")
     if normalizer not in NORMALIZERS:
@@ -474,25 +492,25 @@ def eval_seq2seq(
     if batch_size < 1 or num_beams < 1 or max_new_tokens < 1 or (limit is not None and limit < 1):
         raise SparseftError("batch_size, num_beams, max_new_tokens and limit must be at least 1")
     check_local(dataset)
-    config = seq2seq_data.read_config(model, trust_remote_code)
-    kind, wanted = seq2seq_data.model_kind(config), "translation" if task == "bleu" else "speech"
+    config = formats.load_config(model, trust_remote_code)
+    kind, wanted = model_kind(config), "translation" if task == "bleu" else "speech"
     if kind != wanted:
         raise SparseftError(f"{task} scores a {wanted} model, but {model} is a {kind} model")
     tokenizer = load_tokenizer(model, trust_remote_code)
     fields = {"source_field": source_field, "target_field": target_field, "audio_field": audio_field}
-    source = seq2seq_data.PairSource(
+    source = seq2seq.PairSource(
         dataset, dataset_config, split, source_lang, target_lang, source_prefix=source_prefix,
         text_field=text_field, **{k: v for k, v in fields.items() if v is not None},
     )  # fmt: skip
-    encoding = seq2seq_data.Encoding.for_model(model, tokenizer, source, 512, trust_remote_code, config)
-    examples = seq2seq_data.load_examples(source, encoding, limit)
+    encoding = seq2seq.Encoding.for_model(model, tokenizer, source, 512, trust_remote_code, config)
+    examples = seq2seq.load_examples(source, encoding, limit)
     net = _load_seq2seq(model, config, dtype, runtime, trust_remote_code).to(device).eval()
     # Whisper refuses to generate past its longest label sequence (prompt tokens included).
     limit_tokens = getattr(config, "max_target_positions", None)
     max_new_tokens = min(max_new_tokens, limit_tokens - 4) if limit_tokens else max_new_tokens
     options = {"language": target_lang, "task": "transcribe"} if kind == "speech" and target_lang else {}
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-    batches = seq2seq_data.encoder_batches(examples, batch_size, pad_id)
+    batches = encoder_batches(examples, batch_size, pad_id)
     hypotheses = seq2seq_generate(net, tokenizer, batches, num_beams, max_new_tokens, progress, **options)
     references = [e.target for e in examples]
     metric = bleu(hypotheses, references) if task == "bleu" else wer(hypotheses, references, normalizer)
@@ -520,12 +538,10 @@ def evaluate(
     """Evaluate `model` on `task`: "ppl" (`eval_ppl`), "gsm8k" (`eval_gsm8k`), "bleu" or "wer" (`eval_seq2seq`),
     or "lm-eval:NAME[,NAME...]" (`eval_lm_eval`); `options` are that function's keywords. The result, with model, task, protocol and seed,
     is also written to `output` as JSON when given."""
-    from sparseft.lmeval import PREFIX
-
     if output is not None:
         check_json_target(output)
-    if task.startswith(PREFIX):
-        names = [t.strip() for t in task.removeprefix(PREFIX).split(",") if t.strip()]
+    if task.startswith(lmeval.PREFIX):
+        names = [t.strip() for t in task.removeprefix(lmeval.PREFIX).split(",") if t.strip()]
         result = eval_lm_eval(model, names, **options)
     elif task == "gsm8k":
         result = eval_gsm8k(model, **options)
@@ -553,8 +569,6 @@ EXPORT_FORMATS = ("hf", "bitmask")
 
 def _checkpoint_dtype(model: str) -> torch.dtype:
     """The dtype a checkpoint was saved in (its config's dtype), float32 when it does not say."""
-    import transformers
-
     try:
         stored = getattr(transformers.AutoConfig.from_pretrained(model), "dtype", None)
     except (OSError, ValueError):
@@ -588,20 +602,16 @@ def export(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Export a (pruned) HF checkpoint as `format` "hf" (zeros kept; with `quantize`, compressed-tensors
-    pack-quantized) or "bitmask" (the compact archive laid out in sparseft/formats.py), optionally quantizing the target
-    linears to "int8" (per channel) or "int4" (per group of `group_size`) by "rtn" or "gptq" (calibrated on
-    `dataset` like pruning). Returns the report also written to `output/export.json`."""
-    from sparseft import formats
-    from sparseft.models import parse_dtype
-    from sparseft.quant import METHODS, parse_quantize, quantize_model
-
+    pack-quantized) or "bitmask" (the compact archive laid out in sparseft/formats/bitmask.py), optionally
+    quantizing the target linears to "int8" (per channel) or "int4" (per group of `group_size`) by "rtn" or
+    "gptq" (calibrated on `dataset` like pruning). Returns the report also written to `output/export.json`."""
     if format not in EXPORT_FORMATS:
         raise SparseftError(f"unknown export format {format!r}; use one of {', '.join(EXPORT_FORMATS)}")
     spec = parse_quantize(quantize, group_size)
     if method not in METHODS:
         raise SparseftError(f"unknown quantization method {method!r}; use one of {', '.join(METHODS)}")
     if method == "gptq" and spec is None:
-        raise SparseftError("--method gptq quantizes: pass --quantize int8 or int4 as well")
+        raise SparseftError("--quant-method gptq quantizes: pass --quantize int8 or int4 as well")
     if method == "gptq" and dataset is None:
         raise SparseftError("GPTQ needs calibration data: pass --dataset (a local file or a datasets name)")
     if method == "gptq" and dataset is not None:
@@ -646,10 +656,10 @@ def export(
         samples = None
         if method == "gptq":
             assert dataset is not None
-            if seq2seq_data.model_kind(net_config) != "causal":
+            if model_kind(net_config) != "causal":
                 raise SparseftError(
                     f"GPTQ export calibrates decoder-only models; {net_config.model_type} is an encoder-decoder: "
-                    "use --method rtn"
+                    "use --quant-method rtn"
                 )
             if tokenizer is None:
                 raise SparseftError(
@@ -690,9 +700,9 @@ def export(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         # a speech model's features come from its own extractor; a source without one exports without one
-        if seq2seq_data.model_kind(net_config) == "speech":
+        if model_kind(net_config) == "speech":
             with contextlib.suppress(SparseftError):
-                seq2seq_data.save_feature_extractor(model, net_config, tmp, trust_remote_code)
+                seq2seq.save_feature_extractor(model, net_config, tmp, trust_remote_code)
         report["size_on_disk"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
         report["seconds"] = round(time.perf_counter() - started, 2)
         write_json(tmp / "export.json", report)
@@ -703,16 +713,11 @@ def export(
 def load(path: str | Path, dtype: str | None = None, trust_remote_code: bool = False) -> torch.nn.Module:
     """Read any export (bitmask archive, HF checkpoint, HF + compressed-tensors int8/int4) back into a dense
     transformers model, in its stored dtype unless `dtype` is given; one weight is decoded at a time."""
-    from sparseft import formats
-    from sparseft.models import parse_dtype
-
     return formats.load_dir(path, parse_dtype(dtype) if dtype else None, trust_remote_code)
 
 
 def info(path: str | Path) -> dict[str, Any]:
     """Format, per-layer sparsity and bits, size on disk and bytes per weight of an exported directory."""
-    from sparseft import formats
-
     return formats.describe(path)
 
 
@@ -737,9 +742,6 @@ def finetune(
     and dotted section keys such as `data__seqlen=256`, `train__lr=1e-4`, `loss__kd=0.5` (`__` for the dot).
     Run it under `accelerate launch` for several processes (DDP) or FSDP.
     """
-    from sparseft.recipe import finetune_config
-    from sparseft.train import run_finetune
-
     overrides = {key.replace("__", "."): value for key, value in settings.items()}
     named = {"model": model, "teacher": teacher, "data.dataset": dataset, "loss.name": loss}
     cfg = finetune_config(recipe, **named, **overrides)
@@ -761,13 +763,10 @@ def load_sparse(
     `decoder`: "auto" runs Llama-family models on the runtime's own decoder and the rest on transformers' model
     code; "sparseft" or "transformers" insists (lm-eval needs "transformers"). `head_values="int8"` also
     quantizes the LM head to int8 (half its bytes; logits change slightly)."""
-    from sparseft import runtime
-    from sparseft.models import parse_dtype
-
     for name, given in (("values", values), ("head_values", head_values)):
         if given not in (None, "bf16", "int8"):
             raise SparseftError(f"{name} must be bf16 or int8, got {given!r}")
-    return runtime.load(
+    return sparse_runtime.load(
         path,
         values,  # type: ignore[arg-type]
         parse_dtype(dtype),
@@ -965,7 +964,6 @@ def _reply(
 def _text_streamer(tokenizer: Any, on_text: Callable[[str], None]) -> Any:
     """A streamer for the models' `generate` that hands the new text to `on_text` as it is decoded: transformers'
     `TextStreamer` (which holds back a word until it cannot change) with its printing replaced."""
-    from transformers import TextStreamer
 
     class TextCallback(TextStreamer):
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
@@ -997,11 +995,6 @@ def bench(
     `new_tokens` new tokens per input, with `num_beams` beams (default 5 for translation, as the paper; greedy
     for speech). T5 translates `sentences` random sentences of `source_tokens` tokens, one at a time; Whisper
     transcribes one 30 s window of random features. `head_values="int8"`: the sparse model's LM head in int8."""
-    from sparseft import formats
-    from sparseft.models import model_kind
-    from sparseft.runtime import current_isa
-    from sparseft.runtime.bench import measure_generation, measure_seq2seq, seq2seq_inputs
-
     at_least = {
         "prompt_tokens": (prompt_tokens, 1),
         "new_tokens": (new_tokens, 2),
@@ -1032,7 +1025,7 @@ def bench(
         inputs, workload = seq2seq_inputs(sparse.config, sentences, source_tokens)
         workload |= {"new_tokens": new_tokens, "num_beams": beams}
         result = measure_seq2seq(models, inputs, new_tokens, beams, runs)
-    result["_machine"]["kernels"] = current_isa()
+    result["_machine"]["kernels"] = sparse_runtime.current_isa()
     return {
         "model": str(model),
         "kind": kind,

@@ -9,12 +9,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from sparseft import __version__
 from sparseft.errors import SparseftError, SparseftWarning
+from sparseft.io import check_json_target, write_json
 
 DESCRIPTION = """\
 Prune, sparse fine-tune, export and run large language models, sparse and fast.
@@ -26,13 +30,9 @@ scores any stage. `sparseft VERB --help` lists a verb's flags with their default
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("sparseft")
     except PackageNotFoundError:  # run from a source tree that is not installed
-        from sparseft import __version__
-
         return __version__
 
 
@@ -131,7 +131,7 @@ def _dtype(choice: str, model: str) -> str:
     """--dtype: `auto` becomes the dtype `model` was saved in (float32 when its config does not say)."""
     if choice != "auto":
         return choice
-    from sparseft.api import _checkpoint_dtype
+    from sparseft.api import _checkpoint_dtype  # when the verb runs, as its modules are (module docstring)
 
     return str(_checkpoint_dtype(model)).removeprefix("torch.")
 
@@ -140,7 +140,7 @@ def _device(choice: str) -> str:
     """--device: `auto` becomes cuda when torch sees a GPU, else cpu."""
     if choice != "auto":
         return choice
-    import torch
+    import torch  # when the verb runs, as its modules are (module docstring)
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -154,7 +154,7 @@ def _threads(count: int | None) -> Iterator[None]:
         return
     if count < 1:
         raise SparseftError(f"--threads must be 1 or more, got {count}")
-    from sparseft.api import _torch_threads
+    from sparseft.api import _torch_threads  # when the verb runs, as its modules are (module docstring)
 
     with _torch_threads(count):
         yield
@@ -167,6 +167,7 @@ def _quiet(quiet: bool) -> Iterator[None]:
     if not quiet:
         yield
         return
+    # when the verb runs, as its modules are (module docstring)
     import datasets
     from transformers.utils import logging
 
@@ -191,7 +192,7 @@ def _print_json(data: Any) -> None:
 
 
 # Flags of encoder-decoder data (T5 translation, Whisper speech), with their metavar and help; see
-# `sparseft.seq2seq_data`.
+# `sparseft.data.seq2seq`.
 PAIR_FIELDS = {
     "source_lang": ("LANG", "translation: source language code in translation records (e.g. en)"),
     "target_lang": (
@@ -498,7 +499,7 @@ def add_demo(sub: Any) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    from sparseft.demo import run_demo as demo
+    from sparseft.demo.pipeline import run_demo as demo
 
     demo(args.output, quick=args.quick, model=args.model, dataset=args.dataset, progress=not args.quiet)
 
@@ -973,7 +974,6 @@ def add_bench(sub: Any) -> None:
 
 def run_bench(args: argparse.Namespace) -> None:
     from sparseft import api
-    from sparseft.atomic import check_json_target, write_json
 
     if args.json:
         check_json_target(args.json)
@@ -1077,8 +1077,6 @@ def add_serve(sub: Any) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> None:
-    import os
-
     from sparseft.serve import serve
 
     if not 0 < args.port < 65536:

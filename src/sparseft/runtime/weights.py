@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparseft import formats
 from sparseft.errors import SparseftError
 from sparseft.runtime.linear import DenseLinear, SparseLinear
 from sparseft.runtime.packing import (
@@ -47,8 +48,6 @@ def read_parts(reader: TensorReader, archive: Any, name: str) -> dict[str, Any]:
 
 def packed_from_parts(parts: dict[str, Any], name: str, values: Values) -> Packed:
     """One weight's archive parts in the runtime's layout."""
-    from sparseft import formats
-
     rows, _ = parts["shape"]
     scale = parts.get("scale")
     if scale is None or (parts["bits"] == 8 and scale.numel() == rows):
@@ -71,8 +70,6 @@ class CheckpointWeights:
     """Tensors and packed linears by name from a bitmask archive or an HF safetensors checkpoint."""
 
     def __init__(self, directory: str | Path) -> None:
-        from sparseft import formats
-
         self.directory = Path(directory)
         self.kind = formats.detect(self.directory)
         if self.kind == "hf-quantized":
@@ -88,7 +85,7 @@ class CheckpointWeights:
             self._compressed = set(self.archive.compressed_names())
             self._plain = set(self.archive.tensor_names())
         else:
-            self.config = formats._read_json(self.directory / formats.CONFIG)
+            self.config = formats.shards.read_json(self.directory / formats.CONFIG)
             weight_map = formats.Shards(self.directory).weight_map
             self._compressed = set()
             self._plain = set(weight_map)
