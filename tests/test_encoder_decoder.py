@@ -227,6 +227,14 @@ def test_eval_scores_generated_text(
     assert json.loads(out.read_text())[task] == result[task]
 
 
+def test_a_seq2seq_eval_config_gives_what_its_keywords_give(workdir: Path, pruned: dict[str, Path]) -> None:
+    settings = {**pair_options(workdir), "limit": 2, "max_new_tokens": 4, "num_beams": 2}
+    by_keywords = api.eval_seq2seq(str(pruned["t5"]), "bleu", progress=False, **settings)
+    config = sparseft.Seq2SeqEvalConfig(**settings)
+    by_config = api.eval_seq2seq(str(pruned["t5"]), "bleu", config=config, progress=False)
+    assert by_config == by_keywords
+
+
 @pytest.mark.parametrize("family", ["t5", "whisper"])
 def test_scores_of_a_bitmask_export_on_the_runtime(
     pruned: dict[str, Path], workdir: Path, tmp_path: Path, family: str

@@ -9,6 +9,8 @@ import pytest
 
 import sparseft
 from sparseft import api
+from sparseft.eval.seq2seq import Seq2SeqEvalConfig
+from sparseft.formats.config import ExportConfig
 from sparseft.pruning.config import PruneConfig
 
 OPTIONAL = {"triton", "fastapi", "uvicorn", "prometheus_client", "lm_eval"}  # the extras' packages
@@ -25,7 +27,11 @@ def test_every_module_imports_and_no_module_hides_a_public_function() -> None:
                 raise
     for name in ("prune", "finetune", "export", "load", "evaluate"):
         assert getattr(sparseft, name) is getattr(api, name), name
-    assert sparseft.PruneConfig is PruneConfig
+    assert (sparseft.PruneConfig, sparseft.ExportConfig, sparseft.Seq2SeqEvalConfig) == (
+        PruneConfig,
+        ExportConfig,
+        Seq2SeqEvalConfig,
+    )
 
 
 def test_an_unknown_name_is_an_attribute_error() -> None:

@@ -30,9 +30,10 @@ from sparseft.errors import SparseftError, SparseftWarning
 from sparseft.eval import lmeval
 from sparseft.eval.gsm8k import gsm8k_accuracy
 from sparseft.eval.perplexity import perplexity
-from sparseft.eval.seq2seq import NORMALIZERS, bleu, seq2seq_generate, wer
+from sparseft.eval.seq2seq import Seq2SeqEvalConfig, bleu, seq2seq_generate, wer
 from sparseft.finetuning.config import finetune_config
 from sparseft.finetuning.stages import run_finetune
+from sparseft.formats.config import ExportConfig
 from sparseft.hf import (
     find_targets,
     fused_weights,
@@ -47,8 +48,8 @@ from sparseft.hf import (
 from sparseft.io import atomic_dir, check_json_target, write_json
 from sparseft.pruning.config import PruneConfig, prune_config
 from sparseft.pruning.sequential import prune_model
-from sparseft.quant.model import METHODS, quantize_model
-from sparseft.quant.spec import parse_quantize
+from sparseft.quant.model import quantize_model
+from sparseft.recipe import merge
 from sparseft.runtime.bench import measure_generation, measure_seq2seq, seq2seq_inputs
 
 
@@ -461,59 +462,47 @@ def eval_seq2seq(
     task: str,
     dataset: str | None = None,
     *,
-    dataset_config: str | None = None,
-    split: str = "test",
-    source_lang: str | None = None,
-    target_lang: str | None = None,
-    source_field: str | None = None,
-    target_field: str | None = None,
-    source_prefix: str | None = None,
-    audio_field: str | None = None,
-    text_field: str = "text",
-    normalizer: str = "basic",
-    limit: int | None = None,
-    batch_size: int = 16,
-    num_beams: int | None = None,
-    max_new_tokens: int = 256,
+    config: Seq2SeqEvalConfig | None = None,
     dtype: str = "float32",
     device: str = "cpu",
     runtime: bool = False,
     trust_remote_code: bool = False,
     progress: bool = True,
+    **settings: Any,
 ) -> dict[str, Any]:
     """BLEU of a translation model (T5; beam 5 by default, as the paper) or WER of a speech model (Whisper;
-    greedy by default, after `normalizer`) on `dataset` (see `sparseft.data.seq2seq` for its layouts). For
-    speech, `target_lang` is the language Whisper is told to transcribe in."""
-    if dataset is None:
+    greedy by default, after the normaliser) on `dataset` (see `sparseft.data.seq2seq` for its layouts).
+
+    Settings are the fields of `Seq2SeqEvalConfig` (dataset, its `PairFields`, normalizer, limit, num_beams,
+    ...), given as a config, keyword arguments, or both (keywords win); `runtime` runs the model on sparseft's
+    sparse CPU kernels."""
+    cfg: Seq2SeqEvalConfig = merge(
+        Seq2SeqEvalConfig, config, {"dataset": dataset, **settings}, f"{task} settings"
+    )
+    if cfg.dataset is None:
         raise SparseftError(f"{task} needs --dataset: a local jsonl/csv file or a datasets name")
-    if normalizer not in NORMALIZERS:
-        raise SparseftError(f"unknown normalizer {normalizer!r}; use one of {', '.join(NORMALIZERS)}")
-    num_beams = num_beams or (5 if task == "bleu" else 1)
-    if batch_size < 1 or num_beams < 1 or max_new_tokens < 1 or (limit is not None and limit < 1):
-        raise SparseftError("batch_size, num_beams, max_new_tokens and limit must be at least 1")
-    check_local(dataset)
-    config = formats.load_config(model, trust_remote_code)
-    kind, wanted = model_kind(config), "translation" if task == "bleu" else "speech"
+    num_beams = cfg.num_beams or (5 if task == "bleu" else 1)
+    check_local(cfg.dataset)
+    hf_config = formats.load_config(model, trust_remote_code)
+    kind, wanted = model_kind(hf_config), "translation" if task == "bleu" else "speech"
     if kind != wanted:
         raise SparseftError(f"{task} scores a {wanted} model, but {model} is a {kind} model")
     tokenizer = load_tokenizer(model, trust_remote_code)
-    fields = {"source_field": source_field, "target_field": target_field, "audio_field": audio_field}
-    source = seq2seq.PairSource(
-        dataset, dataset_config, split, source_lang, target_lang, source_prefix=source_prefix,
-        text_field=text_field, **{k: v for k, v in fields.items() if v is not None},
-    )  # fmt: skip
-    encoding = seq2seq.Encoding.for_model(model, tokenizer, source, 512, trust_remote_code, config)
-    examples = seq2seq.load_examples(source, encoding, limit)
-    net = _load_seq2seq(model, config, dtype, runtime, trust_remote_code).to(device).eval()
+    source = seq2seq.PairSource.from_config(cfg)
+    encoding = seq2seq.Encoding.for_model(model, tokenizer, source, 512, trust_remote_code, hf_config)
+    examples = seq2seq.load_examples(source, encoding, cfg.limit)
+    net = _load_seq2seq(model, hf_config, dtype, runtime, trust_remote_code).to(device).eval()
     # Whisper refuses to generate past its longest label sequence (prompt tokens included).
-    limit_tokens = getattr(config, "max_target_positions", None)
-    max_new_tokens = min(max_new_tokens, limit_tokens - 4) if limit_tokens else max_new_tokens
-    options = {"language": target_lang, "task": "transcribe"} if kind == "speech" and target_lang else {}
-    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-    batches = encoder_batches(examples, batch_size, pad_id)
+    limit_tokens = getattr(hf_config, "max_target_positions", None)
+    max_new_tokens = min(cfg.max_new_tokens, limit_tokens - 4) if limit_tokens else cfg.max_new_tokens
+    options = (
+        {"language": cfg.target_lang, "task": "transcribe"} if kind == "speech" and cfg.target_lang else {}
+    )
+    pad_id = hf_config.pad_token_id if hf_config.pad_token_id is not None else 0
+    batches = encoder_batches(examples, cfg.batch_size, pad_id)
     hypotheses = seq2seq_generate(net, tokenizer, batches, num_beams, max_new_tokens, progress, **options)
     references = [e.target for e in examples]
-    metric = bleu(hypotheses, references) if task == "bleu" else wer(hypotheses, references, normalizer)
+    metric = bleu(hypotheses, references) if task == "bleu" else wer(hypotheses, references, cfg.normalizer)
     return {
         "task": task,
         "model": model,
@@ -525,7 +514,9 @@ def eval_seq2seq(
             "generation": f"beam search, {num_beams} beams" if num_beams > 1 else "greedy",
             "max_new_tokens": max_new_tokens,
             "source_prefix": encoding.prefix if kind == "translation" else None,
-            "metric": f"jiwer WER after {normalizer} normalisation" if task == "wer" else "sacreBLEU BLEU",
+            "metric": "sacreBLEU BLEU"
+            if task == "bleu"
+            else f"jiwer WER after {cfg.normalizer} normalisation",
             "runtime": runtime,
         },
         "samples": [{"hypothesis": h, "reference": r} for h, r in zip(hypotheses, references, strict=True)],
@@ -564,9 +555,6 @@ def evaluate(
     return result
 
 
-EXPORT_FORMATS = ("hf", "bitmask")
-
-
 def _checkpoint_dtype(model: str) -> torch.dtype:
     """The dtype a checkpoint was saved in (its config's dtype), float32 when it does not say."""
     try:
@@ -581,46 +569,33 @@ def _checkpoint_dtype(model: str) -> torch.dtype:
 def export(
     model: str,
     output: str | Path,
-    format: str = "bitmask",
+    format: str | None = None,
     quantize: str | None = None,
     group_size: int | None = None,
-    method: str = "rtn",
+    method: str | None = None,
     *,
-    dataset: str | None = None,
-    dataset_config: str | None = None,
-    split: str = "train",
-    text_field: str = "text",
-    num_samples: int = 128,
-    seqlen: int = 2048,
-    seed: int = 0,
-    targets: list[str] | None = None,
-    ignore: list[str] | None = None,
+    config: ExportConfig | None = None,
     dtype: str | None = None,
     device: str = "cpu",
     trust_remote_code: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    **settings: Any,
 ) -> dict[str, Any]:
     """Export a (pruned) HF checkpoint as `format` "hf" (zeros kept; with `quantize`, compressed-tensors
     pack-quantized) or "bitmask" (the compact archive laid out in sparseft/formats/bitmask.py), optionally
-    quantizing the target linears to "int8" (per channel) or "int4" (per group of `group_size`) by "rtn" or
-    "gptq" (calibrated on `dataset` like pruning). Returns the report also written to `output/export.json`."""
-    if format not in EXPORT_FORMATS:
-        raise SparseftError(f"unknown export format {format!r}; use one of {', '.join(EXPORT_FORMATS)}")
-    spec = parse_quantize(quantize, group_size)
-    if method not in METHODS:
-        raise SparseftError(f"unknown quantization method {method!r}; use one of {', '.join(METHODS)}")
-    if method == "gptq" and spec is None:
-        raise SparseftError("--quant-method gptq quantizes: pass --quantize int8 or int4 as well")
-    if method == "gptq" and dataset is None:
-        raise SparseftError("GPTQ needs calibration data: pass --dataset (a local file or a datasets name)")
-    if method == "gptq" and dataset is not None:
-        check_local(dataset)
-    if method == "gptq" and (num_samples < 1 or seqlen < 1):
-        raise SparseftError(
-            f"GPTQ needs num_samples and seqlen of at least 1, got {num_samples} and {seqlen}"
-        )
-    _check_output(output, overwrite, model, dataset)
+    quantizing the target linears to "int8" (per channel) or "int4" (per group of `group_size`) by `method` "rtn"
+    or "gptq" (calibrated on `dataset` like pruning). Returns the report also written to `output/export.json`.
+
+    Settings are the fields of `ExportConfig` (format, quantize, group_size, method, targets, ignore, dataset,
+    num_samples, ...), given as a config, keyword arguments, or both (keywords win). `dtype` (default: the
+    checkpoint's own), `device`, `trust_remote_code`, `overwrite` and `progress` are how to run it."""
+    given = {"format": format, "quantize": quantize, "group_size": group_size, "method": method, **settings}
+    cfg: ExportConfig = merge(ExportConfig, config, given, "export settings")
+    spec = cfg.spec()
+    if cfg.method == "gptq" and cfg.dataset is not None:
+        check_local(cfg.dataset)
+    _check_output(output, overwrite, model, cfg.dataset)
     started = time.perf_counter()
     if Path(model).is_dir():  # any export reads back too: re-export a bitmask archive as HF, say
         net = formats.load_dir(model, parse_dtype(dtype) if dtype else None, trust_remote_code)
@@ -631,9 +606,9 @@ def export(
         tokenizer = load_tokenizer(model, trust_remote_code)
     except SparseftError:
         tokenizer = None  # a model without a tokenizer exports fine; GPTQ below needs one
-    chosen = find_targets(net, targets, ignore)
+    chosen = find_targets(net, cfg.targets, cfg.ignore)
     vllm: list[str] = []  # why vLLM may refuse a compressed-tensors export; the checkpoint itself is right
-    if spec is not None and format == "hf":
+    if spec is not None and cfg.format == "hf":
         for name, module in chosen.items():
             if not isinstance(module, torch.nn.Linear):
                 raise SparseftError(
@@ -654,8 +629,8 @@ def export(
     calibration = None
     if spec is not None:
         samples = None
-        if method == "gptq":
-            assert dataset is not None
+        if cfg.method == "gptq":
+            assert cfg.dataset is not None
             if model_kind(net_config) != "causal":
                 raise SparseftError(
                     f"GPTQ export calibrates decoder-only models; {net_config.model_type} is an encoder-decoder: "
@@ -665,11 +640,16 @@ def export(
                 raise SparseftError(
                     f"GPTQ tokenizes calibration text, but {model} has no tokenizer: save one"
                 )
-            _check_seqlen(net, seqlen)
-            source = TextSource(dataset, dataset_config, split, text_field)
-            samples = calibration_samples(tokenizer, source, num_samples, seqlen, seed)
-            calibration = {**source.describe(), "num_samples": num_samples, "seqlen": seqlen, "seed": seed}
-        quantized, errors = quantize_model(net, chosen, spec, method, samples, device, progress)
+            _check_seqlen(net, cfg.seqlen)
+            source = TextSource(cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_field)
+            samples = calibration_samples(tokenizer, source, cfg.num_samples, cfg.seqlen, cfg.seed)
+            calibration = {
+                **source.describe(),
+                "num_samples": cfg.num_samples,
+                "seqlen": cfg.seqlen,
+                "seed": cfg.seed,
+            }
+        quantized, errors = quantize_model(net, chosen, spec, cfg.method, samples, device, progress)
 
     layers: dict[str, dict[str, Any]] = {
         name: {"shape": list(weight_matrix(m).shape), "sparsity": layer_sparsity(m), **errors.get(name, {})}
@@ -677,20 +657,20 @@ def export(
     }
     report: dict[str, Any] = {
         "model": model,
-        "format": format,
+        "format": cfg.format,
         "dtype": str(next(net.parameters()).dtype).removeprefix("torch."),
-        "quantization": None if spec is None else {**spec.describe(), "method": method},
+        "quantization": None if spec is None else {**spec.describe(), "method": cfg.method},
         "calibration": calibration,
         "layers": layers,
     }
-    if spec is not None and format == "hf":
+    if spec is not None and cfg.format == "hf":
         report["vllm_warnings"] = vllm
     for key in ("rtn_weight_error", "gptq_weight_error", "rtn_output_error", "gptq_output_error"):
         values = [v[key] for v in layers.values() if key in v]
         if values:
             report[f"mean_{key}"] = sum(values) / len(values)
     with atomic_dir(output) as tmp:
-        if format == "bitmask":
+        if cfg.format == "bitmask":
             formats.write_bitmask(net, chosen, tmp, quantized, report["quantization"])
         elif quantized is not None:
             assert spec is not None

@@ -29,6 +29,13 @@ def build(schema: type[BaseModel], data: dict[str, Any], what: str) -> Any:
         raise SparseftError(one_line(e, what)) from None
 
 
+def merge(schema: type[BaseModel], config: BaseModel | None, overrides: dict[str, Any], what: str) -> Any:
+    """The settings of `config` (those it was given) with the `overrides` that are not None on top, validated
+    against `schema` as `build` does: how a verb takes a config, keyword arguments, or both."""
+    given = config.model_dump(exclude_unset=True) if config is not None else {}
+    return build(schema, {**given, **{k: v for k, v in overrides.items() if v is not None}}, what)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jiwer
 import pytest
 import sacrebleu
 
+from sparseft import api
 from sparseft.errors import SparseftError
-from sparseft.eval.seq2seq import bleu, text_normalizer, wer
+from sparseft.eval.seq2seq import Seq2SeqEvalConfig, bleu, text_normalizer, wer
 
 HYPOTHESES = ["the cat sat on the mat", "a dog runs in the park today", "Hello, World!", "it is 5 o'clock"]
 REFERENCES = ["the cat sat on a mat", "the dog runs in the park", "hello world", "It's five o'clock."]
@@ -49,3 +52,16 @@ def test_wer_skips_empty_references_and_rejects_mismatches() -> None:
         bleu(["a"], ["a", "b"])
     with pytest.raises(SparseftError, match="unknown normalizer"):
         wer(["a"], ["a"], "french")
+
+
+def test_seq2seq_settings_are_checked_before_anything_loads(tmp_path: Path) -> None:
+    missing = str(tmp_path / "no-model")
+    with pytest.raises(SparseftError, match="unknown normalizer 'loud'"):
+        api.eval_seq2seq(missing, "wer", "x.jsonl", normalizer="loud")
+    config = Seq2SeqEvalConfig(dataset="x.jsonl", batch_size=2)
+    with pytest.raises(
+        SparseftError, match="batch_size, num_beams, max_new_tokens and limit must be at least 1"
+    ):
+        api.eval_seq2seq(missing, "bleu", config=config, limit=0)
+    with pytest.raises(SparseftError, match="bleu needs --dataset"):
+        api.eval_seq2seq(missing, "bleu")

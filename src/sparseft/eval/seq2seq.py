@@ -10,9 +10,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from pydantic import ConfigDict, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparseft.data.seq2seq import PairFields
 from sparseft.errors import SparseftError
 
 # Translation and speech recognition. BLEU is sacreBLEU's corpus BLEU (13a tokenisation, its defaults) on
@@ -20,6 +22,39 @@ from sparseft.errors import SparseftError
 # normalisation ("basic": lower case, punctuation and bracketed text removed, any language; "english":
 # Whisper's English normaliser, which also spells out numbers, contractions and British spellings).
 NORMALIZERS = ("basic", "english", "none")
+
+
+class Seq2SeqEvalConfig(PairFields):
+    """What BLEU or WER is measured on and how: the dataset and where its pairs sit (`PairFields`; for speech,
+    `target_lang` is the language Whisper is told to transcribe in, `text_field` the transcript column), the
+    normaliser WER compares after, at most `limit` examples, and the decoding: `num_beams` (None: 5 for BLEU, as
+    the paper; greedy for WER), `max_new_tokens`, `batch_size`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str | None = None
+    dataset_config: str | None = None
+    split: str = "test"
+    text_field: str = "text"
+    normalizer: str = "basic"
+    limit: int | None = None
+    batch_size: int = 16
+    num_beams: int | None = None
+    max_new_tokens: int = 256
+
+    @model_validator(mode="after")
+    def _valid(self) -> Seq2SeqEvalConfig:
+        if self.normalizer not in NORMALIZERS:
+            raise ValueError(f"unknown normalizer {self.normalizer!r}; use one of {', '.join(NORMALIZERS)}")
+        counts = (
+            self.batch_size,
+            self.num_beams or 1,
+            self.max_new_tokens,
+            1 if self.limit is None else self.limit,
+        )
+        if min(counts) < 1:
+            raise ValueError("batch_size, num_beams, max_new_tokens and limit must be at least 1")
+        return self
 
 
 def _metric_package(name: str) -> Any:
