@@ -52,10 +52,10 @@ import transformers
 from torch import nn
 
 from sparseft import formats, runtime
-from sparseft.atomic import atomic_dir
-from sparseft.models import find_targets
+from sparseft.hf import find_targets
+from sparseft.io import atomic_dir
 from sparseft.pruning.magnitude import magnitude_prune
-from sparseft.quant import QuantSpec, rtn_quantize
+from sparseft.quant.spec import QuantSpec, rtn_quantize
 from sparseft.runtime.bench import copy_bandwidth, cpu_name, measure_generation, result_path
 
 VARIANTS = [

@@ -262,6 +262,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="one shape, 70%% only, batch 1 (a smoke run)")
+    parser.add_argument(
+        "--batch-one",
+        action="store_true",
+        help="every shape at 70%%, batch 1 only, no prefill switch section",
+    )
     parser.add_argument("--switch-only", action="store_true", help="only the prefill switch section")
     parser.add_argument("--output", default=None, help="result JSON (default: benchmarks/results/, dated)")
     args = parser.parse_args()
@@ -270,14 +275,16 @@ def main() -> None:
     isa = dispatch.current_isa()
     if isa == "torch":
         raise SystemExit("the C++ kernels are not available here; nothing to benchmark")
-    shapes, sparsities, batches = (SHAPES[:1], [0.7], [1]) if args.quick else (SHAPES, SPARSITIES, BATCHES)
+    shapes, sparsities, batches = SHAPES, SPARSITIES, BATCHES
+    if args.quick or args.batch_one:
+        shapes, sparsities, batches = (SHAPES[:1] if args.quick else SHAPES), [0.7], [1]
     print(f"kernels: {isa}, threads: {torch.get_num_threads()}, reps: {args.reps}")
     rows = (
         []
         if args.switch_only
         else [r for s in shapes for r in bench_shape(s, sparsities, batches, args.reps, isa)]
     )
-    switch = crossover(isa, max(args.reps // 2, 1)) if not args.quick else []
+    switch = crossover(isa, max(args.reps // 2, 1)) if not (args.quick or args.batch_one) else []
 
     print(
         "\ntargets at 70% sparsity, batch 1 (bf16 >= 2.0x best dense bf16; int8 >= 4.0x dense bf16, >= 8x torch "

@@ -28,8 +28,8 @@ import transformers
 from torch import nn
 
 from sparseft import runtime
-from sparseft.atomic import write_json
-from sparseft.models import find_targets
+from sparseft.hf import find_targets
+from sparseft.io import write_json
 from sparseft.pruning.magnitude import magnitude_prune
 from sparseft.runtime.bench import measure_seq2seq, seq2seq_inputs
 

@@ -25,7 +25,7 @@ import torch
 import transformers
 
 import sparseft
-from sparseft.models import find_targets, weight_matrix
+from sparseft.hf import find_targets, weight_matrix
 from sparseft.pruning.magnitude import magnitude_prune
 
 SPARSITY = 0.7

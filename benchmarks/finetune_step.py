@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/finetune_step.py [--repeats 7] [--output benchmarks/results/finetune_step.json]
 
-One step is what `sparseft.train` does per optimizer step: student forward (and, for SquareHead, the dense
+One step is what `sparseft.finetuning.loop` does per optimizer step: student forward (and, for SquareHead, the dense
 teacher's forward without grad, both with hidden states), the loss terms, backward, gradient masking, clipping,
 AdamW, re-masking. The student is a Llama-shaped model (hidden 512, 4 blocks, vocab 8192) pruned to 70% by
 magnitude; the teacher is its dense original; the batch is 8 rows of 256 tokens. The two kinds of step alternate
@@ -24,11 +24,11 @@ from typing import Any
 import torch
 import transformers
 
-from sparseft.distill import LossWeights
-from sparseft.models import find_targets, weight_matrix
+from sparseft.finetuning.loop import loss_terms
+from sparseft.finetuning.losses import LossWeights
+from sparseft.finetuning.masks import SparseMasks, pruned_weights
+from sparseft.hf import find_targets, weight_matrix
 from sparseft.pruning.magnitude import magnitude_prune
-from sparseft.sparsemask import SparseMasks, pruned_weights
-from sparseft.train import loss_terms
 
 KINDS = {"ce": LossWeights(ce=1.0), "squarehead": LossWeights(ce=1.0, squarehead=1.0)}
 

@@ -37,9 +37,10 @@ from typing import Any
 
 import torch
 
-from sparseft import api, mathtask
-from sparseft.atomic import atomic_dir, write_json
-from sparseft.tiny import save_task_llama
+from sparseft import api
+from sparseft.data import mathtask
+from sparseft.demo.tiny import save_task_llama
+from sparseft.io import atomic_dir, write_json
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ class Paths:
 
 def write_data(paths: Paths, size: StudySize) -> None:
     """The small task set, the test set, task text for calibration, and the pretraining text (as JSONL)."""
-    from sparseft.tiny import python_corpus
+    from sparseft.demo.tiny import python_corpus
 
     if (paths.data / "pretrain.jsonl").is_file():
         return

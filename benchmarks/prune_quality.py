@@ -20,9 +20,9 @@ import torch
 import transformers
 
 from sparseft import api
-from sparseft.atomic import atomic_dir, write_json
-from sparseft.data import token_stream
-from sparseft.tiny import pretrain, python_corpus, tiny_config, train_tokenizer
+from sparseft.data.text import token_stream
+from sparseft.demo.tiny import pretrain, python_corpus, tiny_config, train_tokenizer
+from sparseft.io import atomic_dir, write_json
 
 
 @dataclass(frozen=True)

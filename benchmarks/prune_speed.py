@@ -15,7 +15,7 @@ import time
 import torch
 import transformers
 
-from sparseft.models import find_targets, parse_dtype
+from sparseft.hf import find_targets, parse_dtype
 from sparseft.pruning.sequential import PruneSettings, prune_model
 
 

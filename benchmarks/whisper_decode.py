@@ -26,7 +26,7 @@ import torch
 import transformers
 
 from sparseft import formats, runtime
-from sparseft.models import find_targets
+from sparseft.hf import find_targets
 from sparseft.pruning.magnitude import magnitude_prune
 from sparseft.runtime.bench import copy_bandwidth, cpu_name, result_path
 from sparseft.runtime.models import WhisperModel

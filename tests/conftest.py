@@ -9,7 +9,9 @@ import pytest
 import torch
 import transformers
 
-from sparseft.tiny import python_corpus, tiny_config, train_tokenizer
+from sparseft.data import mathtask
+from sparseft.demo.tiny import load_task_tokenizer, python_corpus, tiny_config, train_tokenizer
+from sparseft.eval.gsm8k import gsm8k_prompt
 
 
 @pytest.fixture(scope="session")
@@ -57,11 +59,8 @@ def math_model(
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerFast, list[dict[str, str]], Path]:
     """A tiny Llama that has memorised the worked answers of 8 bundled math problems, so that its greedy
     answers are known: (model, the task tokenizer, the 8 records, a directory where both are saved)."""
-    from sparseft import mathtask
-    from sparseft.evaluate import gsm8k_prompt
-
     torch.manual_seed(0)
-    tok = mathtask.load_task_tokenizer()
+    tok = load_task_tokenizer()
     records = mathtask.generate(8, "test", seed=0)
     ids = {
         "eos_token_id": tok.eos_token_id,

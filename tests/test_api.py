@@ -341,7 +341,7 @@ def test_a_sentencepiece_only_tokenizer_prunes(tmp_path: Path) -> None:
 
     import sentencepiece
 
-    from sparseft.tiny import tiny_config
+    from sparseft.demo.tiny import tiny_config
 
     sentences = [f"the quick brown fox {i} jumps over the lazy dog number {i * 7}" for i in range(300)]
     model_file = io.BytesIO()
@@ -364,3 +364,22 @@ def test_a_sentencepiece_only_tokenizer_prunes(tmp_path: Path) -> None:
     )
     assert report["targets_sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out")("the lazy dog")["input_ids"]
+
+
+def test_export_takes_a_config_or_the_same_keywords(
+    make_model_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    source = str(make_model_dir("llama"))
+    by_keywords = sparseft.export(source, tmp_path / "k", "bitmask", "int4", 32, progress=False)
+    config = sparseft.ExportConfig(quantize="int4", group_size=32)
+    by_config = sparseft.export(source, tmp_path / "c", config=config, progress=False)
+    assert (
+        by_config["quantization"] == by_keywords["quantization"]
+        and by_config["layers"] == by_keywords["layers"]
+    )
+    assert (
+        sparseft.export(source, tmp_path / "o", config=config, format="hf", progress=False)["format"] == "hf"
+    )
+    with pytest.raises(SparseftError, match="invalid export settings: quantise: Extra inputs"):
+        sparseft.export(source, tmp_path / "x", quantise="int8")
+    assert not (tmp_path / "x").exists()

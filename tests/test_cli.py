@@ -437,7 +437,8 @@ def test_the_defaults_shown_are_the_configs_defaults(
 ) -> None:
     """prune and finetune flags default to None (a recipe may set them), so their help writes the default out:
     it must be the one PruneConfig and FinetuneConfig apply."""
-    from sparseft.recipe import FinetuneConfig, PruneConfig
+    from sparseft.finetuning.config import FinetuneConfig
+    from sparseft.pruning.config import PruneConfig
 
     prune = _flag_helps(_help(["prune"], capsys, monkeypatch))
     config = PruneConfig()
@@ -581,11 +582,3 @@ def test_importing_the_cli_imports_no_verb(tmp_path: Path) -> None:
     code = "import sys, sparseft.cli; print(sorted({'torch', 'transformers', 'datasets'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
-
-
-def test_sparseft_evaluate_stays_the_function() -> None:
-    import sparseft
-    import sparseft.evaluate  # noqa: F401  (binds the metrics module to the package, as any import of it does)
-    from sparseft import api
-
-    assert sparseft.evaluate is api.evaluate and sparseft.prune is api.prune

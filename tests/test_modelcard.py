@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 import transformers
 import yaml
-from test_seq2seq_data import save_t5, save_whisper
 
 import sparseft
 from sparseft import api, modelcard
-from sparseft.models import find_targets, weight_matrix
-from sparseft.train import REPORT_FILE
+from sparseft.finetuning.stages import REPORT_FILE
+from sparseft.hf import find_targets, weight_matrix
+from tests.helpers import save_t5, save_whisper
 
 SOURCE_CARD = """---
 license: apache-2.0
@@ -267,7 +267,7 @@ def test_a_hub_source_gives_its_card_and_a_failed_fetch_gives_none(
         fetched.append((repo_id, filename))
         return str(tmp_path / filename)
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(modelcard, "hf_hub_download", download)
     meta, body = modelcard.source_card("someone/model")
     assert fetched == [("someone/model", "README.md")]
     assert meta["license"] == "apache-2.0" and body.startswith("# The source's own card")
@@ -275,7 +275,7 @@ def test_a_hub_source_gives_its_card_and_a_failed_fetch_gives_none(
     def offline(repo_id: str, filename: str) -> str:
         raise huggingface_hub.errors.OfflineModeIsEnabled("offline")
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.setattr(modelcard, "hf_hub_download", offline)
     assert modelcard.source_card("someone/model") == ({}, "")
 
 

@@ -18,23 +18,39 @@ from typing import Any
 
 import torch
 import transformers
+from transformers import TextStreamer
 
-from sparseft import mathtask, modelcard, seq2seq_data
-from sparseft.atomic import atomic_dir, check_json_target, write_json
-from sparseft.data import TextSource, calibration_samples, check_local, load_records, load_texts, token_stream
+from sparseft import formats, modelcard
+from sparseft import runtime as sparse_runtime
+from sparseft.data import mathtask, seq2seq
+from sparseft.data.batch import encoder_batches, task_calibration
+from sparseft.data.records import check_local, load_records
+from sparseft.data.text import TextSource, calibration_samples, load_texts, token_stream
 from sparseft.errors import SparseftError, SparseftWarning
-from sparseft.evaluate import perplexity
-from sparseft.models import (
+from sparseft.eval import lmeval
+from sparseft.eval.gsm8k import gsm8k_accuracy
+from sparseft.eval.perplexity import perplexity
+from sparseft.eval.seq2seq import Seq2SeqEvalConfig, bleu, seq2seq_generate, wer
+from sparseft.finetuning.config import finetune_config
+from sparseft.finetuning.stages import run_finetune
+from sparseft.formats.config import ExportConfig
+from sparseft.hf import (
     find_targets,
     fused_weights,
     layer_sparsity,
     load_model,
     load_tokenizer,
     max_positions,
+    model_kind,
+    parse_dtype,
     weight_matrix,
 )
+from sparseft.io import atomic_dir, check_json_target, write_json
+from sparseft.pruning.config import PruneConfig, prune_config
 from sparseft.pruning.sequential import prune_model
-from sparseft.recipe import PruneConfig, prune_config
+from sparseft.quant.model import quantize_model
+from sparseft.recipe import merge
+from sparseft.runtime.bench import linear_bits, measure_generation, measure_seq2seq, seq2seq_inputs
 
 
 def _check_seqlen(model: torch.nn.Module, seqlen: int) -> None:
@@ -140,7 +156,7 @@ def prune(
     else:
         source = model
         tokenizer = tokenizer or load_tokenizer(model, trust_remote_code)
-        net_config = seq2seq_data.read_config(model, trust_remote_code)
+        net_config = formats.load_config(model, trust_remote_code)
         net = load_model(model, dtype, trust_remote_code)
     settings_ = cfg.settings()
     targets = find_targets(net, cfg.targets or None, cfg.ignore)
@@ -149,8 +165,8 @@ def prune(
             settings_.structure.check_columns(weight_matrix(module).shape[1], name)
     samples: Any = None
     calibration = None
-    if calibrated and seq2seq_data.model_kind(net_config) != "causal":
-        samples, calibration = seq2seq_data.prune_calibration(source, tokenizer, net, cfg, trust_remote_code)
+    if calibrated and model_kind(net_config) != "causal":
+        samples, calibration = _pair_calibration(source, tokenizer, net, cfg, trust_remote_code)
     elif calibrated:
         assert cfg.dataset is not None
         _check_seqlen(net, cfg.seqlen)
@@ -192,10 +208,23 @@ def prune(
         with atomic_dir(output) as tmp:
             net.save_pretrained(tmp)  # type: ignore[operator]
             tokenizer.save_pretrained(tmp)
-            seq2seq_data.save_feature_extractor(source, net_config, tmp, trust_remote_code)
+            seq2seq.save_feature_extractor(source, net_config, tmp, trust_remote_code)
             write_json(tmp / "sparsity.json", report)
             modelcard.write_card(tmp, source, output, trust_remote_code=trust_remote_code)
     return PruneResult(net, tokenizer, report)
+
+
+def _pair_calibration(
+    model: str, tokenizer: Any, net: torch.nn.Module, cfg: PruneConfig, trust_remote_code: bool
+) -> tuple[Any, dict[str, Any]]:
+    """Calibration samples for pruning the encoder-decoder `net` (loaded from `model`): examples of the config's
+    dataset and `PairFields` (seqlen caps the tokens of each side), and their description for the report."""
+    source = seq2seq.PairSource.from_config(cfg)
+    encoding = seq2seq.Encoding.for_model(model, tokenizer, source, cfg.seqlen, trust_remote_code, net.config)
+    examples = seq2seq.load_examples(source, encoding, cfg.num_samples, cfg.seed)
+    dtype = next(net.parameters()).dtype
+    samples = task_calibration(examples, cfg.num_samples, cfg.seqlen, cfg.seed, dtype)
+    return samples, source.describe(encoding.kind)
 
 
 def _loaded_name(model: torch.nn.Module) -> str:
@@ -322,11 +351,9 @@ def eval_gsm8k(
     progress: bool = True,
     decoder: str = "auto",
 ) -> dict[str, Any]:
-    """GSM8K-style exact-match accuracy (see `sparseft.evaluate.gsm8k_accuracy`) on `dataset` (default: the
+    """GSM8K-style exact-match accuracy (see `sparseft.eval.gsm8k.gsm8k_accuracy`) on `dataset` (default: the
     bundled task, "mathtask"). Few-shot examples come from `fewshot_dataset` (its train split), the bundled
     task's train split, or else the evaluated records. `runtime` and `decoder` as in `eval_ppl`."""
-    from sparseft.evaluate import gsm8k_accuracy
-
     dataset = dataset or mathtask.NAME
     if num_fewshot < 0 or batch_size < 1 or max_new_tokens < 1:
         raise SparseftError("num_fewshot must be >= 0, batch_size and max_new_tokens >= 1")
@@ -377,8 +404,6 @@ def eval_lm_eval(
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Any lm-evaluation-harness tasks on the model as sparseft loads it (runtime kernels included)."""
-    from sparseft import lmeval
-
     # lm-eval reads a limit of 0 as no limit at all (every document)
     if (limit is not None and limit < 1) or batch_size < 1 or (num_fewshot is not None and num_fewshot < 0):
         raise SparseftError(
@@ -419,10 +444,6 @@ def _load_seq2seq(model: str, config: Any, dtype: str, runtime: bool, trust_remo
     """An encoder-decoder (T5, Whisper) from a hub id, an HF directory or any export; with `runtime`, its pruned
     linears on sparseft's CPU kernels: a local Whisper on the runtime's own model (`runtime.models.WhisperModel`),
     the rest on transformers' model code."""
-    from sparseft import formats
-    from sparseft import runtime as sparse_runtime
-    from sparseft.models import parse_dtype
-
     local = Path(model).is_dir()
     exported = local and formats.detect(model) != "hf"
     if runtime and local and (config.model_type == "whisper" or formats.detect(model) == "bitmask"):
@@ -441,61 +462,47 @@ def eval_seq2seq(
     task: str,
     dataset: str | None = None,
     *,
-    dataset_config: str | None = None,
-    split: str = "test",
-    source_lang: str | None = None,
-    target_lang: str | None = None,
-    source_field: str | None = None,
-    target_field: str | None = None,
-    source_prefix: str | None = None,
-    audio_field: str | None = None,
-    text_field: str = "text",
-    normalizer: str = "basic",
-    limit: int | None = None,
-    batch_size: int = 16,
-    num_beams: int | None = None,
-    max_new_tokens: int = 256,
+    config: Seq2SeqEvalConfig | None = None,
     dtype: str = "float32",
     device: str = "cpu",
     runtime: bool = False,
     trust_remote_code: bool = False,
     progress: bool = True,
+    **settings: Any,
 ) -> dict[str, Any]:
     """BLEU of a translation model (T5; beam 5 by default, as the paper) or WER of a speech model (Whisper;
-    greedy by default, after `normalizer`) on `dataset` (see `sparseft.seq2seq_data` for its layouts). For
-    speech, `target_lang` is the language Whisper is told to transcribe in."""
-    from sparseft.evaluate import NORMALIZERS, bleu, seq2seq_generate, wer
+    greedy by default, after the normaliser) on `dataset` (see `sparseft.data.seq2seq` for its layouts).
 
-    if dataset is None:
+    Settings are the fields of `Seq2SeqEvalConfig` (dataset, its `PairFields`, normalizer, limit, num_beams,
+    ...), given as a config, keyword arguments, or both (keywords win); `runtime` runs the model on sparseft's
+    sparse CPU kernels."""
+    cfg: Seq2SeqEvalConfig = merge(
+        Seq2SeqEvalConfig, config, {"dataset": dataset, **settings}, f"{task} settings"
+    )
+    if cfg.dataset is None:
         raise SparseftError(f"{task} needs --dataset: a local jsonl/csv file or a datasets name")
-    if normalizer not in NORMALIZERS:
-        raise SparseftError(f"unknown normalizer {normalizer!r}; use one of {', '.join(NORMALIZERS)}")
-    num_beams = num_beams or (5 if task == "bleu" else 1)
-    if batch_size < 1 or num_beams < 1 or max_new_tokens < 1 or (limit is not None and limit < 1):
-        raise SparseftError("batch_size, num_beams, max_new_tokens and limit must be at least 1")
-    check_local(dataset)
-    config = seq2seq_data.read_config(model, trust_remote_code)
-    kind, wanted = seq2seq_data.model_kind(config), "translation" if task == "bleu" else "speech"
+    num_beams = cfg.num_beams or (5 if task == "bleu" else 1)
+    check_local(cfg.dataset)
+    hf_config = formats.load_config(model, trust_remote_code)
+    kind, wanted = model_kind(hf_config), "translation" if task == "bleu" else "speech"
     if kind != wanted:
         raise SparseftError(f"{task} scores a {wanted} model, but {model} is a {kind} model")
     tokenizer = load_tokenizer(model, trust_remote_code)
-    fields = {"source_field": source_field, "target_field": target_field, "audio_field": audio_field}
-    source = seq2seq_data.PairSource(
-        dataset, dataset_config, split, source_lang, target_lang, source_prefix=source_prefix,
-        text_field=text_field, **{k: v for k, v in fields.items() if v is not None},
-    )  # fmt: skip
-    encoding = seq2seq_data.Encoding.for_model(model, tokenizer, source, 512, trust_remote_code, config)
-    examples = seq2seq_data.load_examples(source, encoding, limit)
-    net = _load_seq2seq(model, config, dtype, runtime, trust_remote_code).to(device).eval()
+    source = seq2seq.PairSource.from_config(cfg)
+    encoding = seq2seq.Encoding.for_model(model, tokenizer, source, 512, trust_remote_code, hf_config)
+    examples = seq2seq.load_examples(source, encoding, cfg.limit)
+    net = _load_seq2seq(model, hf_config, dtype, runtime, trust_remote_code).to(device).eval()
     # Whisper refuses to generate past its longest label sequence (prompt tokens included).
-    limit_tokens = getattr(config, "max_target_positions", None)
-    max_new_tokens = min(max_new_tokens, limit_tokens - 4) if limit_tokens else max_new_tokens
-    options = {"language": target_lang, "task": "transcribe"} if kind == "speech" and target_lang else {}
-    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-    batches = seq2seq_data.encoder_batches(examples, batch_size, pad_id)
+    limit_tokens = getattr(hf_config, "max_target_positions", None)
+    max_new_tokens = min(cfg.max_new_tokens, limit_tokens - 4) if limit_tokens else cfg.max_new_tokens
+    options = (
+        {"language": cfg.target_lang, "task": "transcribe"} if kind == "speech" and cfg.target_lang else {}
+    )
+    pad_id = hf_config.pad_token_id if hf_config.pad_token_id is not None else 0
+    batches = encoder_batches(examples, cfg.batch_size, pad_id)
     hypotheses = seq2seq_generate(net, tokenizer, batches, num_beams, max_new_tokens, progress, **options)
     references = [e.target for e in examples]
-    metric = bleu(hypotheses, references) if task == "bleu" else wer(hypotheses, references, normalizer)
+    metric = bleu(hypotheses, references) if task == "bleu" else wer(hypotheses, references, cfg.normalizer)
     return {
         "task": task,
         "model": model,
@@ -507,7 +514,9 @@ def eval_seq2seq(
             "generation": f"beam search, {num_beams} beams" if num_beams > 1 else "greedy",
             "max_new_tokens": max_new_tokens,
             "source_prefix": encoding.prefix if kind == "translation" else None,
-            "metric": f"jiwer WER after {normalizer} normalisation" if task == "wer" else "sacreBLEU BLEU",
+            "metric": "sacreBLEU BLEU"
+            if task == "bleu"
+            else f"jiwer WER after {cfg.normalizer} normalisation",
             "runtime": runtime,
         },
         "samples": [{"hypothesis": h, "reference": r} for h, r in zip(hypotheses, references, strict=True)],
@@ -520,12 +529,10 @@ def evaluate(
     """Evaluate `model` on `task`: "ppl" (`eval_ppl`), "gsm8k" (`eval_gsm8k`), "bleu" or "wer" (`eval_seq2seq`),
     or "lm-eval:NAME[,NAME...]" (`eval_lm_eval`); `options` are that function's keywords. The result, with model, task, protocol and seed,
     is also written to `output` as JSON when given."""
-    from sparseft.lmeval import PREFIX
-
     if output is not None:
         check_json_target(output)
-    if task.startswith(PREFIX):
-        names = [t.strip() for t in task.removeprefix(PREFIX).split(",") if t.strip()]
+    if task.startswith(lmeval.PREFIX):
+        names = [t.strip() for t in task.removeprefix(lmeval.PREFIX).split(",") if t.strip()]
         result = eval_lm_eval(model, names, **options)
     elif task == "gsm8k":
         result = eval_gsm8k(model, **options)
@@ -548,13 +555,8 @@ def evaluate(
     return result
 
 
-EXPORT_FORMATS = ("hf", "bitmask")
-
-
 def _checkpoint_dtype(model: str) -> torch.dtype:
     """The dtype a checkpoint was saved in (its config's dtype), float32 when it does not say."""
-    import transformers
-
     try:
         stored = getattr(transformers.AutoConfig.from_pretrained(model), "dtype", None)
     except (OSError, ValueError):
@@ -567,50 +569,33 @@ def _checkpoint_dtype(model: str) -> torch.dtype:
 def export(
     model: str,
     output: str | Path,
-    format: str = "bitmask",
+    format: str | None = None,
     quantize: str | None = None,
     group_size: int | None = None,
-    method: str = "rtn",
+    method: str | None = None,
     *,
-    dataset: str | None = None,
-    dataset_config: str | None = None,
-    split: str = "train",
-    text_field: str = "text",
-    num_samples: int = 128,
-    seqlen: int = 2048,
-    seed: int = 0,
-    targets: list[str] | None = None,
-    ignore: list[str] | None = None,
+    config: ExportConfig | None = None,
     dtype: str | None = None,
     device: str = "cpu",
     trust_remote_code: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    **settings: Any,
 ) -> dict[str, Any]:
     """Export a (pruned) HF checkpoint as `format` "hf" (zeros kept; with `quantize`, compressed-tensors
-    pack-quantized) or "bitmask" (the compact archive laid out in sparseft/formats.py), optionally quantizing the target
-    linears to "int8" (per channel) or "int4" (per group of `group_size`) by "rtn" or "gptq" (calibrated on
-    `dataset` like pruning). Returns the report also written to `output/export.json`."""
-    from sparseft import formats
-    from sparseft.models import parse_dtype
-    from sparseft.quant import METHODS, parse_quantize, quantize_model
+    pack-quantized) or "bitmask" (the compact archive laid out in sparseft/formats/bitmask.py), optionally
+    quantizing the target linears to "int8" (per channel) or "int4" (per group of `group_size`) by `method` "rtn"
+    or "gptq" (calibrated on `dataset` like pruning). Returns the report also written to `output/export.json`.
 
-    if format not in EXPORT_FORMATS:
-        raise SparseftError(f"unknown export format {format!r}; use one of {', '.join(EXPORT_FORMATS)}")
-    spec = parse_quantize(quantize, group_size)
-    if method not in METHODS:
-        raise SparseftError(f"unknown quantization method {method!r}; use one of {', '.join(METHODS)}")
-    if method == "gptq" and spec is None:
-        raise SparseftError("--method gptq quantizes: pass --quantize int8 or int4 as well")
-    if method == "gptq" and dataset is None:
-        raise SparseftError("GPTQ needs calibration data: pass --dataset (a local file or a datasets name)")
-    if method == "gptq" and dataset is not None:
-        check_local(dataset)
-    if method == "gptq" and (num_samples < 1 or seqlen < 1):
-        raise SparseftError(
-            f"GPTQ needs num_samples and seqlen of at least 1, got {num_samples} and {seqlen}"
-        )
-    _check_output(output, overwrite, model, dataset)
+    Settings are the fields of `ExportConfig` (format, quantize, group_size, method, targets, ignore, dataset,
+    num_samples, ...), given as a config, keyword arguments, or both (keywords win). `dtype` (default: the
+    checkpoint's own), `device`, `trust_remote_code`, `overwrite` and `progress` are how to run it."""
+    given = {"format": format, "quantize": quantize, "group_size": group_size, "method": method, **settings}
+    cfg: ExportConfig = merge(ExportConfig, config, given, "export settings")
+    spec = cfg.spec()
+    if cfg.method == "gptq" and cfg.dataset is not None:
+        check_local(cfg.dataset)
+    _check_output(output, overwrite, model, cfg.dataset)
     started = time.perf_counter()
     if Path(model).is_dir():  # any export reads back too: re-export a bitmask archive as HF, say
         net = formats.load_dir(model, parse_dtype(dtype) if dtype else None, trust_remote_code)
@@ -621,9 +606,9 @@ def export(
         tokenizer = load_tokenizer(model, trust_remote_code)
     except SparseftError:
         tokenizer = None  # a model without a tokenizer exports fine; GPTQ below needs one
-    chosen = find_targets(net, targets, ignore)
+    chosen = find_targets(net, cfg.targets, cfg.ignore)
     vllm: list[str] = []  # why vLLM may refuse a compressed-tensors export; the checkpoint itself is right
-    if spec is not None and format == "hf":
+    if spec is not None and cfg.format == "hf":
         for name, module in chosen.items():
             if not isinstance(module, torch.nn.Linear):
                 raise SparseftError(
@@ -644,22 +629,27 @@ def export(
     calibration = None
     if spec is not None:
         samples = None
-        if method == "gptq":
-            assert dataset is not None
-            if seq2seq_data.model_kind(net_config) != "causal":
+        if cfg.method == "gptq":
+            assert cfg.dataset is not None
+            if model_kind(net_config) != "causal":
                 raise SparseftError(
                     f"GPTQ export calibrates decoder-only models; {net_config.model_type} is an encoder-decoder: "
-                    "use --method rtn"
+                    "use --quant-method rtn"
                 )
             if tokenizer is None:
                 raise SparseftError(
                     f"GPTQ tokenizes calibration text, but {model} has no tokenizer: save one"
                 )
-            _check_seqlen(net, seqlen)
-            source = TextSource(dataset, dataset_config, split, text_field)
-            samples = calibration_samples(tokenizer, source, num_samples, seqlen, seed)
-            calibration = {**source.describe(), "num_samples": num_samples, "seqlen": seqlen, "seed": seed}
-        quantized, errors = quantize_model(net, chosen, spec, method, samples, device, progress)
+            _check_seqlen(net, cfg.seqlen)
+            source = TextSource(cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_field)
+            samples = calibration_samples(tokenizer, source, cfg.num_samples, cfg.seqlen, cfg.seed)
+            calibration = {
+                **source.describe(),
+                "num_samples": cfg.num_samples,
+                "seqlen": cfg.seqlen,
+                "seed": cfg.seed,
+            }
+        quantized, errors = quantize_model(net, chosen, spec, cfg.method, samples, device, progress)
 
     layers: dict[str, dict[str, Any]] = {
         name: {"shape": list(weight_matrix(m).shape), "sparsity": layer_sparsity(m), **errors.get(name, {})}
@@ -667,20 +657,20 @@ def export(
     }
     report: dict[str, Any] = {
         "model": model,
-        "format": format,
+        "format": cfg.format,
         "dtype": str(next(net.parameters()).dtype).removeprefix("torch."),
-        "quantization": None if spec is None else {**spec.describe(), "method": method},
+        "quantization": None if spec is None else {**spec.describe(), "method": cfg.method},
         "calibration": calibration,
         "layers": layers,
     }
-    if spec is not None and format == "hf":
+    if spec is not None and cfg.format == "hf":
         report["vllm_warnings"] = vllm
     for key in ("rtn_weight_error", "gptq_weight_error", "rtn_output_error", "gptq_output_error"):
         values = [v[key] for v in layers.values() if key in v]
         if values:
             report[f"mean_{key}"] = sum(values) / len(values)
     with atomic_dir(output) as tmp:
-        if format == "bitmask":
+        if cfg.format == "bitmask":
             formats.write_bitmask(net, chosen, tmp, quantized, report["quantization"])
         elif quantized is not None:
             assert spec is not None
@@ -690,9 +680,9 @@ def export(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         # a speech model's features come from its own extractor; a source without one exports without one
-        if seq2seq_data.model_kind(net_config) == "speech":
+        if model_kind(net_config) == "speech":
             with contextlib.suppress(SparseftError):
-                seq2seq_data.save_feature_extractor(model, net_config, tmp, trust_remote_code)
+                seq2seq.save_feature_extractor(model, net_config, tmp, trust_remote_code)
         report["size_on_disk"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
         report["seconds"] = round(time.perf_counter() - started, 2)
         write_json(tmp / "export.json", report)
@@ -703,16 +693,11 @@ def export(
 def load(path: str | Path, dtype: str | None = None, trust_remote_code: bool = False) -> torch.nn.Module:
     """Read any export (bitmask archive, HF checkpoint, HF + compressed-tensors int8/int4) back into a dense
     transformers model, in its stored dtype unless `dtype` is given; one weight is decoded at a time."""
-    from sparseft import formats
-    from sparseft.models import parse_dtype
-
     return formats.load_dir(path, parse_dtype(dtype) if dtype else None, trust_remote_code)
 
 
 def info(path: str | Path) -> dict[str, Any]:
     """Format, per-layer sparsity and bits, size on disk and bytes per weight of an exported directory."""
-    from sparseft import formats
-
     return formats.describe(path)
 
 
@@ -737,9 +722,6 @@ def finetune(
     and dotted section keys such as `data__seqlen=256`, `train__lr=1e-4`, `loss__kd=0.5` (`__` for the dot).
     Run it under `accelerate launch` for several processes (DDP) or FSDP.
     """
-    from sparseft.recipe import finetune_config
-    from sparseft.train import run_finetune
-
     overrides = {key.replace("__", "."): value for key, value in settings.items()}
     named = {"model": model, "teacher": teacher, "data.dataset": dataset, "loss.name": loss}
     cfg = finetune_config(recipe, **named, **overrides)
@@ -761,14 +743,11 @@ def load_sparse(
     `decoder`: "auto" runs Llama-family models on the runtime's own decoder and the rest on transformers' model
     code; "sparseft" or "transformers" insists (lm-eval needs "transformers"). `head_values="int8"` also
     quantizes the LM head to int8 (half its bytes; logits change slightly)."""
-    from sparseft import runtime
-    from sparseft.models import parse_dtype
-
     if values not in (None, "bf16", "int8", "int4"):
         raise SparseftError(f"values must be bf16, int8 or int4, got {values!r}")
-    if head_values not in ("bf16", "int8"):
+    if head_values not in (None, "bf16", "int8"):
         raise SparseftError(f"head_values must be bf16 or int8, got {head_values!r}")
-    return runtime.load(
+    return sparse_runtime.load(
         path,
         values,  # type: ignore[arg-type]
         parse_dtype(dtype),
@@ -966,7 +945,6 @@ def _reply(
 def _text_streamer(tokenizer: Any, on_text: Callable[[str], None]) -> Any:
     """A streamer for the models' `generate` that hands the new text to `on_text` as it is decoded: transformers'
     `TextStreamer` (which holds back a word until it cannot change) with its printing replaced."""
-    from transformers import TextStreamer
 
     class TextCallback(TextStreamer):
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
@@ -998,11 +976,6 @@ def bench(
     `new_tokens` new tokens per input, with `num_beams` beams (default 5 for translation, as the paper; greedy
     for speech). T5 translates `sentences` random sentences of `source_tokens` tokens, one at a time; Whisper
     transcribes one 30 s window of random features. `head_values="int8"`: the sparse model's LM head in int8."""
-    from sparseft import formats
-    from sparseft.models import model_kind
-    from sparseft.runtime import current_isa
-    from sparseft.runtime.bench import linear_bits, measure_generation, measure_seq2seq, seq2seq_inputs
-
     at_least = {
         "prompt_tokens": (prompt_tokens, 1),
         "new_tokens": (new_tokens, 2),
@@ -1033,7 +1006,7 @@ def bench(
         inputs, workload = seq2seq_inputs(sparse.config, sentences, source_tokens)
         workload |= {"new_tokens": new_tokens, "num_beams": beams}
         result = measure_seq2seq(models, inputs, new_tokens, beams, runs)
-    result["_machine"]["kernels"] = current_isa()
+    result["_machine"]["kernels"] = sparse_runtime.current_isa()
     vocab = int(getattr(sparse.config, "vocab_size", 0))
     for name, net in models.items():
         result[name]["bits_per_weight"] = linear_bits(net, vocab)

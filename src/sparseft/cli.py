@@ -9,12 +9,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from sparseft import __version__
 from sparseft.errors import SparseftError, SparseftWarning
+from sparseft.io import check_json_target, write_json
 
 DESCRIPTION = """\
 Prune, sparse fine-tune, export and run large language models, sparse and fast.
@@ -26,13 +30,9 @@ scores any stage. `sparseft VERB --help` lists a verb's flags with their default
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("sparseft")
     except PackageNotFoundError:  # run from a source tree that is not installed
-        from sparseft import __version__
-
         return __version__
 
 
@@ -140,7 +140,7 @@ def _dtype(choice: str, model: str) -> str:
     """--dtype: `auto` becomes the dtype `model` was saved in (float32 when its config does not say)."""
     if choice != "auto":
         return choice
-    from sparseft.api import _checkpoint_dtype
+    from sparseft.api import _checkpoint_dtype  # when the verb runs, as its modules are (module docstring)
 
     return str(_checkpoint_dtype(model)).removeprefix("torch.")
 
@@ -149,7 +149,7 @@ def _device(choice: str) -> str:
     """--device: `auto` becomes cuda when torch sees a GPU, else cpu."""
     if choice != "auto":
         return choice
-    import torch
+    import torch  # when the verb runs, as its modules are (module docstring)
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -163,7 +163,7 @@ def _threads(count: int | None) -> Iterator[None]:
         return
     if count < 1:
         raise SparseftError(f"--threads must be 1 or more, got {count}")
-    from sparseft.api import _torch_threads
+    from sparseft.api import _torch_threads  # when the verb runs, as its modules are (module docstring)
 
     with _torch_threads(count):
         yield
@@ -176,6 +176,7 @@ def _quiet(quiet: bool) -> Iterator[None]:
     if not quiet:
         yield
         return
+    # when the verb runs, as its modules are (module docstring)
     import datasets
     from transformers.utils import logging
 
@@ -200,7 +201,7 @@ def _print_json(data: Any) -> None:
 
 
 # Flags of encoder-decoder data (T5 translation, Whisper speech), with their metavar and help; see
-# `sparseft.seq2seq_data`.
+# `sparseft.data.seq2seq`.
 PAIR_FIELDS = {
     "source_lang": ("LANG", "translation: source language code in translation records (e.g. en)"),
     "target_lang": (
@@ -492,7 +493,7 @@ def add_demo(sub: Any) -> None:
         sub,
         "demo",
         help="the whole pipeline offline: train a teacher on the bundled math task, prune it, fine-tune with "
-        "SquareHead, export bitmask int8, benchmark the runtime; prints a table, writes OUTPUT/report.md",
+        "SquareHead, export bitmask int8 (or int4), benchmark the runtime; prints a table, writes OUTPUT/report.md",
     )
     p.add_argument("--output", "-o", default="runs/demo", help="where the demo writes its models and report")
     p.add_argument("--quick", action="store_true", help="the same pipeline at toy size (under a minute)")
@@ -502,14 +503,27 @@ def add_demo(sub: Any) -> None:
         help="GSM8K-style question/answer data with train and test splits (with --model): a datasets name, or a "
         "directory holding train.jsonl and test.jsonl",
     )
+    p.add_argument(
+        "--quantize",
+        choices=["int8", "int4"],
+        default="int8",
+        help="the exported archive's values: int8 (a scale per output channel) or int4 (a scale per 128 columns)",
+    )
     _add_quiet(p)
     p.set_defaults(run=run_demo)
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    from sparseft.demo import run_demo as demo
+    from sparseft.demo.pipeline import run_demo as demo
 
-    demo(args.output, quick=args.quick, model=args.model, dataset=args.dataset, progress=not args.quiet)
+    demo(
+        args.output,
+        quick=args.quick,
+        model=args.model,
+        dataset=args.dataset,
+        progress=not args.quiet,
+        quantize=args.quantize,
+    )
 
 
 def add_finetune(sub: Any) -> None:
@@ -978,7 +992,6 @@ def add_bench(sub: Any) -> None:
 
 def run_bench(args: argparse.Namespace) -> None:
     from sparseft import api
-    from sparseft.atomic import check_json_target, write_json
 
     if args.json:
         check_json_target(args.json)
@@ -1091,8 +1104,6 @@ def add_serve(sub: Any) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> None:
-    import os
-
     from sparseft.serve import serve
 
     if not 0 < args.port < 65536:

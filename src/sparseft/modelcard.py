@@ -1,7 +1,7 @@
 """The Hugging Face model card (`README.md`) that every output directory of prune, export and finetune gets.
 
 The card says what the directory holds, computed from the files written into it, never from the arguments alone:
-sparsity is measured from the saved weights (`formats.describe`), what was done comes from the report the verb
+sparsity is measured from the saved weights (`sparseft.formats.describe`), what was done comes from the report the verb
 wrote beside them (`sparsity.json`, `export.json`, `finetune.json`), and evaluation figures from `sparseft eval`
 JSON files in the directory (none: no Evaluation section). The YAML front matter is what the Hub reads:
 `base_model`, `library_name: sparseft`, `license` (carried from the source's own card, else left out),
@@ -21,13 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from huggingface_hub import hf_hub_download
 
-from sparseft.atomic import write_text
-from sparseft.models import model_kind, read_config
+from sparseft.formats.describe import describe
+from sparseft.formats.load import load_config
+from sparseft.hf import model_kind
+from sparseft.io import write_text
 
 CARD = "README.md"
 LIBRARY = "sparseft"
-# The reports the verbs write beside the weights: api.prune, api.export, train.run_finetune (train.REPORT_FILE).
+# The reports the verbs write beside the weights: api.prune, api.export, finetuning.stages (its REPORT_FILE).
 PRUNE_REPORT, EXPORT_REPORT, FINETUNE_REPORT = "sparsity.json", "export.json", "finetune.json"
 PIPELINE_TAGS = {
     "causal": "text-generation",
@@ -76,7 +79,7 @@ def write_card(
     directory = Path(directory)
     meta, body = source_card(source)
     ours = meta.get("library_name") == LIBRARY
-    kind = model_kind(read_config(str(directory), trust_remote_code))
+    kind = model_kind(load_config(str(directory), trust_remote_code))
     # a source without our card may still be a sparseft output (one made before cards): its reports tell
     before = carried_steps(body) if ours else report_steps(Path(source), kind)
     steps = before + report_steps(directory, kind, teacher, dataset)
@@ -98,7 +101,7 @@ def write_card(
 
 def refresh_evaluation(directory: str | Path) -> bool:
     """Rewrite the Evaluation section of the sparseft card in `directory` from the eval JSON files there (after
-    `sparseft eval --output DIR/NAME.json`); a directory without our card is left alone. True when rewritten."""
+    `sparseft eval --json DIR/NAME.json`); a directory without our card is left alone. True when rewritten."""
     path = Path(directory) / CARD
     if not path.is_file():
         return False
@@ -138,8 +141,6 @@ def source_card(source: str) -> tuple[dict[str, Any], str]:
 
 
 def _hub_card(repo_id: str) -> str:
-    from huggingface_hub import hf_hub_download
-
     try:
         return Path(hf_hub_download(repo_id, CARD)).read_text(encoding="utf-8", errors="replace")
     except Exception:  # offline, no such file, gated, not a hub name: the card only goes without the license
@@ -284,9 +285,7 @@ def _format_tags(export: dict[str, Any] | None) -> list[str]:
 
 def _measure(directory: Path) -> dict[str, Any]:
     """Sparsity of the saved weights: overall, per layer type and per part (attention, MLP)."""
-    from sparseft import formats
-
-    layers = formats.describe(directory)["layers"]
+    layers = describe(directory)["layers"]
     split_stacks = any("encoder" in n.split(".") for n in layers) and any(
         "decoder" in n.split(".") for n in layers
     )

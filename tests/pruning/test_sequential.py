@@ -6,11 +6,11 @@ import torch
 import transformers
 
 from sparseft.errors import SparseftError
-from sparseft.models import find_targets, weight_matrix
+from sparseft.hf import find_targets, weight_matrix
 from sparseft.pruning import sequential
 from sparseft.pruning.masks import NM
+from sparseft.pruning.obs import Hessian
 from sparseft.pruning.sequential import PruneSettings, prune_model
-from sparseft.pruning.sparsegpt import Hessian
 
 
 def load(path: Path) -> transformers.PreTrainedModel:

@@ -11,9 +11,9 @@ import pytest
 import torch
 import transformers
 
-from sparseft.models import find_targets
+from sparseft.demo.tiny import tiny_config
+from sparseft.hf import find_targets
 from sparseft.pruning.magnitude import magnitude_prune
-from sparseft.tiny import tiny_config
 
 
 def _awkward_weight(rows: int, cols: int, sparsity: float = 0.7, seed: int = 0) -> torch.Tensor:

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from test_seq2seq_data import save_t5, save_whisper
 
 from sparseft import api
 from sparseft.cli import main
 from sparseft.errors import SparseftError
 from sparseft.runtime.bench import copy_bandwidth, measure_generation, model_bytes, seq2seq_inputs
+from tests.helpers import save_t5, save_whisper
 
 
 def test_model_bytes_counts_shared_tensors_once(pruned_model: Callable[..., torch.nn.Module]) -> None:

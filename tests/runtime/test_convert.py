@@ -14,9 +14,9 @@ import transformers
 
 from sparseft import formats
 from sparseft.errors import SparseftError, SparseftWarning
-from sparseft.models import find_targets, weight_matrix
+from sparseft.hf import find_targets, weight_matrix
 from sparseft.pruning.magnitude import magnitude_prune
-from sparseft.quant import QuantSpec, rtn_quantize
+from sparseft.quant.spec import QuantSpec, rtn_quantize
 from sparseft.runtime import DenseLinear, SparseLinear, convert, sparsify_
 from sparseft.runtime.bench import model_bytes
 from sparseft.runtime.fuse import Slice

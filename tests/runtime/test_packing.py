@@ -9,7 +9,7 @@ import torch
 
 from sparseft import formats
 from sparseft.errors import SparseftError
-from sparseft.quant import QuantSpec, rtn_quantize
+from sparseft.quant.spec import QuantSpec, rtn_quantize
 from sparseft.runtime import reference
 from sparseft.runtime.packing import (
     bitmask_of,

@@ -194,9 +194,9 @@ def test_gpu_decode_step_captures_in_a_cuda_graph(kernels: ModuleType) -> None:
 def test_gpu_sparse_linear_inside_generate(kernels: ModuleType) -> None:
     import transformers
 
+    from sparseft.demo.tiny import tiny_config
     from sparseft.pruning.magnitude import magnitude_prune
     from sparseft.runtime import sparsify_
-    from sparseft.tiny import tiny_config
 
     torch.manual_seed(0)
     dense = transformers.AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=128, hidden=128))

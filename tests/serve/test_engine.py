@@ -10,7 +10,7 @@ import torch
 
 from sparseft import runtime
 from sparseft.errors import SparseftError
-from sparseft.models import load_tokenizer
+from sparseft.hf import load_tokenizer
 from sparseft.runtime.generate import end_ids
 from sparseft.serve.engine import Closed, Engine, Job, QueueFull, Sampling
 

@@ -20,10 +20,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparseft.errors import SparseftError
-from sparseft.models import find_block_lists, weight_matrix
+from sparseft.hf import find_block_lists, weight_matrix
 from sparseft.pruning.magnitude import magnitude_prune
 from sparseft.pruning.masks import NM
-from sparseft.pruning.sparsegpt import DEFAULT_BLOCK_SIZE, DEFAULT_DAMPENING, Hessian, sparsegpt_prune
+from sparseft.pruning.obs import DEFAULT_BLOCK_SIZE, DEFAULT_DAMPENING, Hessian
+from sparseft.pruning.sparsegpt import sparsegpt_prune
 from sparseft.pruning.wanda import InputNorms, wanda_prune
 
 Method = Literal["magnitude", "wanda", "sparsegpt"]

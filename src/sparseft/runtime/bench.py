@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparseft.hf import model_kind
 from sparseft.runtime import dispatch
 from sparseft.runtime.linear import SparseLinear
 
@@ -167,8 +168,6 @@ def seq2seq_inputs(
 ) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
     """Random encoder inputs for `measure_seq2seq`, made once before any run, and their description: for a speech
     model one window of features in `dtype`, for a text model `sentences` sentences of `source_tokens` ids."""
-    from sparseft.models import model_kind
-
     if model_kind(config) == "speech":
         features = speech_features(config, dtype, seed)
         # Whisper's frames are 10 ms apart (hop 160 at 16 kHz).

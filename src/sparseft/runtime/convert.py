@@ -11,8 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparseft import formats
 from sparseft.errors import SparseftError, SparseftWarning
-from sparseft.models import find_targets, is_linear, replace_module, weight_matrix
+from sparseft.formats import build_model, read_archive
+from sparseft.hf import find_targets, is_linear, replace_module, weight_matrix
 from sparseft.runtime.attention import fuse_attention_
 from sparseft.runtime.fuse import fuse_siblings_
 from sparseft.runtime.heap import release_freed_memory
@@ -102,8 +104,6 @@ def _skeleton(config_dict: dict[str, Any], dtype: torch.dtype, trust_remote_code
     """The model with its parameters on the meta device (no memory) and its buffers real (rotary tables)."""
     from accelerate import init_empty_weights
 
-    from sparseft.formats import build_model
-
     return build_model(config_dict, dtype, trust_remote_code, init_empty_weights(include_buffers=False))
 
 
@@ -147,7 +147,6 @@ def load(
     (transformers path): one kernel call per q/k/v and gate/up group and one op per norm and
     decoding attention where the architecture allows.
     """
-    from sparseft import formats
     from sparseft.runtime import models
 
     if decoder not in DECODERS:
@@ -191,7 +190,6 @@ def _load_archive(
     head_values: Values,
     fuse: bool,
 ) -> nn.Module:
-    from sparseft.formats import read_archive
 
     archive = read_archive(directory)
     quant = archive.quantization

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparseft.models import replace_module
+from sparseft.hf import replace_module
 from sparseft.runtime.heap import release_freed_memory
 from sparseft.runtime.linear import SparseLinear
 from sparseft.runtime.packing import concat_rows

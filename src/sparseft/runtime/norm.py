@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from sparseft.errors import SparseftError
-from sparseft.models import replace_module
+from sparseft.hf import replace_module
 from sparseft.runtime import dispatch
 
 # transformers classes whose forward is LlamaRMSNorm's, line for line (Gemma's adds 1 to the weight: not here).

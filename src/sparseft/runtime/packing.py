@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 
 from sparseft.errors import SparseftError
-from sparseft.formats import pack_nibbles, unpack_nibbles
+from sparseft.formats.bitmask import pack_nibbles, unpack_nibbles
 
 Values = Literal["bf16", "int8", "int4"]
 VALUES: tuple[Values, ...] = ("bf16", "int8", "int4")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from sparseft.formats import unpack_nibbles
+from sparseft.formats.bitmask import unpack_nibbles
 from sparseft.runtime.packing import Packed
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparseft import formats
 from sparseft.errors import SparseftError, SparseftWarning
 from sparseft.runtime.linear import DenseLinear, SparseLinear
 from sparseft.runtime.packing import (
@@ -73,8 +74,6 @@ def default_values(quantization: dict[str, Any] | None) -> Values:
 
 def packed_from_parts(parts: dict[str, Any], name: str, values: Values) -> Packed:
     """One weight's archive parts in the runtime's layout."""
-    from sparseft import formats
-
     rows, cols = parts["shape"]
     scale = parts.get("scale")
     if values == "int4" and parts.get("bits") == 4:
@@ -110,8 +109,6 @@ class CheckpointWeights:
     """Tensors and packed linears by name from a bitmask archive or an HF safetensors checkpoint."""
 
     def __init__(self, directory: str | Path) -> None:
-        from sparseft import formats
-
         self.directory = Path(directory)
         self.kind = formats.detect(self.directory)
         if self.kind == "hf-quantized":
@@ -127,7 +124,7 @@ class CheckpointWeights:
             self._compressed = set(self.archive.compressed_names())
             self._plain = set(self.archive.tensor_names())
         else:
-            self.config = formats._read_json(self.directory / formats.CONFIG)
+            self.config = formats.shards.read_json(self.directory / formats.CONFIG)
             weight_map = formats.Shards(self.directory).weight_map
             self._compressed = set()
             self._plain = set(weight_map)

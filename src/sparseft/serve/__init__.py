@@ -37,7 +37,7 @@ def load_engine(
     """An engine (not started) for the model directory `model` on the runtime's own decoder. `context`: tokens
     per request (prompt and completion), by default the model's own limit up to 2048."""
     from sparseft import runtime
-    from sparseft.models import load_tokenizer
+    from sparseft.hf import load_tokenizer
     from sparseft.runtime.models import LlamaDecoder
     from sparseft.serve.engine import Engine
 

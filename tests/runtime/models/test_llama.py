@@ -12,11 +12,11 @@ import torch
 import transformers
 
 from sparseft import formats
-from sparseft.atomic import write_json
 from sparseft.errors import SparseftError
-from sparseft.models import find_targets, weight_matrix
+from sparseft.hf import find_targets, weight_matrix
+from sparseft.io import write_json
 from sparseft.pruning.magnitude import magnitude_prune
-from sparseft.quant import QuantSpec, rtn_quantize
+from sparseft.quant.spec import QuantSpec, rtn_quantize
 from sparseft.runtime import convert, dispatch
 from sparseft.runtime.models import LlamaDecoder
 
@@ -305,7 +305,7 @@ def test_other_architectures_and_uncovered_features_fall_back(tmp_path: Path, pr
 
 def test_a_checkpoint_for_another_model_is_a_clear_error(tmp_path: Path) -> None:
     path = archive(reference("llama"), tmp_path / "a")
-    config = formats._read_json(path / "config.json")
+    config = formats.shards.read_json(path / "config.json")
     config["model_config"]["intermediate_size"] = 256
     write_json(path / "config.json", config)
     with pytest.raises(SparseftError, match="was written for a different model"):

@@ -12,7 +12,7 @@ import transformers
 
 from sparseft import formats
 from sparseft.errors import SparseftError
-from sparseft.models import find_targets
+from sparseft.hf import find_targets
 from sparseft.pruning.magnitude import magnitude_prune
 from sparseft.runtime import convert
 from sparseft.runtime.models import WhisperModel

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from sparseft.formats import config_from_dict
 from sparseft.runtime.models import llama, whisper
 from sparseft.runtime.models.llama import LlamaDecoder, NotCovered
 from sparseft.runtime.models.whisper import WhisperModel
@@ -34,8 +35,6 @@ def load_own(
     """The own decoder of a bitmask archive or a pruned HF checkpoint. `values` defaults to int8 for an int8
     archive, int4 for an int4 one, bf16 otherwise; `head_values` None keeps the LM head as stored (no fast kernel)."""
     from transformers import GenerationConfig
-
-    from sparseft.formats import config_from_dict
 
     weights = CheckpointWeights(directory)
     hf_config = config_from_dict(weights.config)
