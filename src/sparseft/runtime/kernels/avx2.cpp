@@ -145,8 +145,9 @@ const int8_t* unpack_nibbles(const SparseMatrix& w, int64_t r, int8_t* out) {
 }
 
 // One chunk of 32 columns (mask bits `m`, values from `p`) of a row times NB batch rows of `x` into `acc`.
+// Always inlined: called out of line, the sums in `acc` would go through memory on every chunk.
 template <int NB>
-inline void int8_chunk(uint32_t m, const int8_t*& p, const int8_t* x, int64_t stride, const Tables& t,
+__attribute__((always_inline)) inline void int8_chunk(uint32_t m, const int8_t*& p, const int8_t* x, int64_t stride, const Tables& t,
                        __m256i* acc) {
   const __m256i ones = _mm256_set1_epi16(1);
   const __m256i wv = expand32(m, p, t);
