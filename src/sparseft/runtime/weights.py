@@ -76,9 +76,10 @@ def packed_from_parts(parts: dict[str, Any], name: str, values: Values) -> Packe
     """One weight's archive parts in the runtime's layout."""
     rows, cols = parts["shape"]
     scale = parts.get("scale")
-    if values == "int4" and parts.get("bits") == 4:
-        # the nibbles as stored; one scale per row (group_size null) is one group as wide as the padded row
-        group_size = parts["group_size"] or -(-cols // 64) * 64
+    stored_int4 = values == "int4" and parts.get("bits") == 4
+    if stored_int4 or scale is None or (parts["bits"] == 8 and scale.numel() == rows):
+        # int4 nibbles as stored: one scale per row (group_size null) is one group as wide as the padded row
+        group_size = (parts["group_size"] or -(-cols // 64) * 64) if stored_int4 else None
         return pack_bitmask(
             parts["shape"],
             parts["compressed"],
@@ -88,16 +89,6 @@ def packed_from_parts(parts: dict[str, Any], name: str, values: Values) -> Packe
             scale,
             name,
             group_size,
-        )
-    if scale is None or (parts["bits"] == 8 and scale.numel() == rows):
-        return pack_bitmask(
-            parts["shape"],
-            parts["compressed"],
-            parts["bitmask"],
-            parts["row_offsets"],
-            values,
-            scale,
-            name,
         )
     # Group-wise or 4-bit values: dequantize this one weight, then pack it in the runtime's layout. (pack_bitmask
     # checks the parts it takes itself; these it does not see.)
