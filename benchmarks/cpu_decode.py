@@ -223,19 +223,24 @@ def _stub(out_features: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: x.new_zeros(*x.shape[:-1], out_features)
 
 
-def outside_linears(model: nn.Module, prompt_tokens: int, new_tokens: int, runs: int) -> float:
+def outside_linears(
+    model: nn.Module, prompt_tokens: int, new_tokens: int, runs: int, one_call: bool = True
+) -> float:
     """Decode ms/token with every linear stubbed out: the cost of everything else. The stub replaces each linear's
-    forward in place, not the module, since the own decoder holds the modules themselves."""
+    forward in place, not the module, since the own decoder holds the modules themselves; its one-call decoding
+    step (runtime/models/step.py) stubs them itself when asked (`stub_linears`)."""
     linears = [
         m for m in model.modules() if isinstance(m, (nn.Linear, runtime.SparseLinear, runtime.DenseLinear))
     ]
     for m in linears:
         m.forward = _stub(m.out_features)  # type: ignore[method-assign]
+    model.stub_linears, model.one_call_steps = True, one_call
     try:
         result = measure_generation({"stubbed": model}, prompt_tokens, new_tokens, runs)
     finally:
         for m in linears:
             del m.forward
+        model.stub_linears, model.one_call_steps = False, True
     return 1000 / result["stubbed"]["decode_tok_s"]
 
 
@@ -300,11 +305,11 @@ def main() -> None:
     machine = speed.pop("_machine")
     for name, path in gguf.items():
         speed[name]["model_bytes"] = path.stat().st_size
-    other_ms = (
-        outside_linears(models["sparseft bf16"], args.prompt_tokens, min(args.new_tokens, 32), args.runs)
-        if "sparseft bf16" in models
-        else None
-    )
+    other_ms = other_python_ms = None
+    if "sparseft bf16" in models:
+        stubbed = (models["sparseft bf16"], args.prompt_tokens, min(args.new_tokens, 32), args.runs)
+        other_ms = outside_linears(*stubbed)
+        other_python_ms = outside_linears(*stubbed, one_call=False)
     bandwidth = statistics.median([machine["copy_gb_s"], copy_bandwidth()])
 
     reference = speed.get("transformers bf16", {}).get("decode_tok_s")
@@ -355,7 +360,8 @@ def main() -> None:
     if other_ms is not None:
         total_ms = 1000 / speed["sparseft bf16"]["decode_tok_s"]
         print(
-            f"\nsparseft bf16: {total_ms:.1f} ms/token, of which {other_ms:.1f} ms outside the linears ({other_ms / total_ms:.0%})"
+            f"\nsparseft bf16: {total_ms:.1f} ms/token, of which {other_ms:.1f} ms outside the linears ({other_ms / total_ms:.0%}); "
+            f"{other_python_ms:.1f} ms with the layers' steps in Python rather than one C++ call"
         )
     print(
         f"copy bandwidth {bandwidth:.1f} GB/s (median of the probes), clock {machine.get('clock_ghz') or 'n/a'} GHz; "
@@ -380,6 +386,7 @@ def main() -> None:
         "sparsity": args.sparsity,
         "variants": rows,
         "outside_linears_ms_per_token": other_ms,
+        "outside_linears_ms_per_token_python_blocks": other_python_ms,
         "llamacpp": {
             **worker.info,
             "venv": str(args.llamacpp_venv),

@@ -18,7 +18,8 @@
 
 Every step is the public API (`sparseft.api`). Resumable: each finished model and each evaluated run is kept in the
 output directory (results/<run>.json) and skipped on a rerun; a rerun with other sizes needs another --output.
-Prints the table (mean +- std over seeds) and writes loss_study.json, loss_study.png and summary.md.
+Prints the table (mean +- std over seeds) and writes loss_study.json, loss_study.png and summary.md; a full-size
+study also writes its summary to benchmarks/results/ (one committed file per run).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from sparseft import api
 from sparseft.data import mathtask
 from sparseft.demo.tiny import save_task_llama
 from sparseft.io import atomic_dir, write_json
+from sparseft.runtime.bench import cpu_name, result_path
 
 
 @dataclass(frozen=True)
@@ -466,7 +468,7 @@ def plot(summary: dict[str, Any], size: StudySize, path: Path) -> None:
 # --- the command ------------------------------------------------------------------------------------------------
 
 
-def study(output: Path, size: StudySize, workers: int) -> dict[str, Any]:
+def study(output: Path, size: StudySize, workers: int, result_file: str | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     paths = Paths(output)
     paths.root.mkdir(parents=True, exist_ok=True)
@@ -497,6 +499,9 @@ def study(output: Path, size: StudySize, workers: int) -> dict[str, Any]:
     text = table(summary, size)
     print(text)
     write_json(paths.root / "loss_study.json", summary)
+    if result_file:
+        write_json(Path(result_file), {"machine": cpu_name(), "date": time.strftime("%Y-%m-%d"), **summary})
+        log(f"written to {result_file}")
     plot(summary, size, paths.root / "loss_study.png")
     (paths.root / "summary.md").write_text(text + "\n")
     log(f"done in {summary['seconds_this_call'] / 60:.1f} min (this call)")
@@ -514,7 +519,8 @@ def main() -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    study(Path(args.output), QUICK if args.quick else StudySize(), args.workers)
+    result_file = None if args.quick else result_path("loss_study")
+    study(Path(args.output), QUICK if args.quick else StudySize(), args.workers, result_file)
 
 
 if __name__ == "__main__":

@@ -75,35 +75,20 @@ def _resolve_isa(name: str) -> str:
     return name
 
 
-# Above this many tokens per call, decompress and use the dense matmul. The expand kernel's cost grows with
-# every token (one multiply-add per 32 or 64 weights per token), the dense path's barely does. The crossover
-# section of benchmarks/cpu_kernels.py, on a quiet Xeon with the kernels on 2 threads (4096x4096 at 70%), put
-# it between 8 and 16 tokens for bf16 values (2.3 vs 4.4 ms at 8, 10.6 vs 4.6 at 16) and between 32 and 64 for
-# int8 (3.4 vs 3.7 ms at 32, 5.9 vs 4.8 at 64).
+# Above this many tokens per call, decompress and use the dense matmul: the expand kernels' cost grows with every
+# token (one multiply-add per 32 or 64 weights per token), the dense path's barely does. Each switch is where the
+# two crossed in benchmarks/cpu_kernels.py's crossover section (the figures: docs/BENCHMARKS.md, "dispatch").
 DENSE_ABOVE = {
     "bf16": 8,
     "int8": 32,
     "int4": 32,
     "dense": 8,
 }  # "dense": our dense bf16 GEMV (linear.DenseLinear)
-# With AMX the bf16 kernel (64 tokens a pass) beats decompressing (in 8 MB blocks, as `decompressed_linear`) up
-# to about 1024 tokens. One 4096x4096 weight at 70%, alternated: 1.55-1.86 against 4.71-5.52 ms at 32 tokens,
-# 6.27 against 9.49-10.03 at 128, 12.8-12.9 against 16.2-17.0 at 256, 25.5-25.6 against 28.2-32.2 at 512; a
-# reviewer's run to longer inputs: 1.27x at 256, 1.13x at 512, 1.01x at 1024, 0.95x at 2048. Prefill through
-# `generate` on TinyLlama's shape at 70%, alternated, three runs: 1.31-1.34x at 192-256 tokens, 1.05-1.14x at
-# 512, 1.16x at 768, 1.14x at 1024. (Whole-sequence forwards, `model(ids)`, had put the break-even near 256, but
-# they were noisier and are not how prompts run.)
-# int8 values past 32 tokens take 16-bit activations (int8_wide_amx, 32 tokens a pass): the 8-bit kernel would
-# be faster still (1.8-1.9x at 64-512 tokens, 4096x4096), but it quantizes activations to 8 bits where
-# decompressing keeps them bf16. Prefill through `generate` on TinyLlama's shape (int8 values, 70%), alternated with decompressing,
-# after the AMX kernels began writing their sums sixteen tiles at a time: 1.32-1.44x at 192-384 tokens, 1.25-1.54x
-# at 512, 1.21-1.31x at 640-768, 1.29-1.86x at 1024, 0.92x at 1536. (Before that, at 32 tokens a pass, it had lost
-# from 256.) bf16 on the same runs: 1.27x at 1024, 1.13x at 1536, 1.15x at 2048; two more runs: 0.94x and 1.30x at
-# 1536, 1.18x and 1.30x at 2048, so bf16's switch moved from 1024 to 2048 (it also spares the dense blocks' memory).
+# With AMX the tile kernels keep ahead of decompressing to far longer prompts. int8 values past 32 tokens take
+# 16-bit activations (int8_wide_amx): the 8-bit kernel would be faster still, but it would quantize a prompt's
+# activations to 8 bits where decompressing keeps them bf16.
 AMX_DENSE_ABOVE = {"bf16": 2048, "int8": 1024}
-# Off Intel (measured on Zen 4, where its small tiles use vdpbf16ps) the bf16 expand kernel keeps ahead of
-# decompressing longer: on a 2-core EPYC, 2 threads, 4096x4096 at 70%, 1.87 against 3.02 ms at 16 tokens, 3.77
-# against 4.39 at 32, 7.52 against 6.91 at 64.
+# Off Intel (Zen 4, whose small tiles use vdpbf16ps) the bf16 expand kernel keeps ahead of decompressing longer.
 OTHER_DENSE_ABOVE = {"bf16": 32}
 _DECOMPRESS_BYTES = 8 * 2**20
 
@@ -226,9 +211,8 @@ def native_bf16_matmul() -> bool:
 
 def decompressed_linear(x: torch.Tensor, p: Packed, bias: torch.Tensor | None, isa: str) -> torch.Tensor:
     """The path for many tokens: decompress W and use torch's dense bf16 matmul."""
-    # A block of rows at a time: a fused gate/up weight of a 1B model is 46 MB dense, and decompressing it whole
-    # at prefill raised the peak memory of the whole model by a fifth. Measured on that model: 8 MB blocks add
-    # 60 MB to the peak and 5% to the prefill time; 16 MB blocks 200 MB and 0%, 4 MB blocks 20 MB and 16-23%.
+    # A block of rows at a time: decompressing a fused gate/up weight of a 1B model whole (46 MB) at prefill raised
+    # the whole model's peak memory by a fifth; 8 MB blocks cost a few percent of prefill time (docs/BENCHMARKS.md).
     step = max(1, _DECOMPRESS_BYTES // (2 * max(p.shape[1], 1)))
     xb = x.to(torch.bfloat16)
     parts = []
@@ -304,6 +288,11 @@ def store_and_attend(
     return _op("store_and_attend")(
         q, k, v, key_cache, value_cache, position, first, scale, LEVELS[current_isa()]
     )
+
+
+def layer_stack(heads: int, kv_heads: int, head_dim: int, eps: float, scale: float) -> Any:
+    """An empty C++ `LayerStack` (kernels/decode_step.cpp; runtime/models/step.py fills it)."""
+    return _op("LayerStack")(heads, kv_heads, head_dim, eps, scale)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

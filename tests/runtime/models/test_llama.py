@@ -18,7 +18,7 @@ from sparseft.io import write_json
 from sparseft.pruning.magnitude import magnitude_prune
 from sparseft.quant.spec import QuantSpec, rtn_quantize
 from sparseft.runtime import convert, dispatch
-from sparseft.runtime.models import LlamaDecoder
+from sparseft.runtime.models import LlamaDecoder, ops
 
 _SIZES: dict[str, Any] = dict(
     hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -320,6 +320,7 @@ needs_avx2 = pytest.mark.skipif(
 @needs_avx2
 def test_decoding_steps_take_the_attention_op(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     own = convert.load(archive(reference("llama"), tmp_path / "a"))
+    own.one_call_steps = False  # the Python block's steps
     calls: list[int] = []
     original = dispatch.store_and_attend
 
@@ -330,3 +331,77 @@ def test_decoding_steps_take_the_attention_op(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(dispatch, "store_and_attend", counted)
     own.generate(PROMPT, max_new_tokens=4, eos_token_id=[])
     assert len(calls) == 3 * own.cfg.layers  # the prefill takes SDPA, each later step the op
+
+
+class _Counted:
+    """A LayerStack whose steps are counted."""
+
+    def __init__(self, stack: Any) -> None:
+        self.stack, self.calls = stack, 0
+
+    def step(self, *args: Any) -> torch.Tensor:
+        self.calls += 1
+        return self.stack.step(*args)
+
+
+@needs_avx2
+@pytest.mark.parametrize(
+    ("name", "spec"),
+    [
+        ("llama", None),
+        ("mistral", None),
+        ("qwen2", QuantSpec(8)),
+        ("qwen3", None),
+        ("llama-tied", QuantSpec(4, 32)),
+    ],
+)
+def test_one_call_steps_give_the_python_blocks_bits(
+    name: str, spec: QuantSpec | None, tmp_path: Path
+) -> None:
+    own = convert.load(archive(reference(name), tmp_path / "a", spec=spec))
+    prompts = torch.stack([PROMPT[0], PROMPT[0].flip(0)])  # two rows at one position: batched steps too
+    tokens = _greedy(own, 40)  # past mistral's window of 12
+    assert own._one_call(1) and own._one_call(2)
+    own._stack = counted = _Counted(own._stack)
+
+    def batched() -> list[torch.Tensor]:
+        seen: list[torch.Tensor] = []
+        own.generate(
+            prompts,
+            max_new_tokens=40,
+            eos_token_id=[],
+            logits_filter=lambda _, x: seen.append(x.clone()) or x,
+        )
+        return seen
+
+    fused, fused_batch = _steps(own, PROMPT, tokens), batched()
+    assert counted.calls == len(tokens) + 39
+    own.one_call_steps = False
+    assert torch.equal(fused, _steps(own, PROMPT, tokens))
+    assert all(torch.equal(a, b) for a, b in zip(fused_batch, batched(), strict=True))
+    assert counted.calls == len(tokens) + 39
+
+
+@needs_avx2
+def test_one_call_steps_are_left_to_python_where_they_do_not_apply(tmp_path: Path) -> None:
+    path = archive(reference("llama"), tmp_path / "a")
+    assert not convert.load(path, dtype=torch.float32)._one_call(1)  # float32 model
+    assert not convert.load(archive(reference("phi3"), tmp_path / "b"))._one_call(1)  # partial rotary
+    own = convert.load(path)
+    assert own._one_call(8) and not own._one_call(9)  # bf16 values past 8 tokens decompress
+    assert not convert.load(path, values="int8")._one_call(33)
+    own.to(torch.float32)  # cast after use: the step is built again, and refused
+    assert not own._one_call(1)
+
+
+@needs_avx2
+def test_stubbed_linears_give_zeros_in_one_call_steps(tmp_path: Path) -> None:
+    own = convert.load(archive(reference("llama"), tmp_path / "a"))
+    own.stub_linears = True
+    cache = own.new_cache(1, 2)
+    with torch.inference_mode():
+        own(PROMPT[:, :1], cache=cache)
+        logits = own(PROMPT[:, 1:2], cache=cache).logits
+        # every linear gave zeros, so the last hidden state is the token's embedding
+        expected = own.head(ops.rms_norm(own.embed[PROMPT[:, 1:2]], own.norm, own.cfg.eps))
+    assert torch.equal(logits, expected)

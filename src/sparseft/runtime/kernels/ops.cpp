@@ -316,6 +316,8 @@ void amx_mm(const SparseMatrix& w, const Activations& a, const Output& o, bool i
   }
 }
 
+}  // namespace
+
 at::Tensor sparse_mm(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
                      const at::Tensor& row_start, const std::optional<at::Tensor>& scale,
                      const std::optional<at::Tensor>& rowsum, const std::optional<at::Tensor>& bias, int64_t cols,
@@ -354,6 +356,8 @@ at::Tensor sparse_mm(const at::Tensor& x, const at::Tensor& mask, const at::Tens
   run_parallel(w, int8 ? 8 : 16, batch, [&](int64_t r0, int64_t r1, const Shared* s) { kernel(w, a, o, r0, r1, s); });
   return y;
 }
+
+namespace {
 
 // The dense bf16 matrix of a compressed weight (int8 and int4 values are dequantized), for the large-batch path.
 at::Tensor decompress(const at::Tensor& mask, const at::Tensor& values, const at::Tensor& row_start,
@@ -472,4 +476,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &sparseft::decode_attention, free);
   m.def("store_and_attend", &sparseft::store_and_attend, free);
   m.def("silu_mul", &sparseft::silu_mul, free);
+  sparseft::bind_layer_stack(m);
 }

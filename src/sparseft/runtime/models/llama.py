@@ -19,9 +19,10 @@ from torch import nn
 from torch.nn import functional
 
 from sparseft.errors import SparseftError
+from sparseft.runtime import dispatch
 from sparseft.runtime.heap import release_freed_memory
 from sparseft.runtime.linear import SparseLinear
-from sparseft.runtime.models import ops
+from sparseft.runtime.models import ops, step
 from sparseft.runtime.models.cache import Cache, KVCache, Masks, SlotCache
 from sparseft.runtime.packing import Values
 from sparseft.runtime.weights import CheckpointWeights, lm_head, stacked_linear
@@ -158,6 +159,11 @@ class LlamaDecoder(nn.Module):
     text); `generate` decodes."""
 
     decoder_name = "sparseft llama"
+    # False: decoding steps go through the Python blocks even where one C++ call could take them (models/step.py);
+    # for comparisons and debugging, the two give the same bits.
+    one_call_steps = True
+    # For measurement only: every linear of a one-call step gives zeros (benchmarks/cpu_decode.py times the rest).
+    stub_linears = False
     _layers: list[Block]
     _inv_freq: torch.Tensor
 
@@ -183,10 +189,18 @@ class LlamaDecoder(nn.Module):
         self._layers = list(blocks)  # typed, for the loop; the ModuleList registers them
         self._inv_freq = torch.tensor(config.inv_freq, dtype=torch.float32)
         self._cos = self._sin = torch.empty(0)
+        self.value_kinds = {b.qkv.kind for b in blocks if isinstance(b.qkv, SparseLinear)}
+        self._stack: Any = (
+            None  # the C++ decoding step (models/step.py), built on first use; False: not this model
+        )
 
     @property
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
+
+    def _apply(self, fn: Any, recurse: bool = True) -> LlamaDecoder:
+        self._stack = None  # moved or cast: the step holds the old tensors
+        return super()._apply(fn, recurse)
 
     # ---- positions -------------------------------------------------------------------------------------
 
@@ -255,14 +269,34 @@ class LlamaDecoder(nn.Module):
             positions, mask = _positions_and_mask(attention_mask, batch, tokens)
         cos, sin = self._angles(batch, tokens, start, positions)
         h = functional.embedding(input_ids, self.embed)
-        for index, block in enumerate(self._layers):
-            h = self._block(block, index, h, cos, sin, cache, mask)
+        if tokens == 1 and start is not None and isinstance(cache, KVCache) and self._one_call(batch):
+            h = self._stack.step(
+                h,
+                cos,
+                sin,
+                cache.keys,
+                cache.values,
+                start,
+                dispatch.LEVELS[dispatch.current_isa()],
+                self.stub_linears,
+            )
+        else:
+            for index, block in enumerate(self._layers):
+                h = self._block(block, index, h, cos, sin, cache, mask)
         if cache is not None:
             cache.advance(tokens)
         if last_only:
             h = h[:, -1:]
         h = ops.rms_norm(h, self.norm, self.cfg.eps)
         return CausalOutput(self.head(h))
+
+    def _one_call(self, batch: int) -> bool:
+        """Whether this decoding step goes through every layer in one C++ call (models/step.py)."""
+        if not self.one_call_steps:
+            return False
+        if self._stack is None:
+            self._stack = step.build(self) or False
+        return self._stack is not False and step.takes(self, batch)
 
     def _block(
         self,
