@@ -31,7 +31,7 @@ from sparseft import runtime
 from sparseft.hf import find_targets
 from sparseft.io import write_json
 from sparseft.pruning.magnitude import magnitude_prune
-from sparseft.runtime.bench import measure_seq2seq, seq2seq_inputs
+from sparseft.runtime.bench import measure_seq2seq, result_path, seq2seq_inputs
 
 SOURCE_TOKENS = 32
 T5_BEAMS = 5
@@ -124,11 +124,11 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="a smoke run: 1 block each, tiny workloads, no JSON"
     )
-    parser.add_argument("--output", help="JSON results (default benchmarks/results/encdec_decode.json)")
+    parser.add_argument("--output", help="JSON results (default: benchmarks/results/, dated)")
     args = parser.parse_args()
     if args.quick:
         args.runs, args.sentences, args.new_tokens, args.transcript_tokens = 1, 2, 4, 4
-    output = args.output or (None if args.quick else "benchmarks/results/encdec_decode.json")
+    output = args.output or (None if args.quick else result_path("encdec_decode"))
 
     torch.manual_seed(0)
     results: dict[str, Any] = {

@@ -1,6 +1,6 @@
 """Size on disk and export/load time of sparseft's export formats, on a 70% sparse Llama-shaped model.
 
-    .venv/bin/python benchmarks/export_size.py [--repeats 3] [--output benchmarks/results/export_size.json]
+    .venv/bin/python benchmarks/export_size.py [--repeats 3] [--output PATH]
 
 The model has Llama-124M-like shapes (hidden 768, intermediate 2048, 12 layers, 12 heads, vocab 32000), random
 weights in bf16, magnitude-pruned to 70% in every linear of the blocks. Sizes are measured on disk: the pruned
@@ -27,6 +27,7 @@ import transformers
 import sparseft
 from sparseft.hf import find_targets, weight_matrix
 from sparseft.pruning.magnitude import magnitude_prune
+from sparseft.runtime.bench import result_path
 
 SPARSITY = 0.7
 VARIANTS: list[tuple[str, str, str | None]] = [
@@ -73,7 +74,7 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=3, help="export/load runs per format (medians reported)"
     )
-    parser.add_argument("--output", default="benchmarks/results/export_size.json")
+    parser.add_argument("--output", help="JSON results (default: benchmarks/results/, dated)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="sparseft-export-bench-"))
@@ -135,9 +136,10 @@ def main() -> None:
         "repeats": args.repeats,
         "formats": rows,
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    output = Path(args.output or result_path("export_size"))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {output}")
 
 
 if __name__ == "__main__":
