@@ -77,7 +77,7 @@ def _resolve_isa(name: str) -> str:
 
 # Above this many tokens per call, decompress and use the dense matmul: the expand kernels' cost grows with every
 # token (one multiply-add per 32 or 64 weights per token), the dense path's barely does. Each switch is where the
-# two crossed in benchmarks/cpu_kernels.py's crossover section (the figures: docs/BENCHMARKS.md, "dispatch").
+# two crossed in benchmarks/cpu_kernels.py's crossover section (docs/BENCHMARKS.md, "Earlier measurements").
 DENSE_ABOVE = {
     "bf16": 8,
     "int8": 32,
@@ -212,7 +212,7 @@ def native_bf16_matmul() -> bool:
 def decompressed_linear(x: torch.Tensor, p: Packed, bias: torch.Tensor | None, isa: str) -> torch.Tensor:
     """The path for many tokens: decompress W and use torch's dense bf16 matmul."""
     # A block of rows at a time: decompressing a fused gate/up weight of a 1B model whole (46 MB) at prefill raised
-    # the whole model's peak memory by a fifth; 8 MB blocks cost a few percent of prefill time (docs/BENCHMARKS.md).
+    # the whole model's peak memory by a fifth; 8 MB blocks cost a few percent of prefill time.
     step = max(1, _DECOMPRESS_BYTES // (2 * max(p.shape[1], 1)))
     xb = x.to(torch.bfloat16)
     parts = []
