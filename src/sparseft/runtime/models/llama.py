@@ -189,10 +189,9 @@ class LlamaDecoder(nn.Module):
         self._layers = list(blocks)  # typed, for the loop; the ModuleList registers them
         self._inv_freq = torch.tensor(config.inv_freq, dtype=torch.float32)
         self._cos = self._sin = torch.empty(0)
-        self.value_kinds = {b.qkv.kind for b in blocks if isinstance(b.qkv, SparseLinear)}
-        self._stack: Any = (
-            None  # the C++ decoding step (models/step.py), built on first use; False: not this model
-        )
+        self.value_kinds = {b.qkv.kind for b in blocks}
+        # the C++ decoding step (models/step.py), built on first use; False: not this model
+        self._stack: Any = None
 
     @property
     def dtype(self) -> torch.dtype:

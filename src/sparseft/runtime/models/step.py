@@ -10,7 +10,6 @@ from typing import Any
 import torch
 
 from sparseft.runtime import dispatch
-from sparseft.runtime.linear import SparseLinear
 from sparseft.runtime.models.ops import TORCH_GRAIN, TORCH_VECTOR_STEP
 
 # `model` below is a `LlamaDecoder` (models/llama.py, which imports this module).
@@ -18,8 +17,7 @@ from sparseft.runtime.models.ops import TORCH_GRAIN, TORCH_VECTOR_STEP
 
 def build(model: Any) -> Any | None:
     """The model's layers as a C++ `LayerStack`, or None where the step does not apply to this model whatever
-    the input (dtype, head size, partial rotary, an MLP width the SiLU op does not take, linears that are not
-    `SparseLinear`)."""
+    the input (dtype, head size, partial rotary, an MLP width the SiLU op does not take)."""
     c = model.cfg
     if (
         model.dtype != torch.bfloat16
@@ -33,13 +31,10 @@ def build(model: Any) -> Any | None:
         return None
     stack = dispatch.layer_stack(c.heads, c.kv_heads, c.head_dim, c.eps, model.scale)
     for block, window in zip(model._layers, c.windows, strict=True):
-        linears = (block.qkv, block.o, block.gate_up, block.down)
-        if not all(isinstance(linear, SparseLinear) for linear in linears):
-            return None
         stack.add_layer(
             block.input_norm, block.post_norm, block.q_norm, block.k_norm, -1 if window is None else window
         )
-        for linear in linears:
+        for linear in (block.qkv, block.o, block.gate_up, block.down):
             p = linear.packed
             stack.add_linear(
                 p.mask, p.values, p.row_start, p.scale, p.rowsum, linear.bias, p.shape[1], p.group_size
