@@ -442,6 +442,22 @@ def test_int8_activations_with_nan_or_inf_give_nan(
     assert y[0].isnan().all() and y[1].isnan().all() and y[2].isfinite().all()
 
 
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_activations_round_halves_to_even(isa: str, dtype: torch.dtype) -> None:
+    # With max |x| = 127 the scale is 1 and x / scale lands on halves, which every level must round as torch.round
+    # does (0.5 -> 0, 1.5 -> 2, 2.5 -> 2), in the vector part and in the tail of 101 columns. The identity weight
+    # hands the quantized activations back.
+    cols = 101
+    x = torch.arange(cols) % 40 - 19.5
+    x[3] = 127.0
+    x = x.to(dtype).unsqueeze(0)
+    y = dispatch.sparse_mm(x, pack_dense(torch.eye(cols), "int8"), None, isa).float()
+    q, scale = reference.quantize_activations(x)
+    assert (q[0, :40].abs() % 2 == 0).sum() > 20  # halves went to even, not away from zero
+    torch.testing.assert_close(y, q * scale, rtol=1e-6, atol=0)
+
+
 def test_weights_the_int8_kernels_cannot_sum_are_refused() -> None:
     with pytest.raises(SparseftError, match="at most 65536 input columns"):
         pack_dense(torch.ones(1, 70000), "int8")

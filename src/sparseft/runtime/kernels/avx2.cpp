@@ -12,6 +12,9 @@
 //   multiplied as int8, with integer sums per group of columns that are scaled and summed in fp32 per group.
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
 #include <vector>
 
 #include "sparse.h"
@@ -52,19 +55,23 @@ const Tables& tables() {
   return t;
 }
 
+// The helpers of the inner loops are always inlined: out of line (as GCC chose for the larger int4 tiles), each
+// 32 columns paid for a call and the spills around it.
+#define SPARSEFT_INLINE __attribute__((always_inline)) inline
+
 // Two 8-byte loads as one 16-byte vector.
-inline __m128i load_pair(const void* low, const void* high) {
+SPARSEFT_INLINE __m128i load_pair(const void* low, const void* high) {
   const __m128i v = _mm_loadl_epi64(static_cast<const __m128i*>(low));
   return _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(v), static_cast<const double*>(high)));
 }
 
-inline __m256i join(__m128i low, __m128i high) {
+SPARSEFT_INLINE __m256i join(__m128i low, __m128i high) {
   return _mm256_inserti128_si256(_mm256_castsi128_si256(low), high, 1);
 }
 
 // The 32 int8 weights of mask bits `m`, packed from `p`. vpshufb works within 16-byte lanes, so each lane's two
 // mask bytes take their values from two 8-byte loads, the second at 8 in the lane (the `bytes_high` table).
-inline __m256i expand32(uint32_t m, const int8_t* p, const Tables& t) {
+SPARSEFT_INLINE __m256i expand32(uint32_t m, const int8_t* p, const Tables& t) {
   const int o1 = _mm_popcnt_u32(m & 0xff), o2 = _mm_popcnt_u32(m & 0xffff), o3 = _mm_popcnt_u32(m & 0xffffff);
   const __m256i values = join(load_pair(p, p + o1), load_pair(p + o2, p + o3));
   const __m256i shuffle = join(load_pair(&t.bytes[m & 0xff], &t.bytes_high[(m >> 8) & 0xff]),
@@ -73,7 +80,7 @@ inline __m256i expand32(uint32_t m, const int8_t* p, const Tables& t) {
 }
 
 // The 16 bf16 weights of mask bits `m` (16 of them), packed from `p`: one mask byte per 16-byte lane.
-inline __m256i expand16(uint32_t m, const uint16_t* p, const Tables& t) {
+SPARSEFT_INLINE __m256i expand16(uint32_t m, const uint16_t* p, const Tables& t) {
   const __m256i values = join(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)),
                               _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + _mm_popcnt_u32(m & 0xff))));
   const __m256i shuffle = join(_mm_load_si128(reinterpret_cast<const __m128i*>(t.words[m & 0xff])),
@@ -145,10 +152,9 @@ const int8_t* unpack_nibbles(const SparseMatrix& w, int64_t r, int8_t* out) {
 }
 
 // One chunk of 32 columns (mask bits `m`, values from `p`) of a row times NB batch rows of `x` into `acc`.
-// Always inlined: called out of line, the sums in `acc` would go through memory on every chunk.
 template <int NB>
-__attribute__((always_inline)) inline void int8_chunk(uint32_t m, const int8_t*& p, const int8_t* x, int64_t stride, const Tables& t,
-                       __m256i* acc) {
+SPARSEFT_INLINE void int8_chunk(uint32_t m, const int8_t*& p, const int8_t* x, int64_t stride, const Tables& t,
+                                __m256i* acc) {
   const __m256i ones = _mm256_set1_epi16(1);
   const __m256i wv = expand32(m, p, t);
   const __m256i magnitude = _mm256_abs_epi8(wv);
@@ -330,7 +336,64 @@ void int4_rows(const SparseMatrix& w, const Activations& a, const Output& o, int
   }
 }
 
+// Columns c..c+7 of an fp32 or bf16 activation row, as fp32.
+inline __m256 load8(const void* x, bool bf16, int64_t c) {
+  if (bf16) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + c));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  return _mm256_loadu_ps(static_cast<const float*>(x) + c);
+}
+
+inline float load1(const void* x, bool bf16, int64_t c) {
+  return bf16 ? bf16_to_f32(static_cast<const uint16_t*>(x)[c]) : static_cast<const float*>(x)[c];
+}
+
+inline float hmax_ps(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
 }  // namespace
+
+// As quantize_avx512, 8 columns at a time. It runs once per linear layer and token: done an element at a time
+// it took longer than the layer's own multiply on narrow layers (27 us for 2048 columns).
+void quantize_avx2(const void* x, bool bf16, int64_t cols, int8_t* out, float* scale_out) {
+  const int64_t full = cols - cols % 8;
+  // max drops NaN, so a NaN or an infinity is caught apart: x * 0 is NaN for both, and NaN stays in a sum
+  const __m256 zero = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.0f);
+  __m256 vmax = zero, poison = zero;
+  for (int64_t c = 0; c < full; c += 8) {
+    const __m256 v = load8(x, bf16, c);
+    vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v));
+    poison = _mm256_fmadd_ps(v, zero, poison);
+  }
+  float absmax = hmax_ps(vmax);
+  bool finite = !std::isnan(hsum_ps(poison));
+  for (int64_t c = full; c < cols; ++c) {
+    const float v = load1(x, bf16, c);
+    finite = finite && std::isfinite(v);
+    absmax = std::max(absmax, std::fabs(v));
+  }
+  *scale_out = finite ? absmax / 127.0f : std::numeric_limits<float>::quiet_NaN();  // NaN in, NaN out
+  const float scale = *scale_out;
+  if (!(scale > 0.0f)) return;
+  // division, not multiplication by 1 / scale: it must round exactly as the reference's x / scale does
+  const __m256 vscale = _mm256_set1_ps(scale), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  for (int64_t c = 0; c < full; c += 8) {
+    const __m256 q = _mm256_round_ps(_mm256_div_ps(load8(x, bf16, c), vscale),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i words = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(q, lo), hi));
+    const __m256i halves = _mm256_packs_epi32(words, words);
+    const __m256i bytes = _mm256_packs_epi16(halves, halves);  // each 128-bit lane's 4 values in its low 4 bytes
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + c),
+                     _mm_unpacklo_epi32(_mm256_castsi256_si128(bytes), _mm256_extracti128_si256(bytes, 1)));
+  }
+  for (int64_t c = full; c < cols; ++c)
+    out[c] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(load1(x, bf16, c) / scale))));
+}
 
 void int4_avx2(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1,
                const Shared*) {

@@ -118,11 +118,17 @@ Activations prepare_int8(const at::Tensor& x, int64_t batch, int64_t cols, int64
   auto& scales = scratch_scales();
   buf.assign(static_cast<size_t>(batch * stride), offset ? 128 : 0);
   scales.assign(static_cast<size_t>(batch), 0.0f);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const char* src = static_cast<const char*>(x.data_ptr());
   if (isa == kAvx512) {
-    const bool bf16 = x.scalar_type() == at::kBFloat16;
-    const char* src = static_cast<const char*>(x.data_ptr());
     for (int64_t b = 0; b < batch; ++b)
       quantize_avx512(src + b * cols * x.element_size(), bf16, cols, buf.data() + b * stride, &scales[b], offset);
+    return {buf.data(), scales.data(), batch, stride};
+  }
+  if (isa == kAvx2 && !offset) {
+    for (int64_t b = 0; b < batch; ++b)
+      quantize_avx2(src + b * cols * x.element_size(), bf16, cols,
+                    reinterpret_cast<int8_t*>(buf.data() + b * stride), &scales[b]);
     return {buf.data(), scales.data(), batch, stride};
   }
   for (int64_t b = 0; b < batch; ++b) {

@@ -139,6 +139,8 @@ void dense_bf16_avx512(const SparseMatrix&, const Activations&, const Output&, i
 // (ties to even), stored as int8, or as uint8 q + 128 with `offset`. Leaves `out` untouched when x is all zero, or
 // holds a NaN or an infinity (the scale is then NaN, and so are the outputs).
 void quantize_avx512(const void* x, bool bf16, int64_t cols, uint8_t* out, float* scale, bool offset);
+// The same on AVX2, as int8 (no offset: the AVX2 kernels take signed activations).
+void quantize_avx2(const void* x, bool bf16, int64_t cols, int8_t* out, float* scale);
 // Symmetric per-token 16-bit, the same way with 32767 for 127: q = 256 high + low, high stored as int8, low as
 // uint8.
 void quantize16_avx512(const void* x, bool bf16, int64_t cols, uint8_t* high, uint8_t* low, float* scale);
