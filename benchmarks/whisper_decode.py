@@ -6,7 +6,8 @@ A randomly initialised Whisper of whisper-small's shape (d_model 768, ffn 3072, 
 bins, vocab 51865), every block linear magnitude-pruned to --sparsity, written once as a bf16 bitmask archive,
 then loaded three ways side by side in this process: `runtime.load(archive)` (the own Whisper, the default),
 `runtime.load(decoder="transformers")` (transformers' Whisper with SparseLinear and the attention op, its layer
-code unpatched), and the dense bf16 transformers model. Each transcribes one 30 s window of random features
+code unpatched), and the dense bf16 transformers model; the own Whisper runs twice, with its one-call decoding
+step (the default) and with it off (`one_call_steps = False`: the same ops called from Python). Each transcribes one 30 s window of random features
 greedily from the clip's encoder output, computed once per model (the encoder is left out); decoder tokens/s is
 the extra time of --new-tokens tokens over one token, alternating the models run by run, medians of --runs, a
 copy-bandwidth probe per run. Writes one JSON per run under benchmarks/results/.
@@ -30,6 +31,8 @@ from sparseft.hf import find_targets
 from sparseft.pruning.magnitude import magnitude_prune
 from sparseft.runtime.bench import copy_bandwidth, cpu_name, result_path
 from sparseft.runtime.models import WhisperModel
+
+PYTHON_STEPS = "sparseft, python steps"
 
 
 def whisper_small(layers: int) -> transformers.WhisperForConditionalGeneration:
@@ -92,26 +95,29 @@ def main() -> None:
             raise SystemExit(f"runtime.load ran {own.decoder_name}, not the own Whisper")
         models = {
             "sparseft whisper": own,
+            PYTHON_STEPS: own,
             "transformers path": runtime.load(archive, decoder="transformers"),
             "dense bf16": dense,
         }
     features = torch.randn(1, 80, 3000, generator=torch.Generator().manual_seed(0)).bfloat16()
     encoded = {name: encode(model, features) for name, model in models.items()}
     for name, model in models.items():  # warm-up
+        own.one_call_steps = name != PYTHON_STEPS
         transcribe_seconds(model, features, encoded[name], 2)
     decode: dict[str, list[float]] = {name: [] for name in models}
     bandwidth = []
     for _ in range(args.runs):
         bandwidth.append(copy_bandwidth(128, 3))
         for name, model in models.items():
+            own.one_call_steps = name != PYTHON_STEPS
             one = transcribe_seconds(model, features, encoded[name], 1)
             full = transcribe_seconds(model, features, encoded[name], args.new_tokens)
             decode[name].append((args.new_tokens - 1) / max(full - one, 1e-9))
     tok_s = {name: round(statistics.median(values), 2) for name, values in decode.items()}
-    print(f"{'variant':<20} {'decoder tok/s':>14} {'x transformers path':>20} {'x dense bf16':>13}")
+    print(f"{'variant':<24} {'decoder tok/s':>14} {'x transformers path':>20} {'x dense bf16':>13}")
     for name, value in tok_s.items():
         print(
-            f"{name:<20} {value:>14.2f} {value / tok_s['transformers path']:>20.2f} {value / tok_s['dense bf16']:>13.2f}"
+            f"{name:<24} {value:>14.2f} {value / tok_s['transformers path']:>20.2f} {value / tok_s['dense bf16']:>13.2f}"
         )
     probe = statistics.median(bandwidth)
     print(
@@ -133,6 +139,7 @@ def main() -> None:
         "runs": args.runs,
         "decoder_tok_s": tok_s,
         "x_transformers_path": round(tok_s["sparseft whisper"] / tok_s["transformers path"], 2),
+        "x_python_steps": round(tok_s["sparseft whisper"] / tok_s[PYTHON_STEPS], 2),
     }
     out.write_text(json.dumps(report, indent=1))
     print(f"written to {out}")

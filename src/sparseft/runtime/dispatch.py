@@ -295,6 +295,11 @@ def layer_stack(heads: int, kv_heads: int, head_dim: int, eps: float, scale: flo
     return _op("LayerStack")(heads, kv_heads, head_dim, eps, scale)
 
 
+def whisper_stack(heads: int, head_dim: int, eps: float, scale: float) -> Any:
+    """An empty C++ `WhisperStack` (kernels/decode_step.cpp; runtime/models/step.py fills it)."""
+    return _op("WhisperStack")(heads, head_dim, eps, scale)
+
+
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SiLU of the first half of the last dimension times its second half, in one C++ op (kernels/activation.cpp;
     runtime/models/ops.py); a RuntimeError for what it does not cover."""

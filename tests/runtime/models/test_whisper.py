@@ -4,17 +4,19 @@ beam-search transcription; the beam cache; the transformers path; and what it re
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 import transformers
+from torch.nn import functional
 
 from sparseft import formats
 from sparseft.errors import SparseftError
 from sparseft.hf import find_targets
 from sparseft.pruning.magnitude import magnitude_prune
-from sparseft.runtime import convert
+from sparseft.runtime import convert, dispatch
 from sparseft.runtime.models import WhisperModel
 
 
@@ -184,3 +186,77 @@ def test_whisper_refuses_what_it_does_not_do(tmp_path: Path, whisper_model: Any)
         own.generate(_features(1), max_new_tokens=200)
     with pytest.raises(SparseftError, match="max_target_positions"):
         own.generate(_features(1), max_new_tokens=200, num_beams=2)
+
+
+needs_avx2 = pytest.mark.skipif(
+    dispatch.best_isa() not in ("avx2", "avx512"),
+    reason="the one-call step runs on the AVX2 or AVX-512 kernels",
+)
+
+
+@needs_avx2
+@pytest.mark.parametrize("values", ["bf16", "int8"])
+def test_one_call_steps_give_the_python_codes_bits(values: str, tmp_path: Path, whisper_model: Any) -> None:
+    own = convert.load(_archive(whisper_model(sparsity=0.7), tmp_path / "a"), values=values)
+    assert isinstance(own, WhisperModel)
+    encoded = own.encode(_features(2).bfloat16())
+    tokens = torch.tensor([[0, 5, 17, 42, 8, 9, 3, 3], [0, 3, 3, 70, 2, 11, 5, 6]])
+    steps: list[int] = []
+    stack = own._one_call(2) and own._stack
+
+    def counted(*args: Any) -> torch.Tensor:
+        steps.append(1)
+        return stack.step(*args)
+
+    own._stack = SimpleNamespace(step=counted)
+
+    def logits(rows: int) -> torch.Tensor:
+        cache = own.new_cache(rows, 16, encoded[:rows])
+        with torch.inference_mode():
+            out = [own(tokens[:rows, :2], cache).logits]
+            out += [own(tokens[:rows, i : i + 1], cache).logits for i in range(2, tokens.shape[1])]
+        return torch.cat(out, 1)
+
+    one_call = [logits(1), logits(2), own.generate(encoded=encoded, max_new_tokens=10, eos_token_id=[])]
+    assert len(own.prompt()) == 1  # generate's prompt, prefilled row by row, takes one-token steps too
+    assert len(steps) == 6 + 6 + 2 + 9
+    own.one_call_steps = False
+    python = [logits(1), logits(2), own.generate(encoded=encoded, max_new_tokens=10, eos_token_id=[])]
+    assert len(steps) == 23
+    assert all(torch.equal(a, b) for a, b in zip(one_call, python, strict=True))
+
+
+@needs_avx2
+def test_one_call_steps_are_left_to_python_where_they_do_not_apply(
+    tmp_path: Path, whisper_model: Any
+) -> None:
+    path = _archive(whisper_model(sparsity=0.7), tmp_path / "a")
+    assert not convert.load(path, dtype=torch.float32)._one_call(1)
+    own = convert.load(path)
+    assert own._one_call(8) and not own._one_call(9)  # bf16 values past 8 tokens decompress
+    calls: list[int] = []
+    stack = own._stack
+    own._stack = SimpleNamespace(step=lambda *args: calls.append(1) or stack.step(*args))
+    # the one-token prompt of the first beams takes the step; the beams' steps, which share the encoder's keys,
+    # do not
+    own.generate(_features(1).bfloat16(), max_new_tokens=4, num_beams=2)
+    assert len(calls) == 1
+    own.to(torch.float32)  # cast after use: the step is built again, and refused
+    assert not own._one_call(1)
+
+
+@needs_avx2
+def test_stubbed_linears_give_zeros_in_one_call_steps(tmp_path: Path, whisper_model: Any) -> None:
+    own = convert.load(_archive(whisper_model(sparsity=0.7), tmp_path / "a"))
+    own.stub_linears = True
+    cache = own.new_cache(1, 4, own.encode(_features(1).bfloat16()))
+    token = torch.tensor([[5]])
+    with torch.inference_mode():
+        own(torch.tensor([[0]]), cache)
+        logits = own(token, cache).logits
+        # every linear gave zeros, so the last hidden state is the token's embedding and position
+        h = own.embed_tokens[token] + own.decoder_positions[1:2]
+        expected = own.head(
+            functional.layer_norm(h, (h.shape[-1],), own.decoder_norm_weight, own.decoder_norm_bias)
+        )
+    assert torch.equal(logits, expected)

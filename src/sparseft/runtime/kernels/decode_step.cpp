@@ -1,13 +1,16 @@
-// A decoding step of the own Llama-family decoder (runtime/models/llama.py) through all its layers in one call.
-// Each layer is the same ops, in the same order, as the decoder's Python `_block`, so the step gives the same bits;
-// what it saves is the dozen-odd Python calls per layer around them, which cost more than the norms, rotary and
-// attention themselves once the linears are fast (benchmarks/cpu_decode.py's time outside the linears).
+// A decoding step of the own decoders through all their layers in one call: `LayerStack` for the Llama family
+// (runtime/models/llama.py), `WhisperStack` for Whisper's decoder (runtime/models/whisper.py). Each layer is the
+// same ops, in the same order, as the decoder's Python code, so the step gives the same bits; what it saves is the
+// dozen-odd Python calls per layer around them, which cost more than the norms, rotary and attention themselves
+// once the linears are fast (benchmarks/cpu_decode.py's time outside the linears).
 // Scope, checked by the caller (runtime/models/step.py): bfloat16, one token per row at one shared position,
 // the decoding attention op's head sizes, a full rotary, batches the sparse kernels take without decompressing.
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <array>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "ops.h"
@@ -28,6 +31,16 @@ struct Layer {
   int64_t window;                // -1: full attention
   std::vector<Linear> linears;  // q/k/v, o, gate/up, down
 };
+
+// y = x W^T + bias as SparseLinear computes it for a decoding batch; `stub`: zeros instead (to time the rest).
+at::Tensor apply(const Linear& w, const at::Tensor& x, int64_t isa, bool stub) {
+  if (stub) {
+    std::vector<int64_t> sizes = x.sizes().vec();
+    sizes.back() = w.mask.size(0);
+    return at::zeros(sizes, x.options());
+  }
+  return sparse_mm(x, w.mask, w.values, w.row_start, w.scale, w.rowsum, w.bias, w.cols, isa, false, w.group_size);
+}
 
 // h += y, both bfloat16 and contiguous, rounded as torch rounds a bf16 add (in fp32, then to nearest even).
 void add_into(at::Tensor& h, const at::Tensor& y) {
@@ -73,15 +86,7 @@ class LayerStack {
     for (const Layer& layer : layers_)
       TORCH_CHECK(layer.linears.size() == 4, "sparseft: a layer of the LayerStack lacks its linears");
     const int64_t batch = hidden.size(0);
-    const auto linear = [&](const Linear& w, const at::Tensor& x) {
-      if (stub) {
-        std::vector<int64_t> sizes = x.sizes().vec();
-        sizes.back() = w.mask.size(0);
-        return at::zeros(sizes, x.options());
-      }
-      return sparse_mm(x, w.mask, w.values, w.row_start, w.scale, w.rowsum, w.bias, w.cols, isa, false,
-                       w.group_size);
-    };
+    const auto linear = [&](const Linear& w, const at::Tensor& x) { return apply(w, x, isa, stub); };
     at::Tensor h = hidden.contiguous().clone();
     for (size_t i = 0; i < layers_.size(); ++i) {
       const Layer& layer = layers_[i];
@@ -111,6 +116,77 @@ class LayerStack {
   std::vector<Layer> layers_;
 };
 
+// Whisper's decoder layers: pre-norm self-attention (the query scaled before attending, attention unscaled), the
+// same over the encoder's keys and values, and the MLP with exact GELU; LayerNorms with weight and bias. The norms
+// and GELU are ATen's own ops, which the Python code calls too.
+struct WhisperLayer {
+  std::array<std::pair<at::Tensor, at::Tensor>, 3> norms;  // before self-attention, cross-attention, MLP
+  std::vector<Linear> linears;                              // q/k/v, out, cross q, cross out, fc1, fc2
+};
+
+class WhisperStack {
+ public:
+  WhisperStack(int64_t heads, int64_t head_dim, double eps, double scale)
+      : heads_(heads), head_dim_(head_dim), eps_(eps), scale_(scale) {
+    TORCH_CHECK(heads > 0 && head_dim % 32 == 0 && head_dim <= 256,
+                "sparseft: WhisperStack takes a head size in 32, 64, ..., 256");
+  }
+
+  void add_layer(const std::vector<at::Tensor>& norms) {
+    TORCH_CHECK(norms.size() == 6, "sparseft: a Whisper layer has three LayerNorms, each a weight and a bias");
+    for (const at::Tensor& t : norms)
+      TORCH_CHECK(t.scalar_type() == at::kBFloat16, "sparseft: WhisperStack runs bfloat16 models");
+    layers_.push_back(WhisperLayer{{{{norms[0], norms[1]}, {norms[2], norms[3]}, {norms[4], norms[5]}}}, {}});
+  }
+
+  void add_linear(const at::Tensor& mask, const at::Tensor& values, const at::Tensor& row_start,
+                  const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& rowsum,
+                  const std::optional<at::Tensor>& bias, int64_t cols, int64_t group_size) {
+    TORCH_CHECK(!layers_.empty() && layers_.back().linears.size() < 6, "sparseft: add a layer before its 6 linears");
+    layers_.back().linears.push_back(Linear{mask, values, row_start, scale, rowsum, bias, cols, group_size});
+  }
+
+  // h (B, 1, width) through every layer; the self-attention caches (B, H, capacity, D), the step's keys and
+  // values written at row `position`; the encoder's keys and values of each layer (B, H, S, D).
+  at::Tensor step(const at::Tensor& hidden, const std::vector<at::Tensor>& keys, const std::vector<at::Tensor>& values,
+                  const std::vector<at::Tensor>& cross_keys, const std::vector<at::Tensor>& cross_values,
+                  int64_t position, int64_t isa, bool stub) const {
+    const size_t n = layers_.size();
+    TORCH_CHECK(keys.size() == n && values.size() == n && cross_keys.size() == n && cross_values.size() == n,
+                "sparseft: WhisperStack.step takes the caches of its ", n, " layers");
+    TORCH_CHECK(hidden.dim() == 3 && hidden.size(1) == 1 && hidden.scalar_type() == at::kBFloat16,
+                "sparseft: WhisperStack.step takes bfloat16 hidden states (B, 1, width)");
+    for (const WhisperLayer& layer : layers_)
+      TORCH_CHECK(layer.linears.size() == 6, "sparseft: a layer of the WhisperStack lacks its linears");
+    const int64_t batch = hidden.size(0), width = heads_ * head_dim_;
+    const auto linear = [&](const Linear& w, const at::Tensor& x) { return apply(w, x, isa, stub); };
+    const auto norm = [&](const at::Tensor& x, const std::pair<at::Tensor, at::Tensor>& n) {
+      return at::layer_norm(x, {width}, n.first, n.second, eps_);
+    };
+    const auto split = [&](const at::Tensor& x) { return x.view({batch, 1, heads_, head_dim_}).transpose(1, 2); };
+    const auto merged = [&](const at::Tensor& a) { return a.reshape({batch, 1, width}); };
+    at::Tensor h = hidden.contiguous().clone();
+    for (size_t i = 0; i < n; ++i) {
+      const WhisperLayer& layer = layers_[i];
+      const std::vector<Linear>& w = layer.linears;
+      const at::Tensor y = linear(w[0], norm(h, layer.norms[0]));
+      const at::Tensor q = split(y.narrow(-1, 0, width) * scale_);
+      const at::Tensor a = store_and_attend(q, split(y.narrow(-1, width, width)), split(y.narrow(-1, 2 * width, width)),
+                                            keys[i], values[i], position, 0, 1.0, isa);
+      add_into(h, linear(w[1], merged(a)));
+      const at::Tensor cross_q = split(linear(w[2], norm(h, layer.norms[1])) * scale_);
+      add_into(h, linear(w[3], merged(decode_attention(cross_q, cross_keys[i], cross_values[i], 1.0, isa))));
+      add_into(h, linear(w[5], at::gelu(linear(w[4], norm(h, layer.norms[2])))));
+    }
+    return h;
+  }
+
+ private:
+  int64_t heads_, head_dim_;
+  double eps_, scale_;
+  std::vector<WhisperLayer> layers_;
+};
+
 }  // namespace
 
 void bind_layer_stack(pybind11::module_& m) {
@@ -120,6 +196,11 @@ void bind_layer_stack(pybind11::module_& m) {
       .def("add_layer", &LayerStack::add_layer)
       .def("add_linear", &LayerStack::add_linear)
       .def("step", &LayerStack::step, free);
+  pybind11::class_<WhisperStack>(m, "WhisperStack")
+      .def(pybind11::init<int64_t, int64_t, double, double>())
+      .def("add_layer", &WhisperStack::add_layer)
+      .def("add_linear", &WhisperStack::add_linear)
+      .def("step", &WhisperStack::step, free);
 }
 
 }  // namespace sparseft

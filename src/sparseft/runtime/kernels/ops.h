@@ -30,7 +30,7 @@ at::Tensor store_and_attend(const at::Tensor& q, const at::Tensor& k, const at::
                             int64_t isa);
 at::Tensor silu_mul(const at::Tensor& gate_up, int64_t isa);
 
-// Adds the LayerStack class (decode_step.cpp) to the extension module.
+// Adds the LayerStack and WhisperStack classes (decode_step.cpp) to the extension module.
 void bind_layer_stack(pybind11::module_& m);
 
 }  // namespace sparseft

@@ -1,6 +1,7 @@
-"""The Llama-family decoding step in one C++ call (kernels/decode_step.cpp): a token through every layer without
-returning to Python between ops. It runs the ops of `LlamaDecoder._block` in the same order, so it gives the same
-bits; `takes` says where it applies, and everything else keeps the Python block."""
+"""The decoding step in one C++ call (kernels/decode_step.cpp): a token through every layer without returning to
+Python between ops, for the Llama family and for Whisper's decoder. It runs the ops of the Python code
+(`LlamaDecoder._block`, `WhisperModel.forward`) in the same order, so it gives the same bits; `takes` and
+`whisper_takes` say where it applies, and everything else keeps the Python code."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 from sparseft.runtime import dispatch
 from sparseft.runtime.models.ops import TORCH_GRAIN, TORCH_VECTOR_STEP
 
-# `model` below is a `LlamaDecoder` (models/llama.py, which imports this module).
+# `model` below is a `LlamaDecoder` (models/llama.py) or a `WhisperModel` (models/whisper.py); both import this
+# module.
 
 
 def build(model: Any) -> Any | None:
@@ -46,9 +48,41 @@ def takes(model: Any, batch: int) -> bool:
     """Whether a decoding step of `batch` rows (one token each, one shared position) runs as one call now: the
     AVX2 or AVX-512 kernels are in use, the batch stays on the sparse kernels and the SiLU op (as the Python block
     would choose them), and no prefill override is set."""
+    return _kernels_take(model.value_kinds, batch) and batch * model.cfg.intermediate_size < TORCH_GRAIN
+
+
+def whisper_build(model: Any) -> Any | None:
+    """Whisper's decoder layers as a C++ `WhisperStack`, or None where the step does not apply to this model."""
+    c = model.cfg
+    if (
+        model.dtype != torch.bfloat16
+        or model.embed_tokens.device.type != "cpu"
+        or c.head_dim % 32
+        or c.head_dim > 256
+        or dispatch.best_isa() not in ("avx2", "avx512")
+    ):
+        return None
+    stack = dispatch.whisper_stack(c.heads, c.head_dim, model.eps, model.scale)
+    for block in model._decoder:
+        stack.add_layer([t for norm in block.norms for t in norm])
+        for linear in (block.qkv, block.out, block.cross_q, block.cross_out, block.fc1, block.fc2):
+            p = linear.packed
+            stack.add_linear(
+                p.mask, p.values, p.row_start, p.scale, p.rowsum, linear.bias, p.shape[1], p.group_size
+            )
+    return stack
+
+
+def whisper_takes(model: Any, batch: int) -> bool:
+    """As `takes`, for Whisper's decoder (which has no SiLU)."""
+    return _kernels_take(model.value_kinds, batch)
+
+
+def _kernels_take(value_kinds: set[str], batch: int) -> bool:
+    """The AVX2 or AVX-512 kernels are in use, the batch stays on the sparse kernels (as SparseLinear would
+    choose them) and no prefill override is set."""
     return (
         dispatch.current_isa() in ("avx2", "avx512")
-        and batch <= min((dispatch.DENSE_ABOVE[kind] for kind in model.value_kinds), default=0)
-        and batch * model.cfg.intermediate_size < TORCH_GRAIN
+        and batch <= min((dispatch.DENSE_ABOVE[kind] for kind in value_kinds), default=0)
         and not os.environ.get("SPARSEFT_DENSE_ABOVE")
     )

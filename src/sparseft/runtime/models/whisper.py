@@ -22,9 +22,10 @@ from torch import nn
 from torch.nn import functional
 
 from sparseft.errors import SparseftError
+from sparseft.runtime import dispatch
 from sparseft.runtime.heap import release_freed_memory
 from sparseft.runtime.linear import SparseLinear
-from sparseft.runtime.models import ops
+from sparseft.runtime.models import ops, step
 from sparseft.runtime.models.beam import BeamSettings, beam_search
 from sparseft.runtime.models.cache import KVCache
 from sparseft.runtime.models.llama import CausalOutput, NotCovered
@@ -151,6 +152,12 @@ class WhisperModel(nn.Module):
     """Whisper on the sparse runtime: `encode`, a decoder `forward` over a `WhisperCache`, and `generate`."""
 
     decoder_name = "sparseft whisper"
+    eps = EPS
+    # A decoding step goes through the decoder's layers in one C++ call where it can (models/step.py); False: the
+    # Python code always (the same bits, slower).
+    one_call_steps = True
+    # For measurement only: every linear of a one-call step gives zeros.
+    stub_linears = False
     _encoder: list[Block]
     _decoder: list[Block]
     conv1_weight: torch.Tensor
@@ -186,10 +193,17 @@ class WhisperModel(nn.Module):
         self._encoder, self._decoder = list(encoder), list(decoder)
         self.head = head
         self.scale = config.head_dim**-0.5
+        self.value_kinds = {b.qkv.kind for b in decoder}
+        # the C++ decoding step (models/step.py), built on first use; False: not this model
+        self._stack: Any = None
 
     @property
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.dtype
+
+    def _apply(self, fn: Any, recurse: bool = True) -> WhisperModel:
+        self._stack = None  # moved or cast: the step holds the old tensors
+        return super()._apply(fn, recurse)
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = x.shape
@@ -262,6 +276,19 @@ class WhisperModel(nn.Module):
             functional.embedding(decoder_input_ids, self.embed_tokens)
             + self.decoder_positions[start : start + tokens]
         )
+        if tokens == 1 and cache.beams == 1 and self._one_call(batch):
+            h = self._stack.step(
+                h,
+                own.keys,
+                own.values,
+                [keys for keys, _ in cache.cross],
+                [values for _, values in cache.cross],
+                start,
+                dispatch.LEVELS[dispatch.current_isa()],
+                self.stub_linears,
+            )
+            own.length += tokens
+            return self._logits(h, last_only)
         masks = own.masks(tokens)
         for index, block in enumerate(self._decoder):
             q, k, v = self._self_attention(block, _norm(h, block.norms[0]))
@@ -274,10 +301,20 @@ class WhisperModel(nn.Module):
             h = self._cross_attention(block, h, *cache.cross[index], cache.beams)
             h = self._mlp(block, h)
         own.length += tokens
+        return self._logits(h, last_only)
+
+    def _logits(self, h: torch.Tensor, last_only: bool) -> CausalOutput:
         if last_only:
             h = h[:, -1:]
-        h = _norm(h, (self.decoder_norm_weight, self.decoder_norm_bias))
-        return CausalOutput(self.head(h))
+        return CausalOutput(self.head(_norm(h, (self.decoder_norm_weight, self.decoder_norm_bias))))
+
+    def _one_call(self, batch: int) -> bool:
+        """Whether this decoding step goes through every decoder layer in one C++ call (models/step.py)."""
+        if not self.one_call_steps:
+            return False
+        if self._stack is None:
+            self._stack = step.whisper_build(self) or False
+        return self._stack is not False and step.whisper_takes(self, batch)
 
     def _cross_attention(
         self, block: Block, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, beams: int = 1
