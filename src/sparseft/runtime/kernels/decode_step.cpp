@@ -4,7 +4,8 @@
 // dozen-odd Python calls per layer around them, which cost more than the norms, rotary and attention themselves
 // once the linears are fast (benchmarks/cpu_decode.py's time outside the linears).
 // Scope, checked by the caller (runtime/models/step.py): bfloat16, one token per row at one shared position,
-// the decoding attention op's head sizes, a full rotary, batches the sparse kernels take without decompressing.
+// the decoding attention op's head sizes, a full rotary (Llama family), batches the sparse kernels take without
+// decompressing.
 #include <torch/extension.h>
 
 #include <algorithm>
