@@ -337,11 +337,15 @@ class _Counted:
     """A LayerStack whose steps are counted."""
 
     def __init__(self, stack: Any) -> None:
-        self.stack, self.calls = stack, 0
+        self.stack, self.calls, self.step_rows_calls = stack, 0, 0
 
     def step(self, *args: Any) -> torch.Tensor:
         self.calls += 1
         return self.stack.step(*args)
+
+    def step_rows(self, *args: Any) -> torch.Tensor:
+        self.step_rows_calls += 1
+        return self.stack.step_rows(*args)
 
 
 @needs_avx2
@@ -380,6 +384,38 @@ def test_one_call_steps_give_the_python_blocks_bits(
     assert torch.equal(fused, _steps(own, PROMPT, tokens))
     assert all(torch.equal(a, b) for a, b in zip(fused_batch, batched(), strict=True))
     assert counted.calls == len(tokens) + 39
+
+
+@needs_avx2
+@pytest.mark.parametrize(("name", "spec"), [("llama", None), ("mistral", None), ("qwen2", QuantSpec(8))])
+def test_one_call_slot_steps_give_the_python_blocks_bits(
+    name: str, spec: QuantSpec | None, tmp_path: Path
+) -> None:
+    # a server's running requests: three texts at lengths of their own, stepped in another order than their slots,
+    # past mistral's window of 12
+    own = convert.load(archive(reference(name), tmp_path / "a", spec=spec))
+    own._stack = counted = _Counted(own._one_call(3) and own._stack)
+
+    def steps() -> list[torch.Tensor]:
+        slots = own.new_slots(3, 40)
+        with torch.inference_mode():
+            for slot, length in ((2, 3), (0, 7), (1, 14)):
+                view = slots.view(slot)
+                own(PROMPT[:, :length], cache=view)
+                slots.keep(slot, view)
+            seen, tokens = [], torch.tensor([[5], [6], [7]])
+            for _ in range(20):
+                logits = own(tokens, cache=slots.step([1, 2, 0])).logits
+                seen.append(logits)
+                tokens = logits[:, -1].argmax(-1, keepdim=True)
+        assert slots.lengths == [27, 34, 23]
+        return seen
+
+    one_call = steps()
+    assert counted.step_rows_calls == 20
+    own.one_call_steps = False
+    assert all(torch.equal(a, b) for a, b in zip(one_call, steps(), strict=True))
+    assert counted.step_rows_calls == 20
 
 
 @needs_avx2

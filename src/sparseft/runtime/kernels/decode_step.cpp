@@ -3,9 +3,9 @@
 // same ops, in the same order, as the decoder's Python code, so the step gives the same bits; what it saves is the
 // dozen-odd Python calls per layer around them, which cost more than the norms, rotary and attention themselves
 // once the linears are fast (benchmarks/cpu_decode.py's time outside the linears).
-// Scope, checked by the caller (runtime/models/step.py): bfloat16, one token per row at one shared position,
-// the decoding attention op's head sizes, a full rotary (Llama family), batches the sparse kernels take without
-// decompressing.
+// Scope, checked by the caller (runtime/models/step.py): bfloat16, one token per row (at one shared position, or
+// for the Llama family at positions of their own), the decoding attention op's head sizes, a full rotary (Llama
+// family), batches the sparse kernels take without decompressing.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -80,6 +80,50 @@ class LayerStack {
   at::Tensor step(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin,
                   const std::vector<at::Tensor>& keys, const std::vector<at::Tensor>& values, int64_t position,
                   int64_t isa, bool stub) const {
+    return run(hidden, cos, sin, keys, values, isa, stub,
+               [&](size_t i, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window) {
+                 return store_and_attend(q, k, v, keys[i], values[i], position, first(window, position), scale_,
+                                         isa);
+               });
+  }
+
+  // The same with each row at a position of its own (a server's running requests): row r of the batch is row
+  // slots[r] of the caches (S, Hkv, capacity, D), its keys and values written at positions[r], and it attends over
+  // its own cached rows only, as it would alone.
+  at::Tensor step_rows(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin,
+                       const std::vector<at::Tensor>& keys, const std::vector<at::Tensor>& values,
+                       const std::vector<int64_t>& slots, const std::vector<int64_t>& positions, int64_t isa,
+                       bool stub) const {
+    TORCH_CHECK(static_cast<int64_t>(slots.size()) == hidden.size(0) && positions.size() == slots.size(),
+                "sparseft: LayerStack.step_rows takes a cache row and a position for each batch row");
+    for (const at::Tensor& cache : keys)
+      for (int64_t slot : slots)
+        TORCH_CHECK(0 <= slot && slot < cache.size(0), "sparseft: cache row ", slot, " is not in the cache");
+    return run(hidden, cos, sin, keys, values, isa, stub,
+               [&](size_t i, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window) {
+                 std::vector<at::Tensor> rows;
+                 for (size_t r = 0; r < slots.size(); ++r) {
+                   const int64_t b = static_cast<int64_t>(r), p = positions[r];
+                   rows.push_back(store_and_attend(q.narrow(0, b, 1), k.narrow(0, b, 1), v.narrow(0, b, 1),
+                                                   keys[i].narrow(0, slots[r], 1), values[i].narrow(0, slots[r], 1),
+                                                   p, first(window, p), scale_, isa));
+                 }
+                 return at::cat(rows);
+               });
+  }
+
+ private:
+  // The first cached row a query at `position` sees: all of them, or the last `window` with a sliding window.
+  static int64_t first(int64_t window, int64_t position) {
+    return window < 0 ? 0 : std::max<int64_t>(0, position + 1 - window);
+  }
+
+  // The layers, with attend(layer, q, k, v, window) writing the step's keys and values and returning the
+  // attention (B, 1, H, D).
+  template <typename Attend>
+  at::Tensor run(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin,
+                 const std::vector<at::Tensor>& keys, const std::vector<at::Tensor>& values, int64_t isa, bool stub,
+                 Attend attend) const {
     TORCH_CHECK(keys.size() == layers_.size() && values.size() == layers_.size(),
                 "sparseft: LayerStack.step takes the key and value caches of its ", layers_.size(), " layers");
     TORCH_CHECK(hidden.dim() == 3 && hidden.size(1) == 1 && hidden.scalar_type() == at::kBFloat16,
@@ -101,9 +145,7 @@ class LayerStack {
         k = rms_norm(k, *layer.k_norm, eps_);
       }
       const auto [q_turned, k_turned] = rotary(q, k, cos, sin);
-      const int64_t first = layer.window < 0 ? 0 : std::max<int64_t>(0, position + 1 - layer.window);
-      const at::Tensor a =
-          store_and_attend(q_turned, k_turned, v, keys[i], values[i], position, first, scale_, isa);
+      const at::Tensor a = attend(i, q_turned, k_turned, v, layer.window);
       add_into(h, linear(layer.linears[1], a.reshape({batch, 1, heads_ * head_dim_})));
       const at::Tensor gate_up = linear(layer.linears[2], rms_norm(h, layer.post_norm, eps_));
       add_into(h, linear(layer.linears[3], silu_mul(gate_up, isa)));
@@ -111,7 +153,6 @@ class LayerStack {
     return h;
   }
 
- private:
   int64_t heads_, kv_heads_, head_dim_;
   double eps_, scale_;
   std::vector<Layer> layers_;
@@ -196,7 +237,8 @@ void bind_layer_stack(pybind11::module_& m) {
       .def(pybind11::init<int64_t, int64_t, int64_t, double, double>())
       .def("add_layer", &LayerStack::add_layer)
       .def("add_linear", &LayerStack::add_linear)
-      .def("step", &LayerStack::step, free);
+      .def("step", &LayerStack::step, free)
+      .def("step_rows", &LayerStack::step_rows, free);
   pybind11::class_<WhisperStack>(m, "WhisperStack")
       .def(pybind11::init<int64_t, int64_t, double, double>())
       .def("add_layer", &WhisperStack::add_layer)

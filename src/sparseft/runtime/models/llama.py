@@ -23,7 +23,7 @@ from sparseft.runtime import dispatch
 from sparseft.runtime.heap import release_freed_memory
 from sparseft.runtime.linear import SparseLinear
 from sparseft.runtime.models import ops, step
-from sparseft.runtime.models.cache import Cache, KVCache, Masks, SlotCache
+from sparseft.runtime.models.cache import Cache, KVCache, Masks, SlotCache, SlotStep
 from sparseft.runtime.packing import Values
 from sparseft.runtime.weights import CheckpointWeights, lm_head, stacked_linear
 
@@ -269,16 +269,14 @@ class LlamaDecoder(nn.Module):
         cos, sin = self._angles(batch, tokens, start, positions)
         h = functional.embedding(input_ids, self.embed)
         if tokens == 1 and start is not None and isinstance(cache, KVCache) and self._one_call(batch):
-            h = self._stack.step(
-                h,
-                cos,
-                sin,
-                cache.keys,
-                cache.values,
-                start,
-                dispatch.LEVELS[dispatch.current_isa()],
-                self.stub_linears,
-            )
+            isa = dispatch.LEVELS[dispatch.current_isa()]
+            h = self._stack.step(h, cos, sin, cache.keys, cache.values, start, isa, self.stub_linears)
+        elif tokens == 1 and isinstance(cache, SlotStep) and self._one_call(batch):
+            # a server's running requests, each at its own length
+            isa = dispatch.LEVELS[dispatch.current_isa()]
+            slots, keys, values = cache.slots, cache.cache.keys, cache.cache.values
+            lengths = [cache.cache.lengths[s] for s in slots]
+            h = self._stack.step_rows(h, cos, sin, keys, values, slots, lengths, isa, self.stub_linears)
         else:
             for index, block in enumerate(self._layers):
                 h = self._block(block, index, h, cos, sin, cache, mask)
