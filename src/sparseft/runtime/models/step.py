@@ -45,9 +45,9 @@ def build(model: Any) -> Any | None:
 
 
 def takes(model: Any, batch: int) -> bool:
-    """Whether a decoding step of `batch` rows (one token each, one shared position) runs as one call now: the
-    AVX2 or AVX-512 kernels are in use, the batch stays on the sparse kernels and the SiLU op (as the Python block
-    would choose them), and no prefill override is set."""
+    """Whether a decoding step of `batch` rows (one token each) runs as one call now: the AVX2 or AVX-512 kernels
+    are in use, the batch stays on the sparse kernels and the SiLU op (as the Python block would choose them), and
+    no prefill override is set."""
     return _kernels_take(model.value_kinds, batch) and batch * model.cfg.intermediate_size < TORCH_GRAIN
 
 
