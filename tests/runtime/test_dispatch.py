@@ -364,10 +364,27 @@ def test_the_bf16_prefill_switch_follows_the_cpu(monkeypatch: pytest.MonkeyPatch
     ):
         monkeypatch.setattr(dispatch, "_intel_cpu", lambda intel=intel: intel)
         assert dispatch.dense_above("bf16", "avx512") == expected
-        assert dispatch.dense_above("bf16", "avx2") == dispatch.DENSE_ABOVE["bf16"]  # another kernel
+        assert dispatch.dense_above("bf16", "avx2") == dispatch.AVX2_DENSE_ABOVE["bf16"]  # another kernel
         assert dispatch.dense_above("int8", "avx512") == dispatch.DENSE_ABOVE["int8"]
     ext = dispatch.extension()
     assert ext.bf16_fma_tiles(-1) == ext.intel_cpu()  # by default the small bf16 tiles follow the vendor too
+
+
+@pytest.mark.skipif("avx2" not in KERNEL_ISAS, reason="no AVX2 here")
+def test_bf16_batches_stay_on_the_avx2_kernel_to_its_switch(
+    monkeypatch: pytest.MonkeyPatch, awkward_weight: Callable[..., torch.Tensor]
+) -> None:
+    monkeypatch.setenv("SPARSEFT_ISA", "avx2")
+    packed = pack_dense(awkward_weight(30, 70), "bf16")
+    switch = dispatch.dense_above("bf16")
+    assert switch == dispatch.AVX2_DENSE_ABOVE["bf16"] > dispatch.DENSE_ABOVE["bf16"]
+    taken: list[str] = []
+    for name in ("sparse_mm", "decompressed_linear"):
+        original = getattr(dispatch, name)
+        monkeypatch.setattr(dispatch, name, lambda *a, o=original, n=name, **k: taken.append(n) or o(*a, **k))
+    for tokens in (dispatch.DENSE_ABOVE["bf16"] + 1, switch, switch + 1):
+        dispatch.linear(torch.randn(tokens, 70).bfloat16(), packed, None)
+    assert taken == ["sparse_mm", "sparse_mm", "decompressed_linear"]
 
 
 def test_isa_is_forced_by_setting_and_env(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -90,6 +90,9 @@ DENSE_ABOVE = {
 AMX_DENSE_ABOVE = {"bf16": 2048, "int8": 1024}
 # Off Intel (Zen 4, whose small tiles use vdpbf16ps) the bf16 expand kernel keeps ahead of decompressing longer.
 OTHER_DENSE_ABOVE = {"bf16": 32}
+# On AVX2 too: without a native bf16 matmul the decompressed path multiplies in fp32, and the bf16 kernel stays
+# ahead of it to 32-48 tokens (cpu_kernels_2026-12-07-1732_amd-epyc-avx2.json's crossover section).
+AVX2_DENSE_ABOVE = {"bf16": 32}
 _DECOMPRESS_BYTES = 8 * 2**20
 
 
@@ -102,6 +105,8 @@ def dense_above(kind: str, isa: str | None = None) -> int:
         return AMX_DENSE_ABOVE[kind]
     if kind in OTHER_DENSE_ABOVE and (isa or current_isa()) == "avx512" and not _intel_cpu():
         return OTHER_DENSE_ABOVE[kind]
+    if kind in AVX2_DENSE_ABOVE and (isa or current_isa()) == "avx2":
+        return AVX2_DENSE_ABOVE[kind]
     return DENSE_ABOVE[kind]
 
 
