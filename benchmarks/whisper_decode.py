@@ -7,10 +7,10 @@ bins, vocab 51865), every block linear magnitude-pruned to --sparsity, written o
 then loaded three ways side by side in this process: `runtime.load(archive)` (the own Whisper, the default),
 `runtime.load(decoder="transformers")` (transformers' Whisper with SparseLinear and the attention op, its layer
 code unpatched), and the dense bf16 transformers model; the own Whisper runs twice, with its one-call decoding
-step (the default) and with it off (`one_call_steps = False`: the same ops called from Python). Each transcribes one 30 s window of random features
-greedily from the clip's encoder output, computed once per model (the encoder is left out); decoder tokens/s is
-the extra time of --new-tokens tokens over one token, alternating the models run by run, medians of --runs, a
-copy-bandwidth probe per run. Writes one JSON per run under benchmarks/results/.
+step (the default) and with it off (`one_call_steps = False`: the same ops called from Python). Each transcribes
+one 30 s window of random features greedily from the clip's encoder output, computed once per model (the encoder
+is left out); decoder tokens/s is the extra time of --new-tokens tokens over one token, alternating the models run
+by run, medians of --runs, a copy-bandwidth probe per run. Writes one JSON per run under benchmarks/results/.
 """
 
 from __future__ import annotations

@@ -424,7 +424,7 @@ def test_one_call_steps_are_left_to_python_where_they_do_not_apply(tmp_path: Pat
     assert not convert.load(path, dtype=torch.float32)._one_call(1)  # float32 model
     assert not convert.load(archive(reference("phi3"), tmp_path / "b"))._one_call(1)  # partial rotary
     own = convert.load(path)
-    assert own._one_call(8) and not own._one_call(9)  # bf16 values past 8 tokens decompress
+    assert own._one_call(8) and not own._one_call(9)  # the step takes bf16 batches of 8 rows at most
     assert not convert.load(path, values="int8")._one_call(33)
     own.to(torch.float32)  # cast after use: the step is built again, and refused
     assert not own._one_call(1)

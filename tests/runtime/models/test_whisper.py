@@ -233,7 +233,7 @@ def test_one_call_steps_are_left_to_python_where_they_do_not_apply(
     path = _archive(whisper_model(sparsity=0.7), tmp_path / "a")
     assert not convert.load(path, dtype=torch.float32)._one_call(1)
     own = convert.load(path)
-    assert own._one_call(8) and not own._one_call(9)  # bf16 values past 8 tokens decompress
+    assert own._one_call(8) and not own._one_call(9)  # the step takes bf16 batches of 8 rows at most
     calls: list[int] = []
     stack = own._stack
     own._stack = SimpleNamespace(step=lambda *args: calls.append(1) or stack.step(*args))
