@@ -345,10 +345,6 @@ inline __m256 load8(const void* x, bool bf16, int64_t c) {
   return _mm256_loadu_ps(static_cast<const float*>(x) + c);
 }
 
-inline float load1(const void* x, bool bf16, int64_t c) {
-  return bf16 ? bf16_to_f32(static_cast<const uint16_t*>(x)[c]) : static_cast<const float*>(x)[c];
-}
-
 inline float hmax_ps(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -373,7 +369,7 @@ void quantize_avx2(const void* x, bool bf16, int64_t cols, int8_t* out, float* s
   float absmax = hmax_ps(vmax);
   bool finite = !std::isnan(hsum_ps(poison));
   for (int64_t c = full; c < cols; ++c) {
-    const float v = load1(x, bf16, c);
+    const float v = activation(x, bf16, c);
     finite = finite && std::isfinite(v);
     absmax = std::max(absmax, std::fabs(v));
   }
@@ -392,7 +388,7 @@ void quantize_avx2(const void* x, bool bf16, int64_t cols, int8_t* out, float* s
                      _mm_unpacklo_epi32(_mm256_castsi256_si128(bytes), _mm256_extracti128_si256(bytes, 1)));
   }
   for (int64_t c = full; c < cols; ++c)
-    out[c] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(load1(x, bf16, c) / scale))));
+    out[c] = static_cast<int8_t>(quantized(activation(x, bf16, c), scale, 127.0f));
 }
 
 void int4_avx2(const SparseMatrix& w, const Activations& a, const Output& o, int64_t r0, int64_t r1,

@@ -335,10 +335,6 @@ inline __m512 load16(const void* x, bool bf16, int64_t c) {
   return _mm512_loadu_ps(static_cast<const float*>(x) + c);
 }
 
-inline float load1(const void* x, bool bf16, int64_t c) {
-  return bf16 ? bf16_to_f32(static_cast<const uint16_t*>(x)[c]) : static_cast<const float*>(x)[c];
-}
-
 // Symmetric per-token quantization to +-levels: scale = max|x| / levels, q = round(x / scale) (ties to even),
 // `put(c, q)` for 16 columns at once (int32 lanes) and `put1(c, q)` for the rest. Nothing is put when x is all
 // zero. Division, not multiplication by 1/scale: it must round exactly as the reference's x / scale does.
@@ -356,7 +352,7 @@ float quantize(const void* x, bool bf16, int64_t cols, float levels, Put put, Pu
   float absmax = _mm512_reduce_max_ps(vmax);
   bool finite = !std::isnan(_mm512_reduce_add_ps(poison));
   for (int64_t c = full; c < cols; ++c) {
-    const float v = load1(x, bf16, c);
+    const float v = activation(x, bf16, c);
     finite = finite && std::isfinite(v);
     absmax = std::max(absmax, std::fabs(v));
   }
@@ -370,7 +366,7 @@ float quantize(const void* x, bool bf16, int64_t cols, float levels, Put put, Pu
     put(c, _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(q, lo), hi)));
   }
   for (int64_t c = full; c < cols; ++c)
-    put1(c, static_cast<int>(std::min(levels, std::max(-levels, std::nearbyint(load1(x, bf16, c) / scale)))));
+    put1(c, quantized(activation(x, bf16, c), scale, levels));
   return scale;
 }
 

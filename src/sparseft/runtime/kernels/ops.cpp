@@ -143,8 +143,7 @@ Activations prepare_int8(const at::Tensor& x, int64_t batch, int64_t cols, int64
     scales[b] = scale;
     if (!(scale > 0.0f)) continue;
     for (int64_t c = 0; c < cols; ++c) {
-      const float q = std::nearbyint(element(x, b * cols + c) / scale);
-      const int v = static_cast<int>(std::min(127.0f, std::max(-127.0f, q)));
+      const int v = quantized(element(x, b * cols + c), scale, 127.0f);
       buf[b * stride + c] = static_cast<uint8_t>(offset ? v + 128 : v);
     }
   }

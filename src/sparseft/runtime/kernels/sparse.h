@@ -15,7 +15,9 @@
 // activation could still be NaN, so the padding must really be zero).
 #pragma once
 
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -173,6 +175,16 @@ static inline float rounded(float v, float) { return v; }
 static inline float rounded(float v, uint16_t) { return bf16_to_f32(f32_to_bf16(v)); }
 static inline void put(float* out, float v) { *out = v; }
 static inline void put(uint16_t* out, float v) { *out = f32_to_bf16(v); }
+
+// Element c of an fp32 or bf16 activation row as fp32, and its quantized value: x / scale rounded to nearest even
+// (the reference's division, not a multiplication by 1 / scale), within +-levels. The per-token quantizers' scalar
+// tails.
+static inline float activation(const void* x, bool bf16, int64_t c) {
+  return bf16 ? bf16_to_f32(static_cast<const uint16_t*>(x)[c]) : static_cast<const float*>(x)[c];
+}
+static inline int quantized(float x, float scale, float levels) {
+  return static_cast<int>(std::min(levels, std::max(-levels, std::nearbyint(x / scale))));
+}
 
 // Value k of int4 values, sign-extended.
 static inline int nibble(const uint8_t* values, int64_t k) {

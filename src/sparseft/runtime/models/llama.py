@@ -289,11 +289,7 @@ class LlamaDecoder(nn.Module):
 
     def _one_call(self, batch: int) -> bool:
         """Whether this decoding step goes through every layer in one C++ call (models/step.py)."""
-        if not self.one_call_steps:
-            return False
-        if self._stack is None:
-            self._stack = step.build(self) or False
-        return self._stack is not False and step.takes(self, batch)
+        return step.ready(self, batch, step.build, step.takes)
 
     def _block(
         self,

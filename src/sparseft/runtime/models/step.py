@@ -6,6 +6,7 @@ Python between ops, for the Llama family and for Whisper's decoder. It runs the 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -15,6 +16,19 @@ from sparseft.runtime.models.ops import TORCH_GRAIN, TORCH_VECTOR_STEP
 
 # `model` below is a `LlamaDecoder` (models/llama.py) or a `WhisperModel` (models/whisper.py); both import this
 # module.
+
+
+def ready(
+    model: Any, batch: int, build: Callable[[Any], Any | None], takes: Callable[[Any, int], bool]
+) -> bool:
+    """Whether a decoding step of `batch` rows goes through the model's layers in one C++ call now: the model
+    allows it (`one_call_steps`), its stack, built by `build` on first use (`model._stack`; False: not this
+    model), exists, and `takes` agrees."""
+    if not model.one_call_steps:
+        return False
+    if model._stack is None:
+        model._stack = build(model) or False
+    return model._stack is not False and takes(model, batch)
 
 
 def build(model: Any) -> Any | None:

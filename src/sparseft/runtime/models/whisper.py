@@ -310,11 +310,7 @@ class WhisperModel(nn.Module):
 
     def _one_call(self, batch: int) -> bool:
         """Whether this decoding step goes through every decoder layer in one C++ call (models/step.py)."""
-        if not self.one_call_steps:
-            return False
-        if self._stack is None:
-            self._stack = step.whisper_build(self) or False
-        return self._stack is not False and step.whisper_takes(self, batch)
+        return step.ready(self, batch, step.whisper_build, step.whisper_takes)
 
     def _cross_attention(
         self, block: Block, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, beams: int = 1
